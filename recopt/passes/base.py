@@ -1,0 +1,234 @@
+"""The pass contract: what a graph pass is, what it returns, and how it reports.
+
+A pass takes an ``torch.fx.GraphModule`` whose nodes carry shape/dtype
+metadata (``node.meta["tensor_meta"]`` and ``node.meta["val"]`` where capture
+could infer them) and returns a :class:`PassResult`: the (possibly new) graph
+module and one :class:`Site` per candidate it looked at, rewritten or
+rejected with a reason a user can act on.
+
+Passes never verify themselves: the :class:`~recopt.passes.manager.PassManager`
+runs the graph before and after each pass and rolls back an ``exact`` pass
+whose output moved past tolerance.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.fx as fx
+
+
+class Semantics(str, enum.Enum):
+    """What a pass promises about the function the model computes.
+
+    ``EXACT``: the output is unchanged within the dtype's tolerance; verified
+    after the pass and rolled back if not. ``ARCHITECTURE``: the pass changes
+    the model (it needs retraining); off by default, opted into by name, and
+    verified only for shapes/dtypes and finiteness.
+    """
+
+    EXACT = "exact"
+    ARCHITECTURE = "architecture"
+
+
+REWRITTEN = "rewritten"
+REJECTED = "rejected"
+
+
+@dataclass
+class PassConfig:
+    """Base class of pass configs: a small dataclass that round-trips via JSON.
+
+    Subclasses add fields with JSON-friendly types (bool, int, float, str,
+    lists/dicts of those). Unknown keys in :meth:`from_dict` are an error that
+    lists the valid keys.
+    """
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PassConfig":
+        if data is None:
+            return cls()
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise TypeError(
+                f"{cls.__name__} expects a dict of options, got {type(data).__name__}"
+            )
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for {cls.__name__}; valid options: {sorted(valid)}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PassConfig":
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class Site:
+    """One candidate a pass looked at.
+
+    ``status`` is ``"rewritten"`` or ``"rejected"``; a rejected site carries a
+    short stable ``reason_code`` (for tests and tooling) and a sentence
+    ``reason`` for people. FLOP/byte fields are per call of the graph on the
+    example inputs, filled where the pass changes them.
+    """
+
+    pass_name: str
+    node: str
+    status: str
+    reason: str = ""
+    reason_code: str = ""
+    module_path: str = ""
+    op: str = ""
+    flops_before: Optional[float] = None
+    flops_after: Optional[float] = None
+    bytes_before: Optional[float] = None
+    bytes_after: Optional[float] = None
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["details"] = _jsonable(d["details"])
+        return d
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if isinstance(x, torch.Size):
+        return list(x)
+    if isinstance(x, (torch.dtype, torch.device)):
+        return str(x)
+    return repr(x)
+
+
+@dataclass
+class PassResult:
+    """What :meth:`Pass.run` returns."""
+
+    graph_module: fx.GraphModule
+    sites: list = field(default_factory=list)
+
+    @property
+    def modified(self) -> bool:
+        return any(s.status == REWRITTEN for s in self.sites)
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph.
+
+    ``target`` is a :class:`recopt.Target`; ``example_inputs`` the captured
+    sample inputs (a tuple of tensors; do not mutate them); ``options`` holds
+    the extra keyword arguments given to ``recopt.optimize`` (for example
+    ``calibration_data``), so passes can take inputs that are not config.
+    """
+
+    target: Any
+    example_inputs: tuple = ()
+    options: dict = field(default_factory=dict)
+
+
+def module_path_of(node: fx.Node) -> str:
+    """The dotted path of the module a node came from, or "" if unknown.
+
+    ``call_module`` nodes name their module; for other nodes the last entry
+    of ``nn_module_stack`` (kept by Dynamo capture) or the recorded source is
+    used.
+    """
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        last = list(stack.values())[-1]
+        path = last[0] if isinstance(last, tuple) else str(last)
+        return path.replace("L['self'].", "").replace("L__self___", "")
+    return node.meta.get("recopt_module_path", "")
+
+
+class Pass:
+    """Base class of graph passes.
+
+    Subclasses set the class attributes and implement :meth:`run`:
+
+    - ``name``: registry key, lowercase (``"gdpa"``).
+    - ``semantics``: :class:`Semantics` (``EXACT`` by default).
+    - ``config_cls``: the :class:`PassConfig` subclass it takes.
+    - ``after`` / ``before``: names of passes this one must run after/before
+      when both are in a pipeline.
+    - ``default_targets``: target names whose default pipeline includes this
+      pass (``("*",)`` for all). Architecture passes are never default.
+    - ``tolerance``: optional ``(rtol, atol)`` override for verification.
+
+    :meth:`run` must not mutate the input graph module in a way that cannot
+    be rolled back: the manager hands it a deep copy.
+    """
+
+    name: ClassVar[str] = ""
+    semantics: ClassVar[Semantics] = Semantics.EXACT
+    config_cls: ClassVar[type] = PassConfig
+    after: ClassVar[tuple] = ()
+    before: ClassVar[tuple] = ()
+    default_targets: ClassVar[tuple] = ()
+    tolerance: ClassVar[Optional[tuple]] = None
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: Any = None):
+        self.config = self.config_cls.from_dict(config) if not isinstance(
+            config, self.config_cls
+        ) else config
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover
+        raise NotImplementedError(f"pass {self.name!r} does not implement run()")
+
+    # Helpers that build sites with this pass's name filled in.
+    def rewritten(self, node: fx.Node, reason: str = "", **kw) -> Site:
+        return Site(
+            pass_name=self.name,
+            node=node.name,
+            status=REWRITTEN,
+            reason=reason,
+            module_path=kw.pop("module_path", module_path_of(node)),
+            op=kw.pop("op", _op_label(node)),
+            **kw,
+        )
+
+    def rejected(self, node: fx.Node, reason_code: str, reason: str, **kw) -> Site:
+        return Site(
+            pass_name=self.name,
+            node=node.name,
+            status=REJECTED,
+            reason=reason,
+            reason_code=reason_code,
+            module_path=kw.pop("module_path", module_path_of(node)),
+            op=kw.pop("op", _op_label(node)),
+            **kw,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+def _op_label(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module:{node.target}"
+    t = node.target
+    return getattr(t, "__name__", None) or str(t)

@@ -1,0 +1,123 @@
+"""The pass registry: name → Pass class, and default pipelines per target."""
+from __future__ import annotations
+
+import importlib
+from typing import Iterable
+
+from .base import Pass, Semantics
+
+_REGISTRY: dict[str, type] = {}
+
+# Built-in passes live in these modules; each registers itself on import.
+# Listed here (not imported at package import) so a broken optional pass
+# never breaks `import recopt`.
+_BUILTIN_MODULES = (
+    "recopt.passes.canonicalize",
+    "recopt.passes.dead_code",
+    "recopt.passes.gdpa_fusion",
+    "recopt.passes.fp8",
+    "recopt.passes.kunlun",
+    "recopt.passes.sparse2d",
+    "recopt.passes.exfm",
+)
+_builtins_loaded = False
+
+
+def register_pass(cls: type = None, *, replace: bool = False):
+    """Register a :class:`Pass` subclass under ``cls.name``.
+
+    Usable as ``@register_pass`` or ``register_pass(MyPass)``. A name that is
+    taken is an error unless ``replace=True``.
+    """
+
+    def _register(c: type) -> type:
+        if not (isinstance(c, type) and issubclass(c, Pass)):
+            raise TypeError(f"register_pass expects a subclass of recopt.Pass, got {c!r}")
+        if not c.name or not isinstance(c.name, str):
+            raise ValueError(f"{c.__name__} must set a class attribute `name` (a non-empty str)")
+        if not isinstance(c.semantics, Semantics):
+            raise ValueError(
+                f"{c.__name__}.semantics must be recopt.Semantics.EXACT or .ARCHITECTURE"
+            )
+        if c.name in _REGISTRY and _REGISTRY[c.name] is not c and not replace:
+            raise ValueError(
+                f"a pass named {c.name!r} is already registered ({_REGISTRY[c.name].__module__}."
+                f"{_REGISTRY[c.name].__name__}); pick another name or pass replace=True"
+            )
+        _REGISTRY[c.name] = c
+        return c
+
+    return _register(cls) if cls is not None else _register
+
+
+def unregister_pass(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    for mod in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            # Only a missing built-in module itself is tolerated (not yet
+            # written in this checkout); a missing dependency inside one is a bug.
+            if e.name != mod:
+                raise
+
+
+def available_passes() -> dict[str, type]:
+    """All registered passes, name → class (built-ins included)."""
+    _load_builtins()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str) -> type:
+    """The pass class registered under ``name``; a clear error lists the valid names."""
+    passes = available_passes()
+    if name not in passes:
+        raise ValueError(f"unknown pass {name!r}; registered passes: {', '.join(passes) or '(none)'}")
+    return passes[name]
+
+
+def default_pipeline(target_name: str) -> list[str]:
+    """Names of the exact passes whose ``default_targets`` include this target."""
+    out = []
+    for name, cls in available_passes().items():
+        if cls.semantics is not Semantics.EXACT:
+            continue
+        if "*" in cls.default_targets or target_name in cls.default_targets:
+            out.append(name)
+    return order_passes(out)
+
+
+def order_passes(names: Iterable[str]) -> list[str]:
+    """Order pass names so every ``after``/``before`` constraint holds.
+
+    Keeps the given order where constraints allow (a stable topological
+    sort); a cycle is an error that names the passes involved.
+    """
+    names = list(dict.fromkeys(names))
+    classes = {n: get_pass(n) for n in names}
+    preds: dict[str, set] = {n: set() for n in names}
+    for n, c in classes.items():
+        for a in c.after:
+            if a in preds:
+                preds[n].add(a)
+        for b in c.before:
+            if b in preds:
+                preds[b].add(n)
+    ordered: list[str] = []
+    remaining = list(names)
+    while remaining:
+        for n in remaining:
+            if preds[n] <= set(ordered):
+                ordered.append(n)
+                remaining.remove(n)
+                break
+        else:
+            raise ValueError(f"pass ordering constraints form a cycle among {remaining}")
+    return ordered

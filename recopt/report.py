@@ -1,0 +1,167 @@
+"""OptimizationReport: what each pass did, where, and why not elsewhere."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from .passes.base import REJECTED, REWRITTEN, Site
+
+# Pass-run statuses.
+APPLIED = "applied"
+NO_CHANGE = "no_change"
+ROLLED_BACK = "rolled_back"
+FAILED = "failed"
+
+
+@dataclass
+class PassRun:
+    """One pass's run in the pipeline.
+
+    ``status``: ``applied`` (rewrote and verified), ``no_change`` (nothing to
+    rewrite), ``rolled_back`` (verification failed: ``message`` names the
+    output and the size of the difference), ``failed`` (the pass raised:
+    ``message`` holds the error).
+    """
+
+    name: str
+    semantics: str
+    status: str
+    duration_s: float
+    verify_s: float = 0.0
+    config: dict = field(default_factory=dict)
+    message: str = ""
+    flops_before: Optional[float] = None
+    flops_after: Optional[float] = None
+    n_rewritten: int = 0
+    n_rejected: int = 0
+
+
+@dataclass
+class OptimizationReport:
+    """Everything ``recopt.optimize`` did, as data.
+
+    ``sites`` holds one :class:`~recopt.passes.base.Site` per candidate every
+    pass saw (rewritten or rejected with a reason). Sites of a rolled-back
+    pass are kept with status ``rejected`` and reason code ``rolled_back``.
+    """
+
+    target: dict = field(default_factory=dict)
+    capture_method: str = ""
+    capture_diagnostics: list = field(default_factory=list)
+    guards: list = field(default_factory=list)
+    backend: str = ""
+    passes: list = field(default_factory=list)
+    sites: list = field(default_factory=list)
+    flops_before: Optional[float] = None
+    flops_after: Optional[float] = None
+    capture_s: float = 0.0
+    total_s: float = 0.0
+    notes: list = field(default_factory=list)
+
+    # -- queries -------------------------------------------------------
+    def sites_for(self, pass_name: str, status: Optional[str] = None) -> list:
+        return [s for s in self.sites if s.pass_name == pass_name and (status is None or s.status == status)]
+
+    @property
+    def rewritten(self) -> list:
+        return [s for s in self.sites if s.status == REWRITTEN]
+
+    @property
+    def rejected(self) -> list:
+        return [s for s in self.sites if s.status == REJECTED]
+
+    def pass_run(self, name: str) -> Optional[PassRun]:
+        for p in self.passes:
+            if p.name == name:
+                return p
+        return None
+
+    # -- serialisation -------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("sites", "passes")}
+        d["passes"] = [asdict(p) for p in self.passes]
+        d["sites"] = [s.to_dict() for s in self.sites]
+        return d
+
+    def to_json(self, path: Optional[str] = None, indent: int = 2) -> str:
+        text = json.dumps(self.to_dict(), indent=indent, sort_keys=True, default=str)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OptimizationReport":
+        d = dict(d)
+        d["passes"] = [PassRun(**p) for p in d.get("passes", [])]
+        d["sites"] = [Site(**s) for s in d.get("sites", [])]
+        return cls(**d)
+
+    # -- text ----------------------------------------------------------
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def to_text(self, max_sites: int = 60) -> str:
+        lines = []
+        tname = self.target.get("name", "?")
+        lines.append(
+            f"recopt report — target {tname}, capture {self.capture_method or '-'}, backend {self.backend or '-'}"
+        )
+        if self.capture_diagnostics:
+            for d in self.capture_diagnostics:
+                lines.append(f"  capture note: {d}")
+        if self.guards:
+            lines.append(f"  specialised on {len(self.guards)} shape guard(s), e.g. {self.guards[0]}")
+        if self.flops_before is not None and self.flops_after is not None:
+            lines.append(
+                f"  FLOPs per call: {_human(self.flops_before)} → {_human(self.flops_after)}"
+                + (f" ({_pct(self.flops_before, self.flops_after)})" if self.flops_before else "")
+            )
+        lines.append(f"  capture {self.capture_s * 1e3:.0f} ms, total {self.total_s * 1e3:.0f} ms")
+        lines.append("")
+        rows = [("pass", "semantics", "status", "rewritten", "rejected", "time ms", "note")]
+        for p in self.passes:
+            rows.append(
+                (p.name, p.semantics, p.status, str(p.n_rewritten), str(p.n_rejected),
+                 f"{(p.duration_s + p.verify_s) * 1e3:.1f}", _clip(p.message, 70))
+            )
+        lines.extend(_table(rows))
+        if self.sites:
+            lines.append("")
+            rows = [("pass", "site", "module", "status", "reason")]
+            for s in self.sites[:max_sites]:
+                reason = s.reason if s.status == REWRITTEN else f"[{s.reason_code}] {s.reason}"
+                rows.append((s.pass_name, s.node, s.module_path or "-", s.status, _clip(reason, 80)))
+            lines.extend(_table(rows))
+            if len(self.sites) > max_sites:
+                lines.append(f"... {len(self.sites) - max_sites} more sites (report.to_json() has all)")
+        for n in self.notes:
+            lines.append(f"note: {n}")
+        return "\n".join(lines)
+
+
+def _table(rows: list) -> list:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for j, r in enumerate(rows):
+        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def _clip(s: str, n: int) -> str:
+    s = " ".join(str(s).split())
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _human(x: float) -> str:
+    for unit, f in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= f:
+            return f"{x / f:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _pct(before: float, after: float) -> str:
+    return f"{(after - before) / before * 100:+.1f}%"

@@ -1,0 +1,183 @@
+"""Differential checks of a rewrite: run two graphs, compare their outputs.
+
+Tolerances depend on the output dtype. A comparison is relative to the
+reference's scale: ``|a - b| <= atol * scale + rtol * |b|`` elementwise,
+where ``scale = max(1, max|b|)``, so large-valued outputs are not held to
+an absolute bound made for unit-sized ones. NaN/inf must appear in the same
+places in both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.utils._pytree as pytree
+
+# (rtol, atol) per dtype. fp32 leaves room for re-association of sums (a
+# fused kernel accumulates in another order); bf16/fp16 are one or two ulps.
+DTYPE_TOLERANCES = {
+    torch.float64: (1e-7, 1e-9),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (2e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 1e-2),
+}
+
+
+def tolerance_for(dtype: torch.dtype) -> tuple:
+    return DTYPE_TOLERANCES.get(dtype, (0.0, 0.0))
+
+
+@dataclass
+class Mismatch:
+    """Why two outputs differ: which output, and by how much."""
+
+    output: str
+    message: str
+    max_abs_diff: float = float("nan")
+    max_rel_diff: float = float("nan")
+
+    def __str__(self) -> str:
+        return f"{self.output}: {self.message}"
+
+
+def flatten_outputs(out: Any) -> list:
+    """(name, value) pairs for every leaf of a nested output structure."""
+    leaves, spec = pytree.tree_flatten(out)
+    if len(leaves) == 1 and isinstance(out, torch.Tensor):
+        return [("output", out)]
+    paths = _paths(out)
+    if len(paths) != len(leaves):
+        paths = [f"output[{i}]" for i in range(len(leaves))]
+    return list(zip(paths, leaves))
+
+
+def _paths(x: Any, prefix: str = "output") -> list:
+    if isinstance(x, (list, tuple)):
+        out = []
+        for i, v in enumerate(x):
+            out.extend(_paths(v, f"{prefix}[{i}]"))
+        return out
+    if isinstance(x, dict):
+        out = []
+        for k, v in x.items():
+            out.extend(_paths(v, f"{prefix}[{k!r}]"))
+        return out
+    return [prefix]
+
+
+def compare_outputs(
+    reference: Any, candidate: Any, tolerance: Optional[tuple] = None, check_values: bool = True
+) -> Optional[Mismatch]:
+    """The first output where ``candidate`` departs from ``reference``, or None.
+
+    ``tolerance=(rtol, atol)`` overrides the per-dtype defaults.
+    ``check_values=False`` checks only structure, shapes, dtypes and that the
+    candidate is finite where the reference is (for architecture passes).
+    """
+    ref = flatten_outputs(reference)
+    cand = flatten_outputs(candidate)
+    if len(ref) != len(cand):
+        return Mismatch("output", f"has {len(cand)} leaves, expected {len(ref)}")
+    for (name, r), (_, c) in zip(ref, cand):
+        if isinstance(r, torch.Tensor) != isinstance(c, torch.Tensor):
+            return Mismatch(name, f"is a {type(c).__name__}, expected {type(r).__name__}")
+        if not isinstance(r, torch.Tensor):
+            if check_values and r != c:
+                return Mismatch(name, f"is {c!r}, expected {r!r}")
+            continue
+        if r.shape != c.shape:
+            return Mismatch(name, f"has shape {tuple(c.shape)}, expected {tuple(r.shape)}")
+        if r.dtype != c.dtype:
+            return Mismatch(name, f"has dtype {c.dtype}, expected {r.dtype}")
+        if not r.is_floating_point() and not r.is_complex():
+            if check_values and not torch.equal(r, c):
+                n = int((r != c).sum())
+                return Mismatch(name, f"{n} of {r.numel()} integer/bool elements differ")
+            continue
+        rf, cf = r.detach().double(), c.detach().double()
+        r_fin, c_fin = torch.isfinite(rf), torch.isfinite(cf)
+        if not torch.equal(r_fin, c_fin) and (check_values or bool((r_fin & ~c_fin).any())):
+            n = int((r_fin != c_fin).sum())
+            return Mismatch(name, f"non-finite values in {n} places where the reference differs")
+        if not check_values or rf.numel() == 0:
+            continue
+        same_nonfinite = (~r_fin) & ~(rf == cf) & ~(torch.isnan(rf) & torch.isnan(cf))
+        if bool(same_nonfinite.any()):
+            return Mismatch(name, "infinities of different sign")
+        rtol, atol = tolerance or tolerance_for(r.dtype)
+        rv, cv = rf[r_fin], cf[r_fin]
+        if rv.numel() == 0:
+            continue
+        diff = (rv - cv).abs()
+        scale = max(1.0, float(rv.abs().max()))
+        bound = atol * scale + rtol * rv.abs()
+        if bool((diff > bound).any()):
+            max_abs = float(diff.max())
+            max_rel = float((diff / rv.abs().clamp_min(1e-12)).max())
+            return Mismatch(
+                name,
+                f"max |diff| {max_abs:.3g} (max rel {max_rel:.3g}) exceeds rtol={rtol:g}, atol={atol:g}"
+                f" x scale {scale:.3g} for {r.dtype}",
+                max_abs,
+                max_rel,
+            )
+    return None
+
+
+def random_like_inputs(args: tuple, generator: torch.Generator) -> tuple:
+    """Fresh inputs of the same spec as ``args``, for a second verification run.
+
+    Floating tensors are redrawn from a normal with the example's mean and
+    std. Integer tensors are shuffled (keeping the multiset, so ids stay in
+    range and lengths stay valid), except non-decreasing 1-D ones starting at
+    0, which look like offsets and are kept. Bools and non-tensors are kept.
+    """
+
+    def redraw(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+            return x
+        if x.is_floating_point():
+            xf = x.detach().float()
+            std = float(xf.std()) if x.numel() > 1 else 1.0
+            std = std if std > 0 and std == std else 1.0
+            mean = float(xf.mean())
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+            return (noise * std + mean).to(device=x.device, dtype=x.dtype)
+        if x.dtype == torch.bool:
+            return x
+        if x.dim() == 1 and x.numel() > 1 and int(x[0]) == 0 and bool((x[1:] >= x[:-1]).all()):
+            return x
+        flat = x.reshape(-1)
+        perm = torch.randperm(flat.numel(), generator=generator)
+        return flat[perm.to(flat.device)].reshape(x.shape)
+
+    return tuple(pytree.tree_map(redraw, a) for a in args)
+
+
+def run_deterministic(fn: Callable, args: tuple, seed: int = 0, module: Optional[torch.nn.Module] = None) -> Any:
+    """Call ``fn(*args)`` in eval mode under no_grad with a fixed RNG seed.
+
+    ``module`` (default: ``fn`` itself when it is a module) is put in eval
+    mode for the call and its buffers (BatchNorm running statistics) are
+    restored afterwards, so verification leaves no trace in the model.
+    """
+    if module is None and isinstance(fn, torch.nn.Module):
+        module = fn
+    saved = {}
+    was_training = None
+    if module is not None:
+        saved = {k: v.detach().clone() for k, v in module.named_buffers()}
+        was_training = module.training
+        module.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return fn(*args)
+    finally:
+        if module is not None:
+            module.train(was_training)
+            with torch.no_grad():
+                for k, v in module.named_buffers():
+                    if k in saved and v.shape == saved[k].shape:
+                        v.copy_(saved[k])
