@@ -165,7 +165,8 @@ def optimize(
     report.capture_diagnostics = list(captured.diagnostics)
     report.guards = list(captured.guards)
 
-    gm, report = manager.run(captured.graph_module, args, report)
+    gm, report = manager.run(captured.graph_module, args, report,
+                             reference=(captured.example_output, captured.flops))
     runner = lower(gm, backend, compile_options)
     report.total_s = time.perf_counter() - t_start
     return OptimizedModel(gm, report, captured, runner, model, settings)

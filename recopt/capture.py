@@ -12,7 +12,7 @@ Two captures, tried in order (``method="auto"``):
    (:meth:`CapturedModel.guards_hold`).
 
 Either way the graph is then run once on the example inputs with
-:class:`torch.fx.passes.shape_prop.ShapeProp`, so every tensor-valued node
+:class:`ShapeRecorder` (torch.fx's ShapeProp, quieter), so every tensor-valued node
 carries ``node.meta["tensor_meta"]``.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import CaptureError, InputError
 
@@ -71,6 +71,8 @@ class CapturedModel:
     guards: list = field(default_factory=list)
     diagnostics: list = field(default_factory=list)
     source_module: Optional[str] = None
+    example_output: Any = None
+    flops: Optional[float] = None
 
     def guards_hold(self, args: tuple) -> bool:
         """Whether Dynamo's shape guards hold for these call arguments."""
@@ -180,21 +182,88 @@ def _dynamo_capture(model: nn.Module, args: tuple, input_names: list) -> tuple:
     return result.graph_module, sorted(set(guards))
 
 
+class ShapeRecorder(fx.Interpreter):
+    """Runs a graph and records ``tensor_meta`` (shape, dtype, ...) and ``type`` on each node.
+
+    Like torch.fx's ShapeProp, but an op that fails raises an error naming
+    the node and its source, without printing a traceback (a rewrite that
+    fails verification is an expected event, reported, not logged).
+    """
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            stack = (n.meta.get("stack_trace") or "").strip().splitlines()
+            where = f" (from {stack[-2].strip()})" if len(stack) >= 2 else ""
+            raise type(e)(f"node {n.name} = {n.format_node()}{where}: {e}") if _reraisable(e) else e
+        found = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = fx.node.map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
+def _reraisable(e: Exception) -> bool:
+    try:
+        type(e)("probe")
+        return True
+    except Exception:
+        return False
+
+
 def propagate_shapes(gm: fx.GraphModule, args: tuple) -> Any:
     """Run ``gm`` on ``args`` recording ``tensor_meta`` on every node; return its output.
 
     Runs under ``torch.no_grad``; the caller chooses train/eval mode.
     """
     with torch.no_grad():
-        return ShapeProp(gm).propagate(*args)
+        return ShapeRecorder(gm).run(*args)
 
 
-def _propagate_in_eval(gm: fx.GraphModule, args: tuple) -> Any:
-    """propagate_shapes in eval mode, restoring the mode and every buffer after."""
+def _raise_if_inputs_are_bad(model: nn.Module, args: tuple, was_training: bool) -> None:
+    """Run the model eagerly (eval mode, no grad); raise InputError if it fails.
+
+    Called when a capture fails, to tell bad inputs (the user's fix) from
+    an untraceable model (ours to work around).
+    """
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    except Exception as e:
+        where = _user_frame(e, model)
+        raise InputError(
+            f"{type(model).__name__} fails on example_inputs before any capture: "
+            f"{type(e).__name__}: {e}" + (f" at {where}" if where else "")
+            + ". Check the inputs' shapes and dtypes against what forward expects."
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def _propagate_in_eval(gm: fx.GraphModule, args: tuple) -> tuple:
+    """propagate_shapes in eval mode with a fixed seed, counting FLOPs.
+
+    Returns ``(output, flops or None)``; restores the mode and every buffer.
+    """
+    from .costs import count_flops
+
     was_training = gm.training
     saved = {k: v.detach().clone() for k, v in gm.named_buffers()}
     try:
-        return propagate_shapes(gm.eval(), args)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return count_flops(propagate_shapes, gm.eval(), args)
     finally:
         gm.train(was_training)
         with torch.no_grad():
@@ -223,29 +292,14 @@ def capture(
     diagnostics = []
     was_training = model.training
     try:
-        # The check run is in eval mode so it updates no running statistics;
-        # tracing below happens in the model's own mode, because functional
-        # calls such as F.dropout(x, training=self.training) are baked in.
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(*args)
-        except Exception as e:
-            where = _user_frame(e, model)
-            raise InputError(
-                f"{type(model).__name__} fails on example_inputs before any capture: "
-                f"{type(e).__name__}: {e}" + (f" at {where}" if where else "")
-                + ". Check the inputs' shapes and dtypes against what forward expects."
-            ) from None
-        model.train(was_training)
-
         if method in ("auto", "symbolic_trace"):
             try:
                 gm = _symbolic_trace(model, leaf_modules)
-                _propagate_in_eval(gm, args)
+                out, flops = _propagate_in_eval(gm, args)
                 return CapturedModel(gm, "symbolic_trace", args, input_names, diagnostics=diagnostics,
-                                     source_module=type(model).__name__)
+                                     source_module=type(model).__name__, example_output=out, flops=flops)
             except Exception as e:
+                _raise_if_inputs_are_bad(model, args, was_training)
                 where = _user_frame(e, model)
                 diagnostics.append(
                     f"symbolic_trace failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -257,13 +311,15 @@ def capture(
                         "Use method='auto' to fall back to Dynamo capture, or mark the offending "
                         "submodule as a leaf (leaf_modules=[...])."
                     ) from None
+        else:
+            _raise_if_inputs_are_bad(model, args, was_training)
 
         try:
             gm, guards = _dynamo_capture(model, args, input_names)
             gm.train(was_training)
-            _propagate_in_eval(gm, args)
+            out, flops = _propagate_in_eval(gm, args)
             return CapturedModel(gm, "dynamo", args, input_names, guards=guards, diagnostics=diagnostics,
-                                 source_module=type(model).__name__)
+                                 source_module=type(model).__name__, example_output=out, flops=flops)
         except Exception as e:
             where = _user_frame(e, model)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

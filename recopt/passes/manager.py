@@ -25,9 +25,9 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.fx as fx
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..capture import propagate_shapes
+from ..costs import FlopCounter
 from ..errors import InputError, PassError, VerificationError
 from ..report import APPLIED, FAILED, NO_CHANGE, ROLLED_BACK, OptimizationReport, PassRun
 from ..targets import Target, get_target
@@ -80,16 +80,6 @@ def _is_registered(p: Pass) -> bool:
     return available_passes().get(p.name) is type(p)
 
 
-def count_flops(gm: torch.nn.Module, args: tuple) -> Optional[float]:
-    """FLOPs of one call (torch.utils.flop_counter), or None if counting fails."""
-    try:
-        with FlopCounterMode(display=False) as counter:
-            run_deterministic(gm, args)
-        return float(counter.get_total_flops())
-    except Exception:
-        return None
-
-
 class PassManager:
     """Runs a pipeline of passes with verify-each.
 
@@ -128,12 +118,13 @@ class PassManager:
         self.seed = seed
         self.progress = progress
 
-    def _input_sets(self, gm: fx.GraphModule, example_inputs: tuple, report: OptimizationReport) -> tuple:
+    def _input_sets(self, gm: fx.GraphModule, example_inputs: tuple, report: OptimizationReport,
+                    example_output: Any) -> tuple:
         sets = [tuple(example_inputs)]
         gen = torch.Generator().manual_seed(self.seed)
         extra = [random_like_inputs(tuple(example_inputs), gen) for _ in range(self.n_random_inputs)]
         extra += self.verify_inputs
-        outputs = [run_deterministic(gm, sets[0], self.seed)]
+        outputs = [example_output]
         for args in extra:
             try:
                 outputs.append(run_deterministic(gm, args, self.seed))
@@ -146,17 +137,30 @@ class PassManager:
         return sets, outputs
 
     def run(
-        self, gm: fx.GraphModule, example_inputs: tuple, report: Optional[OptimizationReport] = None
+        self,
+        gm: fx.GraphModule,
+        example_inputs: tuple,
+        report: Optional[OptimizationReport] = None,
+        reference: Optional[tuple] = None,
     ) -> tuple:
-        """Run the pipeline on ``gm``; return ``(graph_module, report)``."""
+        """Run the pipeline on ``gm``; return ``(graph_module, report)``.
+
+        ``reference``: ``(output, flops)`` of ``gm`` on ``example_inputs``
+        when the caller has them (capture does), saving one run of the model.
+        """
         report = report or OptimizationReport(target=self.target.to_dict())
         if not report.target:
             report.target = self.target.to_dict()
         example_inputs = tuple(example_inputs)
         ctx = PassContext(target=self.target, example_inputs=example_inputs, options=self.options)
         current = gm
-        sets, current_outputs = self._input_sets(current, example_inputs, report)
-        flops = count_flops(current, example_inputs)
+        if reference is None:
+            with FlopCounter() as counter:
+                out = run_deterministic(lambda *a: propagate_shapes(current, a), example_inputs, self.seed,
+                                        module=current)
+            reference = (out, float(counter.total))
+        sets, current_outputs = self._input_sets(current, example_inputs, report, reference[0])
+        flops = reference[1]
         report.flops_before = flops
 
         iterator = self.passes
@@ -224,9 +228,9 @@ class PassManager:
         for i, args in enumerate(sets):
             try:
                 if i == 0:
-                    with FlopCounterMode(display=False) as counter:
+                    with FlopCounter() as counter:
                         out = run_deterministic(lambda *a: propagate_shapes(new_gm, a), args, self.seed, module=new_gm)
-                    new_flops = float(counter.get_total_flops())
+                    new_flops = float(counter.total)
                 else:
                     out = run_deterministic(new_gm, args, self.seed)
             except Exception as e:
