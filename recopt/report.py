@@ -91,6 +91,16 @@ class OptimizationReport:
                 f.write(text + "\n")
         return text
 
+    def to_html(self, path: Optional[str] = None) -> str:
+        """A self-contained HTML page (plots need matplotlib); written to ``path`` if given."""
+        from .report_html import render_html
+
+        text = render_html(self)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        return text
+
     @classmethod
     def from_dict(cls, d: dict) -> "OptimizationReport":
         d = dict(d)

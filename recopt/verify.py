@@ -129,9 +129,11 @@ def random_like_inputs(args: tuple, generator: torch.Generator) -> tuple:
     """Fresh inputs of the same spec as ``args``, for a second verification run.
 
     Floating tensors are redrawn from a normal with the example's mean and
-    std. Integer tensors are shuffled (keeping the multiset, so ids stay in
-    range and lengths stay valid), except non-decreasing 1-D ones starting at
-    0, which look like offsets and are kept. Bools and non-tensors are kept.
+    std. Integer tensors have their first dimension shuffled (so each column
+    keeps its own ids, in range of its own table, and lengths stay valid),
+    except non-decreasing 1-D ones starting at 0, which look like offsets and
+    are kept. Bools and non-tensors are kept. A set that still makes the
+    original model fail is dropped by the caller, with a note.
     """
 
     def redraw(x: Any) -> Any:
@@ -148,9 +150,8 @@ def random_like_inputs(args: tuple, generator: torch.Generator) -> tuple:
             return x
         if x.dim() == 1 and x.numel() > 1 and int(x[0]) == 0 and bool((x[1:] >= x[:-1]).all()):
             return x
-        flat = x.reshape(-1)
-        perm = torch.randperm(flat.numel(), generator=generator)
-        return flat[perm.to(flat.device)].reshape(x.shape)
+        perm = torch.randperm(x.shape[0], generator=generator)
+        return x[perm.to(x.device)]
 
     return tuple(pytree.tree_map(redraw, a) for a in args)
 
