@@ -1,0 +1,202 @@
+"""Node metadata helpers: shapes, dtypes, parameters, constants.
+
+Every helper takes an ``fx.Node`` whose ``meta`` holds ``tensor_meta``
+(ShapeProp) or ``val`` (fake tensor from Dynamo/export) and returns ``None``
+when the information is missing, never guesses.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+
+def node_shape(node: Any) -> Optional[tuple]:
+    """Static shape of a tensor-valued node, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(int(s) for s in tm.shape)
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        try:
+            return tuple(int(s) for s in val.shape)
+        except (TypeError, ValueError):  # symbolic sizes
+            return None
+    return None
+
+
+def node_dtype(node: Any) -> Optional[torch.dtype]:
+    if not isinstance(node, fx.Node):
+        return None
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "dtype"):
+        return tm.dtype
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dtype
+    return None
+
+
+def node_rank(node: Any) -> Optional[int]:
+    s = node_shape(node)
+    return None if s is None else len(s)
+
+
+def get_module(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.nn.Module]:
+    """The module a ``call_module`` node calls, else None."""
+    if node.op != "call_module":
+        return None
+    try:
+        return gm.get_submodule(str(node.target))
+    except AttributeError:
+        return None
+
+
+def get_attr_value(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """The object a ``get_attr`` node fetches (parameter, buffer, constant)."""
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def is_parameter(gm: fx.GraphModule, node: Any) -> bool:
+    """True for a get_attr of an ``nn.Parameter`` (a trained weight, shared by the batch)."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return False
+    try:
+        return isinstance(get_attr_value(gm, node), torch.nn.Parameter)
+    except AttributeError:
+        return False
+
+
+def _is_shape_access(n: fx.Node) -> bool:
+    """``x.shape`` / ``x.size(...)`` / ``x.dim()`` / ``x.ndim`` / ``x.device`` / ``x.dtype``:
+    static metadata, not data."""
+    if n.op == "call_function" and n.target is getattr and len(n.args) == 2:
+        return n.args[1] in ("shape", "ndim", "device", "dtype")
+    return n.op == "call_method" and n.target in ("size", "dim")
+
+
+def _shape_access_value(n: fx.Node) -> Any:
+    x = n.args[0]
+    if n.op == "call_function" and n.args[1] == "device":
+        # Constant masks are evaluated on the CPU only to recognise their
+        # structure; the graph keeps computing them on the real device.
+        return torch.device("cpu")
+    if n.op == "call_function" and n.args[1] == "dtype":
+        if node_dtype(x) is None:
+            raise _TooBig()
+        return node_dtype(x)
+    shape = node_shape(x)
+    if shape is None:
+        raise _TooBig()
+    if n.op == "call_function":
+        return torch.Size(shape) if n.args[1] == "shape" else len(shape)
+    if n.target == "dim":
+        return len(shape)
+    if len(n.args) > 1 or "dim" in n.kwargs:
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs["dim"]
+        return shape[dim]
+    return torch.Size(shape)
+
+
+def depends_on_inputs(node: Any) -> bool:
+    """True if ``node``'s value depends on the *data* of a graph input.
+
+    Reading an input's static shape (``x.shape``, ``x.size(1)``) does not count.
+    """
+    stack = [node]
+    seen = set()
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        if _is_shape_access(n):
+            continue
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def const_value(gm: fx.GraphModule, node: Any, max_nodes: int = 64) -> Any:
+    """Evaluate ``node`` if it depends on no input data (buffers, arange over shapes, ...).
+
+    Shapes of inputs come from the node metadata (so the value holds for the
+    captured shapes). Returns the value, or None if the node depends on input
+    data, the subgraph is larger than ``max_nodes``, or evaluation fails. Used
+    to recognise constant masks (a band built from index differences) and
+    scale factors computed from shapes (``1 / sqrt(d)``).
+    """
+    if not isinstance(node, fx.Node):
+        return node
+    if depends_on_inputs(node):
+        return None
+    env: dict = {}
+    count = [0]
+
+    def ev(x):
+        if isinstance(x, fx.Node):
+            if x in env:
+                return env[x]
+            count[0] += 1
+            if count[0] > max_nodes:
+                raise _TooBig()
+            if _is_shape_access(x):
+                val = _shape_access_value(x)
+                env[x] = val
+                return val
+            args = fx.node.map_aggregate(x.args, ev)
+            kwargs = fx.node.map_aggregate(x.kwargs, ev)
+            if x.op == "get_attr":
+                val = get_attr_value(gm, x)
+            elif x.op == "call_function":
+                val = x.target(*args, **kwargs)
+            elif x.op == "call_method":
+                val = getattr(args[0], x.target)(*args[1:], **kwargs)
+            elif x.op == "call_module":
+                val = gm.get_submodule(str(x.target))(*args, **kwargs)
+            else:
+                raise _TooBig()
+            env[x] = val
+            return val
+        return x
+
+    try:
+        with torch.no_grad():
+            return ev(node)
+    except Exception:
+        return None
+
+
+def is_shape_scalar(node: Any) -> bool:
+    """True for a non-tensor scalar computed from input shapes only (``q.size(-1) ** 0.5``)."""
+    if not isinstance(node, fx.Node) or node_shape(node) is not None:
+        return False
+    if isinstance(node.meta.get("val"), torch.Tensor):
+        return False
+    if depends_on_inputs(node):
+        return False
+    return node.op in ("call_function", "call_method")
+
+
+class _TooBig(Exception):
+    pass
+
+
+def single_user(node: fx.Node) -> Optional[fx.Node]:
+    """The only user of ``node``, or None if it has zero or several."""
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def is_getitem(node: Any, index: Optional[int] = None) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_function"
+            and node.target is operator.getitem
+            and (index is None or node.args[1] == index))
