@@ -67,16 +67,24 @@ def _paths(x: Any, prefix: str = "output") -> list:
 
 
 def compare_outputs(
-    reference: Any, candidate: Any, tolerance: Optional[tuple] = None, check_values: bool = True
+    reference: Any, candidate: Any, tolerance: Optional[tuple] = None, check_values: bool = True,
+    prefix: bool = False,
 ) -> Optional[Mismatch]:
     """The first output where ``candidate`` departs from ``reference``, or None.
 
     ``tolerance=(rtol, atol)`` overrides the per-dtype defaults.
     ``check_values=False`` checks only structure, shapes, dtypes and that the
     candidate is finite where the reference is (for architecture passes).
+    ``prefix=True``: the candidate may have more output leaves; the first
+    ones are compared with the reference's, the extra ones must be finite.
     """
     ref = flatten_outputs(reference)
     cand = flatten_outputs(candidate)
+    if prefix and len(cand) > len(ref):
+        for name, extra in cand[len(ref):]:
+            if isinstance(extra, torch.Tensor) and extra.is_floating_point() and not bool(torch.isfinite(extra).all()):
+                return Mismatch(name, "an added output has non-finite values")
+        cand = [(n, v) for (n, _), (_, v) in zip(ref, cand)]
     if len(ref) != len(cand):
         return Mismatch("output", f"has {len(cand)} leaves, expected {len(ref)}")
     for (name, r), (_, c) in zip(ref, cand):

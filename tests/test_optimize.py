@@ -243,3 +243,33 @@ def test_torch_compile_backend_recopt():
     with torch.no_grad():
         torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
     assert lower.last_reports, "the backend must have run the pass pipeline"
+
+
+def test_pass_that_appends_outputs_is_checked_on_the_original_prefix():
+    class AddAux(recopt.Pass):
+        name = "test_add_aux"
+        semantics = recopt.Semantics.ARCHITECTURE
+        output_contract = "prefix"
+
+        def __init__(self, scale=1.0, config=None):
+            super().__init__(config)
+            self.scale = scale
+
+        def run(self, gm, ctx):
+            out = next(n for n in gm.graph.nodes if n.op == "output")
+            src = out.args[0]
+            with gm.graph.inserting_before(out):
+                served = gm.graph.call_function(torch.mul, (src, self.scale))
+                aux = gm.graph.call_function(torch.tanh, (src,))
+            out.args = ((served, aux),)
+            gm.recompile()
+            return recopt.PassResult(gm, [self.rewritten(aux, "added an aux output")])
+
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    x = torch.randn(5, 4)
+    opt = recopt.optimize(model, (x,), target="cpu", passes=[AddAux()])
+    assert opt.report.pass_run("test_add_aux").status == "applied"
+    served, aux = opt(x)
+    torch.testing.assert_close(served, model(x))
+    bad = recopt.optimize(model, (x,), target="cpu", passes=[AddAux(scale=1.5)])
+    assert bad.report.pass_run("test_add_aux").status == "rolled_back"

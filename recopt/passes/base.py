@@ -177,6 +177,10 @@ class Pass:
     - ``default_targets``: target names whose default pipeline includes this
       pass (``("*",)`` for all). Architecture passes are never default.
     - ``tolerance``: optional ``(rtol, atol)`` override for verification.
+    - ``output_contract``: ``"same"`` (the output keeps its structure) or
+      ``"prefix"`` (the pass appends outputs, e.g. a distillation head: the
+      original outputs must come first in the new output, values unchanged
+      within tolerance, and the new ones must be finite).
 
     :meth:`run` must not mutate the input graph module in a way that cannot
     be rolled back: the manager hands it a deep copy.
@@ -189,6 +193,7 @@ class Pass:
     before: ClassVar[tuple] = ()
     default_targets: ClassVar[tuple] = ()
     tolerance: ClassVar[Optional[tuple]] = None
+    output_contract: ClassVar[str] = "same"
     description: ClassVar[str] = ""
 
     def __init__(self, config: Any = None):
