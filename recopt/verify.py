@@ -137,7 +137,7 @@ def random_like_inputs(args: tuple, generator: torch.Generator) -> tuple:
     """Fresh inputs of the same spec as ``args``, for a second verification run.
 
     Floating tensors are redrawn from a normal with the example's mean and
-    std. Integer tensors have their first dimension shuffled (so each column
+    std, clamped to the example's range. Integer tensors have their first dimension shuffled (so each column
     keeps its own ids, in range of its own table, and lengths stay valid),
     except non-decreasing 1-D ones starting at 0, which look like offsets and
     are kept. Bools and non-tensors are kept. A set that still makes the
@@ -153,7 +153,11 @@ def random_like_inputs(args: tuple, generator: torch.Generator) -> tuple:
             std = std if std > 0 and std == std else 1.0
             mean = float(xf.mean())
             noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
-            return (noise * std + mean).to(device=x.device, dtype=x.dtype)
+            # Clamped to the example's range: inputs such as timestamps or
+            # probabilities are only valid inside it (log1p of a negative
+            # time is NaN).
+            lo, hi = float(xf.min()), float(xf.max())
+            return (noise * std + mean).clamp(lo, hi).to(device=x.device, dtype=x.dtype)
         if x.dtype == torch.bool:
             return x
         if x.dim() == 1 and x.numel() > 1 and int(x[0]) == 0 and bool((x[1:] >= x[:-1]).all()):

@@ -55,3 +55,11 @@ def test_random_like_inputs_keeps_ids_valid_and_offsets_intact():
 def test_flatten_names_nested_leaves():
     names = [n for n, _ in flatten_outputs((torch.zeros(1), {"a": torch.zeros(1)}))]
     assert names == ["output[0]", "output[1]['a']"]
+
+
+def test_random_floats_stay_in_the_example_range():
+    g = torch.Generator().manual_seed(0)
+    times = torch.rand(4, 10) * 1e6  # non-negative, like timestamps
+    (t2,) = random_like_inputs((times,), g)
+    assert float(t2.min()) >= 0 and float(t2.max()) <= float(times.max())
+    assert not torch.equal(t2, times)
