@@ -1,0 +1,454 @@
+"""Dispatch: per GEMM site and role, pick the fastest FP8 candidate that is accurate enough.
+
+For each site (M, K, N) and role (forward, dgrad, wgrad) every candidate
+``(lib, recipe)`` gets an error (from :mod:`recopt.fp8.metrics` on inputs
+drawn from the probe's learned distributions) and a speed-up over bf16:
+
+- **measured** on the target GPU when it is the current device
+  (:func:`measure_speedup`; cached per (target, shape, recipe, role));
+- **predicted** otherwise from the target's peaks (:func:`predict_seconds`),
+  and the report says "predicted, not measured".
+
+Rule (LoKA §7.4): keep a candidate if ``error < τ`` and ``speed-up >
+min_speedup`` (1.05); take the fastest; none → the role stays bf16 with the
+reason. Decisions are plain data (:class:`SiteDecision`) that save to and
+load from JSON, so a decision file can be re-applied without re-probing.
+
+The latency model (``GemmCostModel``): a GEMM takes
+``launch + max(flops / (η_c · peak), bytes / (η_m · HBM))``; an FP8 GEMM adds
+a scale epilogue; quantizing an operand in a separate kernel costs
+``quant_launch + 5 bytes per element / (η_m · HBM)`` (read bf16 for amax,
+read again, write e4m3). The constants were fitted to the H100 measurements
+in ANCHORS.md (6 µs launch, η_c 0.8 bf16 / 0.63 fp8 from the 8192³
+ceilings, 15 µs for a compiled amax-scale-cast sequence) and reproduce
+which of its five shapes gain from FP8 with separate and with fused
+quantization.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .recipes import ROLES, fp8_dtype, get_recipe, reference_gemm
+
+MIN_SPEEDUP = 1.05
+
+
+@dataclass(frozen=True)
+class GemmCostModel:
+    launch_s: float = 6e-6
+    fp8_epilogue_s: float = 0.6e-6
+    quant_launch_s: float = 15e-6
+    eta_compute_bf16: float = 0.8
+    eta_compute_fp8: float = 0.63
+    eta_memory: float = 0.8
+    quant_bytes_per_elem: float = 5.0
+
+
+COST_MODEL = GemmCostModel()
+
+
+def role_shape(m: int, k: int, n: int, role: str) -> tuple:
+    """(P, R, Q) of the GEMM ``A(P×R) @ B(R×Q)`` for a linear layer's role."""
+    if role == "forward":
+        return m, k, n
+    if role == "dgrad":
+        return m, n, k
+    if role == "wgrad":
+        return n, m, k
+    raise ValueError(f"unknown GEMM role {role!r}; valid roles: {ROLES}")
+
+
+def predict_seconds(target, p: int, r: int, q: int, dtype: str, quant_a: bool = False,
+                    quant_b: bool = False, model: GemmCostModel = COST_MODEL) -> Optional[float]:
+    """Predicted time of ``A(p×r) @ B(r×q)`` on ``target`` (bf16 out), or None if its peaks are unknown.
+
+    ``dtype`` is ``"bf16"`` or ``"fp8"``; ``quant_a``/``quant_b`` add a
+    separate quantization kernel for that operand (FP8 only).
+    """
+    peak = target.peak_fp8_tflops if dtype == "fp8" else target.peak_bf16_tflops
+    if peak is None or target.hbm_gbps is None:
+        return None
+    bw = target.hbm_gbps * 1e9 * model.eta_memory
+    in_bytes = 1 if dtype == "fp8" else 2
+    flops = 2.0 * p * r * q
+    bytes_moved = in_bytes * (p * r + r * q) + 2 * p * q
+    eta = model.eta_compute_fp8 if dtype == "fp8" else model.eta_compute_bf16
+    t = model.launch_s + max(flops / (eta * peak * 1e12), bytes_moved / bw)
+    if dtype == "fp8":
+        t += model.fp8_epilogue_s
+        for on, elems in ((quant_a, p * r), (quant_b, r * q)):
+            if on:
+                t += model.quant_launch_s + model.quant_bytes_per_elem * elems / bw
+    return t
+
+
+def quant_needs(role: str, mode: str, input_fused: bool) -> tuple:
+    """Which operands of a role need a separate quantization kernel: (A, B).
+
+    Forward: x unless its producer quantizes in its epilogue (``input_fused``);
+    W only in training (in inference it is quantized once, ahead of time).
+    Backward roles quantize dY separately; dgrad reuses no W cast (one per
+    role, conservative); wgrad also re-quantizes x along M.
+    """
+    if role == "forward":
+        return (not input_fused, mode == "training")
+    return (True, True)
+
+
+def predict_speedup(target, m: int, k: int, n: int, role: str = "forward", mode: str = "inference",
+                    input_fused: bool = False) -> Optional[float]:
+    """bf16 time / FP8 time of a role, predicted; None when the target has no FP8 peak."""
+    if target.peak_fp8_tflops is None or not target.has("fp8"):
+        return None
+    p, r, q = role_shape(m, k, n, role)
+    qa, qb = quant_needs(role, mode, input_fused)
+    t16 = predict_seconds(target, p, r, q, "bf16")
+    t8 = predict_seconds(target, p, r, q, "fp8", qa, qb)
+    if t16 is None or t8 is None:
+        return None
+    return t16 / t8
+
+
+# -- candidates ------------------------------------------------------------
+@dataclass(frozen=True)
+class Candidate:
+    """A (library, recipe) pair that can run a role's GEMM.
+
+    ``available()`` says whether its fast kernel exists here; candidates
+    without one are still evaluated for error (with the recipe's reference
+    numerics) but cannot be picked.
+    """
+
+    lib: str
+    recipe: str
+    available: Callable[[], bool] = lambda: True
+    note: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.lib}:{self.recipe}"
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _has_fbgemm_rowwise() -> bool:
+    return _cuda() and hasattr(torch.ops, "fbgemm") and hasattr(torch.ops.fbgemm, "f8f8bf16_rowwise")
+
+
+def default_candidates() -> list:
+    """torch._scaled_mm tensorwise/rowwise/rowwise-gw-hp; blockwise (fbgemm/DeepGEMM only);
+    fbgemm rowwise when fbgemm_gpu with CUDA kernels is loaded."""
+    return [
+        Candidate("torch", "tensorwise", lambda: hasattr(torch, "_scaled_mm")),
+        Candidate("torch", "rowwise", lambda: hasattr(torch, "_scaled_mm")),
+        Candidate("torch", "rowwise_gw_hp", lambda: hasattr(torch, "_scaled_mm")),
+        Candidate("fbgemm", "blockwise", lambda: _cuda() and hasattr(torch.ops, "fbgemm")
+                  and hasattr(torch.ops.fbgemm, "f8f8bf16_blockwise"),
+                  note="needs fbgemm_gpu's f8f8bf16_blockwise"),
+        Candidate("fbgemm", "rowwise", _has_fbgemm_rowwise, note="needs fbgemm_gpu's f8f8bf16_rowwise"),
+    ]
+
+
+# -- measurement -----------------------------------------------------------
+class MeasurementCache:
+    """Measured seconds per (target, P, R, Q, key) where key names lib/recipe/role/quant; JSON-persistable."""
+
+    def __init__(self, path: Optional[str] = None):
+        self.path = path
+        self.data: dict = {}
+        if path and os.path.exists(path):
+            with open(path) as f:
+                self.data = json.load(f)
+
+    @staticmethod
+    def key(target: str, p: int, r: int, q: int, what: str) -> str:
+        return f"{target}|{p}x{r}x{q}|{what}"
+
+    def get(self, *k) -> Optional[float]:
+        return self.data.get(self.key(*k))
+
+    def put(self, value: float, *k) -> None:
+        self.data[self.key(*k)] = value
+
+    def save(self, path: Optional[str] = None) -> None:
+        path = path or self.path
+        if path:
+            with open(path, "w") as f:
+                json.dump(self.data, f, indent=1, sort_keys=True)
+
+
+CACHE = MeasurementCache()
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    """Median seconds of ``fn`` on the current CUDA device (triton's do_bench when available)."""
+    try:
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=10, rep=40, return_mode="median")) * 1e-3
+    except ImportError:
+        times = []
+        for _ in range(25):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) * 1e-3)
+        return sorted(times)[len(times) // 2]
+
+
+def measure_speedup(target_name: str, m: int, k: int, n: int, cand: Candidate, role: str = "forward",
+                    mode: str = "inference", input_fused: bool = False,
+                    cache: MeasurementCache = CACHE) -> Optional[float]:
+    """Measured bf16/FP8 time ratio of a role on the current CUDA device, or None if it cannot run.
+
+    FP8 time = the FP8 GEMM plus, for each operand that :func:`quant_needs`
+    says is quantized separately, that operand's quantization as the FP8 op
+    runs it (the one-pass Triton row quantizer for row-wise e4m3, eager
+    amax/scale/cast otherwise), timed alone.
+    """
+    if not _cuda() or not cand.available():
+        return None
+    rec = get_recipe(cand.recipe)
+    if not rec.is_fp8(role):
+        return None
+    p, r, q = role_shape(m, k, n, role)
+    dev = torch.device("cuda")
+    t16 = cache.get(target_name, p, r, q, "bf16")
+    a = torch.randn(p, r, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(q, r, device=dev, dtype=torch.bfloat16).t()
+    if t16 is None:
+        t16 = _bench(lambda: a @ b)
+        cache.put(t16, target_name, p, r, q, "bf16")
+    qa_sep, qb_sep = quant_needs(role, mode, input_fused)
+    key = f"{cand.key}|{role}|qa{int(qa_sep)}qb{int(qb_sep)}"
+    t8 = cache.get(target_name, p, r, q, key)
+    if t8 is None:
+        fa, fb = rec.formats(role)
+        gran = rec.granularity
+        if cand.lib != "torch" or gran not in ("tensorwise", "rowwise"):
+            return None
+        from .recipes import _quantize_for_mm  # what the FP8 op runs (one Triton pass for row-wise e4m3)
+
+        xa, sa = _quantize_for_mm(a, fp8_dtype(fa), gran, 1)
+        xb, sb = _quantize_for_mm(b, fp8_dtype(fb), gran, 0)
+        xa, sa, sb = xa.contiguous(), sa.contiguous(), sb.contiguous()
+        xb = xb if xb.t().is_contiguous() else xb.t().contiguous().t()
+        try:
+            gemm = lambda: torch._scaled_mm(xa, xb, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
+            gemm()
+        except RuntimeError:
+            return None
+        t8 = _bench(gemm)
+        if qa_sep:
+            t8 += _bench(lambda: _quantize_for_mm(a, fp8_dtype(fa), gran, 1))
+        if qb_sep:
+            t8 += _bench(lambda: _quantize_for_mm(b, fp8_dtype(fb), gran, 0))
+        cache.put(t8, target_name, p, r, q, key)
+    return t16 / t8
+
+
+# -- decisions -------------------------------------------------------------
+@dataclass
+class RoleDecision:
+    """The choice for one role: ``recipe`` ("bf16" when kept), ``lib``, and why."""
+
+    recipe: str = "bf16"
+    lib: str = ""
+    error: Optional[float] = None
+    speedup: Optional[float] = None
+    reason: str = ""
+
+
+@dataclass
+class SiteDecision:
+    """Everything decided about one GEMM site; JSON round-trippable."""
+
+    fqn: str
+    m: int
+    k: int
+    n: int
+    consumer: str = ""
+    producer: str = ""
+    eligible: bool = True
+    basis: str = "predicted"  # "measured" | "predicted" | "none"
+    errors: dict = field(default_factory=dict)    # recipe -> role -> metric -> value
+    speedups: dict = field(default_factory=dict)  # lib:recipe -> role -> value
+    roles: dict = field(default_factory=dict)     # role -> RoleDecision (as dict)
+    decision: str = "bf16"
+    reason: str = ""
+    reason_code: str = ""
+
+    def role(self, name: str) -> RoleDecision:
+        r = self.roles.get(name)
+        if r is None:
+            return RoleDecision(reason="not decided")
+        return r if isinstance(r, RoleDecision) else RoleDecision(**r)
+
+    def recipes(self) -> dict:
+        """role -> recipe name or "bf16", what the FP8 linear module is built with."""
+        return {r: self.role(r).recipe for r in ROLES}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["roles"] = {k: (asdict(v) if isinstance(v, RoleDecision) else v) for k, v in self.roles.items()}
+        return _finite(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SiteDecision":
+        d = dict(d)
+        d["roles"] = {k: RoleDecision(**v) for k, v in d.get("roles", {}).items()}
+        return cls(**d)
+
+
+def _finite(x):
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if x != x else (1e308 if x > 0 else -1e308)
+    return x
+
+
+DECISIONS_VERSION = 1
+
+
+def save_decisions(path: str, decisions: list, meta: dict) -> None:
+    """Write decisions (and the settings that produced them) as JSON."""
+    doc = {"version": DECISIONS_VERSION, **meta, "sites": [d.to_dict() for d in decisions]}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+
+
+def load_decisions(path: str) -> tuple:
+    """Read a decisions file; returns ``({fqn: SiteDecision}, meta)``."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"FP8 decisions file {path!r} does not exist; run the fp8 pass with "
+                                f"configs={{'fp8': {{'decisions_path': {path!r}}}}} first to create it")
+    with open(path) as f:
+        doc = json.load(f)
+    if doc.get("version") != DECISIONS_VERSION:
+        raise ValueError(f"{path}: decisions version {doc.get('version')} is not {DECISIONS_VERSION}; re-probe")
+    sites = {s["fqn"]: SiteDecision.from_dict(s) for s in doc.get("sites", [])}
+    meta = {k: v for k, v in doc.items() if k != "sites"}
+    return sites, meta
+
+
+def evaluate_errors(x_samples: list, w_samples: list, recipes: list, roles: tuple, metrics: list,
+                    grad_sampler: Callable[[int, int], torch.Tensor]) -> dict:
+    """Error of every recipe and role over (X', W') pairs: recipe -> role -> metric -> mean value.
+
+    Forward compares ``X' W'ᵀ``; dgrad ``dY W'`` and wgrad ``dYᵀ X'`` with
+    dY from ``grad_sampler(rows, n)``. References are float64 products of
+    the unquantized operands. Metrics are averaged over the pairs (SQNR in
+    dB too).
+    """
+    from .metrics import get_metric
+
+    out: dict = {}
+    for name in recipes:
+        rec = get_recipe(name)
+        out[name] = {}
+        for role in roles:
+            if not rec.is_fp8(role):
+                continue
+            acc = {m: 0.0 for m in metrics}
+            for x, w in zip(x_samples, w_samples):
+                if role == "forward":
+                    a, b = x, w.t()
+                elif role == "dgrad":
+                    a, b = grad_sampler(x.shape[0], w.shape[0]), w
+                else:
+                    a, b = grad_sampler(x.shape[0], w.shape[0]).t(), x
+                ref = a.double() @ b.double()
+                got = reference_gemm(a, b, rec, role)
+                for m in metrics:
+                    acc[m] += get_metric(m).fn(got, ref)
+            out[name][role] = {m: v / max(len(x_samples), 1) for m, v in acc.items()}
+    return out
+
+
+def decide_role(role: str, errors: dict, speedups: dict, candidates: list, metric: str, threshold: float,
+                min_speedup: float, basis: str) -> RoleDecision:
+    """Apply the rule to one role; the reason names the blocking condition."""
+    from .metrics import is_safe
+
+    feasible, blocked = [], []
+    for c in candidates:
+        rec = get_recipe(c.recipe)
+        if not rec.is_fp8(role):
+            continue
+        err = errors.get(c.recipe, {}).get(role, {}).get(metric)
+        sp = speedups.get(c.key, {}).get(role)
+        if err is None or not is_safe(err, metric, threshold):
+            blocked.append(f"{c.key} {metric}={_fmt(err)} ≥ τ={threshold:g}")
+            continue
+        if not c.available():
+            blocked.append(f"{c.key} has no kernel here ({c.note or 'unavailable'})")
+            continue
+        if sp is None:
+            blocked.append(f"{c.key} speed-up unknown ({basis})")
+            continue
+        if sp <= min_speedup:
+            blocked.append(f"{c.key} {basis} speed-up {sp:.2f}× ≤ {min_speedup:g}×")
+            continue
+        feasible.append((sp, c, err))
+    if not feasible:
+        return RoleDecision(reason="; ".join(blocked) or "no FP8 candidate for this role")
+    # Fastest first; among equal speed-ups (e.g. speed ignored) the most accurate.
+    sp, c, err = max(feasible, key=lambda t: (t[0], -t[2] if not get_metric_hib(metric) else t[2]))
+    return RoleDecision(recipe=c.recipe, lib=c.lib, error=err, speedup=sp,
+                        reason=f"{c.key}: {metric}={_fmt(err)} < τ={threshold:g}, {basis} speed-up {sp:.2f}×")
+
+
+def get_metric_hib(metric: str) -> bool:
+    from .metrics import get_metric
+
+    return get_metric(metric).higher_is_better
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def calibrate_thresholds(site_stats: dict, site_weights: dict, recipes=("tensorwise", "rowwise", "blockwise"),
+                         roles=("forward",), margin: float = 2.5, samples: int = 4, rows: int = 256,
+                         seed: int = 0) -> dict:
+    """Calibrate τ per metric on a known-good model's probed sites.
+
+    ``site_stats``: name → :class:`~recopt.fp8.probe.ActivationStats`;
+    ``site_weights``: name → weight (N×K). For every metric, the worst
+    (largest; smallest for SQNR) error over sites, recipes and roles is
+    found, and τ = worst × ``margin`` (SQNR: worst − 20·log10(margin) dB).
+    Returns ``{metric: {"worst": v, "threshold": τ}}``.
+    """
+    from .metrics import METRICS
+
+    gen = torch.Generator().manual_seed(seed)
+    names = [m for m in METRICS if m != "mere_raw"]
+    worst: dict = {}
+    for site, st in site_stats.items():
+        w = site_weights[site].detach().float()
+        xs = [st.sample(min(rows, max(2, st.typical_rows or rows)), gen) for _ in range(samples)]
+        errs = evaluate_errors(xs, [w] * samples, list(recipes), tuple(roles), names,
+                               lambda r, n: torch.randn(r, n, generator=gen))
+        for per_role in errs.values():
+            for per_metric in per_role.values():
+                for m, v in per_metric.items():
+                    hib = METRICS[m].higher_is_better
+                    if m not in worst or (v < worst[m] if hib else v > worst[m]):
+                        worst[m] = v
+    out = {}
+    for m, v in worst.items():
+        tau = v - 20 * math.log10(margin) if METRICS[m].higher_is_better else v * margin
+        out[m] = {"worst": v, "threshold": tau}
+    return out

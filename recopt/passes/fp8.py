@@ -1,0 +1,426 @@
+"""LoKA-style FP8 passes: probe-driven ``fp8`` (exact up to FP8 rounding) and the Mods.
+
+``fp8`` (semantics EXACT, verified with :data:`FP8_TOLERANCE`):
+
+1. finds linear sites (``nn.Linear``, ``F.linear``, ``x @ W`` with a
+   parameter W) and checks eligibility (K, N multiples of 16; not the final
+   head; not excluded; the target has FP8);
+2. probes: runs the graph over ``calibration_data`` (an iterable of input
+   tuples given to ``recopt.optimize``; the example inputs when absent)
+   streaming each site's input mean/covariance;
+3. per site, draws inputs from the learned Gaussian at the site's K with up
+   to ``max_eval_rows`` rows, runs every recipe per GEMM role against a
+   float64 reference, and computes the error metrics;
+4. decides per role with :func:`recopt.fp8.dispatch.decide_role` from
+   measured (target GPU present) or predicted (roofline model) speed-ups;
+5. swaps the chosen sites in place: ``FP8Linear`` for modules, the
+   ``recopt::fp8_linear`` op for functional spellings.
+
+Decisions save to ``decisions_path`` and re-apply with ``load_decisions``
+(no probing). ``no_bias``, ``blocknorm``, ``hardswish`` and ``fp8_mods``
+(all three) are ARCHITECTURE passes: opt-in, retraining needed.
+
+``FP8_TOLERANCE = (rtol 0.1, atol 0.1)``: e4m3 keeps 3 mantissa bits
+(relative rounding ≤ 6.25% per operand) and one GEMM's normwise error is
+≈ 3.5%; a few stacked FP8 GEMMs stay within 10% of each output element or
+10% of the output's largest magnitude, while a site whose outliers flush
+the other values moves outputs by far more and is rolled back.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from ..fp8 import dispatch as D
+from ..fp8.linear import HP, FP8Linear
+from ..fp8.metrics import DEFAULT_THRESHOLDS, get_metric
+from ..fp8.mods import apply_blocknorm, apply_hardswish, apply_no_bias, DEFAULT_BLOCK
+from ..fp8.probe import WeightStats, collect_graph_stats
+from ..fp8.recipes import RECIPES, ROLES
+from ..fp8.sites import consumer_of, find_sites, fqn_of, head_sites, op_label, site_rows
+from .base import REJECTED, Pass, PassConfig, PassContext, PassResult, Semantics, Site
+from .registry import register_pass
+
+FP8_TOLERANCE = (0.1, 0.1)
+PREDICTED = "predicted, not measured"
+
+
+@dataclass
+class FP8Config(PassConfig):
+    """Options of the ``fp8`` pass (JSON round-trip).
+
+    - ``recipes``: candidate recipes (``tensorwise``, ``rowwise``, ``rowwise_gw_hp``, ``blockwise``).
+    - ``metric`` / ``threshold``: error metric and τ (None → the calibrated default of that metric).
+    - ``min_speedup``: a candidate must be faster than bf16 by more than this.
+    - ``mode``: ``training`` (decide forward, dgrad, wgrad), ``inference`` (forward only) or
+      ``auto`` (training when the model is in training mode).
+    - ``samples`` / ``max_eval_rows``: (X', W') pairs per site and rows per drawn X'.
+    - ``max_calibration_batches``: batches of ``calibration_data`` probed.
+    - ``measure``: ``auto`` (time on the GPU when it is the target) or ``never`` (always predict).
+    - ``assume_fused_quant``: predict as if every activation quantization is fused into its producer.
+    - ``ignore_speed``: rewrite every numerically safe site whatever its speed (numerics studies).
+    - ``exclude``: FQNs never rewritten.
+    - ``decisions_path``: write decisions JSON here; ``load_decisions``: apply a saved file, no probing.
+    """
+
+    recipes: list = field(default_factory=lambda: ["tensorwise", "rowwise", "rowwise_gw_hp", "blockwise"])
+    metric: str = "normwise"
+    threshold: Optional[float] = None
+    min_speedup: float = D.MIN_SPEEDUP
+    mode: str = "auto"
+    samples: int = 8
+    max_eval_rows: int = 512
+    max_calibration_batches: int = 32
+    measure: str = "auto"
+    assume_fused_quant: bool = False
+    ignore_speed: bool = False
+    exclude: list = field(default_factory=list)
+    decisions_path: str = ""
+    load_decisions: str = ""
+    full_cov_max_k: int = 1024
+    rank: int = 32
+    seed: int = 0
+
+
+def _rewrite(gm: fx.GraphModule, site, recipes: dict) -> None:
+    if site.kind == "module":
+        gm.add_submodule(site.fqn, FP8Linear.from_linear(gm.get_submodule(site.fqn), recipes))
+        return
+    node = site.node
+    args = (recipes["forward"], recipes["dgrad"], recipes["wgrad"])
+    op = torch.ops.recopt.fp8_linear.default
+    if site.kind == "linear_fn":
+        x = node.args[0]
+        w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        node.target, node.args, node.kwargs = op, (x, w, b) + args, {}
+    else:  # matmul: x @ W with W stored (K, N)
+        x, w = node.args
+        with gm.graph.inserting_before(node):
+            wt = gm.graph.call_method("t", (w,))
+        node.target, node.args, node.kwargs = op, (x, wt, None) + args, {}
+
+
+FUSABLE_FORWARD = ("rowwise", "rowwise_gw_hp")
+
+
+def fused_norm_of(gm: fx.GraphModule, site):
+    """The BlockNorm module feeding ``site`` when only this site consumes it (so the norm and the
+    activation quantization can be one kernel), else None."""
+    from ..fp8.mods import BlockNorm
+
+    node = site.input
+    if site.kind == "matmul" or node.op != "call_module" or len(node.users) != 1:
+        return None
+    mod = gm.get_submodule(node.target)
+    return mod if isinstance(mod, BlockNorm) else None
+
+
+def _rewrite_fused(gm: fx.GraphModule, site, recipes: dict, norm) -> None:
+    """Replace ``BlockNorm → linear`` by one ``recopt::blocknorm_fp8_linear`` call."""
+    node, norm_node = site.node, site.input
+    with gm.graph.inserting_before(node):
+        if site.kind == "module":
+            lin = gm.get_submodule(site.fqn)
+            w = gm.graph.get_attr(f"{site.fqn}.weight")
+            b = gm.graph.get_attr(f"{site.fqn}.bias") if lin.bias is not None else None
+        else:
+            w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+            b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    node.op = "call_function"
+    node.target = torch.ops.recopt.blocknorm_fp8_linear.default
+    node.args = (norm_node.args[0], w, b, norm.block, norm.eps, recipes["forward"], recipes["dgrad"],
+                 recipes["wgrad"])
+    node.kwargs = {}
+    gm.graph.erase_node(norm_node)
+
+
+def _mode(cfg: FP8Config, gm: fx.GraphModule) -> str:
+    if cfg.mode == "auto":
+        return "training" if gm.training else "inference"
+    if cfg.mode not in ("training", "inference"):
+        raise ValueError(f"fp8 mode must be 'training', 'inference' or 'auto', got {cfg.mode!r}")
+    return cfg.mode
+
+
+def _measuring(cfg: FP8Config, target) -> bool:
+    if cfg.measure == "never" or not torch.cuda.is_available() or target.device != "cuda":
+        return False
+    from ..targets import detect_target
+
+    return detect_target().name == target.name
+
+
+@register_pass
+class FP8Pass(Pass):
+    name = "fp8"
+    semantics = Semantics.EXACT
+    config_cls = FP8Config
+    tolerance = FP8_TOLERANCE
+    after = ("no_bias", "blocknorm", "hardswish", "fp8_mods")
+    description = "Probe GEMM sites, pick per site and role the fastest FP8 recipe that meets the error bar."
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        cfg: FP8Config = self.config
+        for r in cfg.recipes:
+            if r not in RECIPES:
+                raise ValueError(f"unknown FP8 recipe {r!r} in config; valid recipes: {', '.join(RECIPES)}")
+        get_metric(cfg.metric)
+        threshold = DEFAULT_THRESHOLDS[cfg.metric] if cfg.threshold is None else cfg.threshold
+        mode = _mode(cfg, gm)
+        roles = ROLES if mode == "training" else ("forward",)
+        target = ctx.target
+        measured = _measuring(cfg, target)
+        basis = "measured" if measured else PREDICTED
+        sites = find_sites(gm)
+        heads = head_sites(gm, sites)
+        out_sites: list = []
+        eligible = []
+        for s in sites:
+            why = self._ineligible(s, heads, cfg, target)
+            if why:
+                out_sites.append(self._site(gm, s, REJECTED, why[0], why[1], D.SiteDecision(
+                    fqn_of(s), site_rows(s.input, s.k) or 0, s.k, s.n, consumer_of(gm, s.node),
+                    op_label(gm, s.input), eligible=False, basis="none", reason=why[1], reason_code=why[0])))
+            else:
+                eligible.append(s)
+
+        if cfg.load_decisions:
+            decisions = self._load(eligible, cfg.load_decisions)
+            calib_note = f"decisions loaded from {cfg.load_decisions} (not re-probed)"
+        else:
+            decisions, calib_note = self._probe_and_decide(gm, ctx, eligible, cfg, roles, mode, threshold,
+                                                           measured, basis)
+        changed = False
+        for s in eligible:
+            d = decisions[s.node.name]
+            d_details = d
+            if d.decision == "fp8":
+                recipes = {r: (d.role(r).recipe if d.role(r).recipe != "bf16" else HP) for r in ROLES}
+                norm = fused_norm_of(gm, s)
+                if norm is not None and recipes["forward"] in FUSABLE_FORWARD:
+                    _rewrite_fused(gm, s, recipes, norm)
+                    d_details.producer = "blocknorm (fused with the e4m3 quantization)"
+                else:
+                    _rewrite(gm, s, recipes)
+                changed = True
+                out_sites.append(self._site(gm, s, "rewritten", "", d.reason, d_details, calib_note))
+            else:
+                out_sites.append(self._site(gm, s, REJECTED, d.reason_code or "not_selected", d.reason, d_details,
+                                            calib_note))
+        if cfg.decisions_path and not cfg.load_decisions:
+            D.save_decisions(cfg.decisions_path, [decisions[s.node.name] for s in eligible],
+                             {"target": target.name, "metric": cfg.metric, "threshold": threshold, "mode": mode,
+                              "basis": basis, "calibration": calib_note})
+        if changed:
+            gm.graph.lint()
+            gm.delete_all_unused_submodules()  # BlockNorms folded into fused sites
+            gm.recompile()
+        return PassResult(gm, out_sites)
+
+    # -- steps -------------------------------------------------------------
+    def _ineligible(self, s, heads: set, cfg: FP8Config, target) -> Optional[tuple]:
+        fqn = fqn_of(s)
+        if fqn in cfg.exclude:
+            return "excluded", f"{fqn} is in the pass's exclude list"
+        if s.node.name in heads:
+            return "final_head", "final prediction head (the last linear before the output) stays in high precision"
+        if s.k % 16 or s.n % 16:
+            return "shape_not_multiple_of_16", (f"K={s.k}, N={s.n}: FP8 GEMMs need K and N multiples of 16 "
+                                                f"(pad the layer to use FP8)")
+        if s.weight is not None and not s.weight.is_floating_point():
+            return "not_float", f"weight dtype {s.weight.dtype} is not floating point"
+        if not cfg.ignore_speed and not cfg.load_decisions and (
+                not target.has("fp8") or target.peak_fp8_tflops is None):
+            return "target_no_fp8", (f"target {target.name} has no FP8 tensor cores; kept in high precision "
+                                     f"(use target='h100'/'b200', or ignore_speed=True to study numerics)")
+        return None
+
+    def _load(self, eligible: list, path: str) -> dict:
+        saved, _ = D.load_decisions(path)
+        out = {}
+        for s in eligible:
+            d = saved.get(fqn_of(s))
+            if d is None:
+                out[s.node.name] = D.SiteDecision(fqn_of(s), 0, s.k, s.n, decision="bf16", reason_code="not_in_decisions",
+                                                  reason=f"no decision for {fqn_of(s)} in {path}; kept")
+            elif (d.k, d.n) != (s.k, s.n):
+                out[s.node.name] = D.SiteDecision(
+                    fqn_of(s), d.m, s.k, s.n, decision="bf16", reason_code="stale_decision",
+                    reason=f"saved decision is for K={d.k}, N={d.n} but the site has K={s.k}, N={s.n}; re-probe")
+            else:
+                d.reason = f"loaded: {d.reason}"
+                out[s.node.name] = d
+        return out
+
+    def _probe_and_decide(self, gm, ctx, eligible, cfg, roles, mode, threshold, measured, basis):
+        data = ctx.options.get("calibration_data")
+        if data is None:
+            batches = [tuple(ctx.example_inputs)]
+            calib_note = "no calibration_data given: probed on the example inputs only"
+        else:
+            batches = data
+            calib_note = "probed on calibration_data"
+        site_inputs = {s.node.name: s.input.name for s in eligible}
+        stats = collect_graph_stats(gm, site_inputs, {s.node.name: s.k for s in eligible}, batches,
+                                    cfg.full_cov_max_k, cfg.rank, cfg.max_calibration_batches) if eligible else {}
+        gen = torch.Generator().manual_seed(cfg.seed)
+        cands = [c for c in D.default_candidates() if c.recipe in cfg.recipes]
+        metrics = list(dict.fromkeys([cfg.metric, "normwise", "sqnr", "median_re", "mere", "mere_raw"]))
+        decisions = {}
+        for s in eligible:
+            st = stats[s.node.name]
+            m = st.typical_rows or site_rows(s.input, s.k) or 0
+            consumer, producer = consumer_of(gm, s.node), op_label(gm, s.input)
+            d = D.SiteDecision(fqn_of(s), m, s.k, s.n, consumer, producer,
+                               basis="measured" if measured else "predicted")
+            if st.n < 2:
+                d.reason_code, d.reason = "no_statistics", "the probe saw fewer than 2 rows at this site"
+                decisions[s.node.name] = d
+                continue
+            w = s.weight.detach().float()
+            if s.kind == "matmul":
+                w = w.t()
+            ws = WeightStats(*w.shape)
+            ws.update(w)
+            rows = max(2, min(m, cfg.max_eval_rows))
+            xs = [st.sample(rows, gen) for _ in range(cfg.samples)]
+            wsamp = [ws.sample(gen) for _ in range(cfg.samples)]
+            grad = lambda r, n: torch.randn(r, n, generator=gen)  # noqa: E731
+            d.errors = D.evaluate_errors(xs, wsamp, cfg.recipes, roles, metrics, grad)
+            norm_fusable = fused_norm_of(gm, s) is not None
+            for c in cands:
+                d.speedups[c.key] = {}
+                # The fused BlockNorm→quantize kernel makes row-wise e4m3 activations.
+                fused = cfg.assume_fused_quant or (norm_fusable and c.recipe in FUSABLE_FORWARD)
+                for role in roles:
+                    if cfg.ignore_speed:
+                        sp = math.inf
+                    elif measured:
+                        sp = D.measure_speedup(ctx.target.name, m, s.k, s.n, c, role, mode, fused)
+                    else:
+                        sp = D.predict_speedup(ctx.target, m, s.k, s.n, role, mode, fused)
+                    d.speedups[c.key][role] = sp
+            label = "speed ignored (ignore_speed=True)" if cfg.ignore_speed else (
+                "measured" if measured else "predicted")
+            for role in roles:
+                d.roles[role] = D.decide_role(role, d.errors, d.speedups, cands, cfg.metric, threshold,
+                                              cfg.min_speedup, label)
+            for role in ROLES:
+                d.roles.setdefault(role, D.RoleDecision(reason="inference: no backward GEMM"))
+            chosen = [r for r in roles if d.roles[r].recipe != "bf16"]
+            if chosen:
+                d.decision = "fp8"
+                d.reason = "; ".join(f"{r}: {d.roles[r].reason}" for r in chosen)
+            else:
+                d.decision = "bf16"
+                any_safe = any(_safe(d.errors, r, cfg.metric, threshold) for r in roles)
+                d.reason_code = "slower_than_bf16" if any_safe else "error_above_threshold"
+                d.reason = f"forward: {d.roles['forward'].reason}"
+            if not measured and not cfg.ignore_speed:
+                d.reason += f" [{PREDICTED}]"
+            decisions[s.node.name] = d
+        return decisions, calib_note
+
+    def _site(self, gm, s, status, code, reason, d: D.SiteDecision, calib_note: str = "") -> Site:
+        details = d.to_dict()
+        details["calibration"] = calib_note
+        details["spelling"] = s.kind
+        fwd_err = {r: v.get("forward", {}).get(self.config.metric) for r, v in d.errors.items()}
+        details["forward_error"] = fwd_err
+        if status == "rewritten":
+            return self.rewritten(s.node, reason, module_path=d.fqn, details=details)
+        return self.rejected(s.node, code, reason, module_path=d.fqn, details=details)
+
+
+def _safe(errors: dict, role: str, metric: str, threshold: float) -> bool:
+    from ..fp8.metrics import is_safe
+
+    return any(is_safe(v[role][metric], metric, threshold) for v in errors.values() if role in v)
+
+
+# -- Mods ----------------------------------------------------------------------
+@dataclass
+class BlockNormConfig(PassConfig):
+    block: int = DEFAULT_BLOCK
+
+
+@dataclass
+class ModsConfig(PassConfig):
+    no_bias: bool = True
+    blocknorm: bool = True
+    hardswish: bool = True
+    block: int = DEFAULT_BLOCK
+
+
+class _ModPass(Pass):
+    semantics = Semantics.ARCHITECTURE
+    before = ("fp8",)
+
+    def _sites(self, gm: fx.GraphModule, outcomes: list) -> list:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        out = []
+        for name, status, code, reason, details in outcomes:
+            node = nodes.get(name) or _Ghost(name)
+            if status == "rewritten":
+                out.append(self.rewritten(node, reason, details=details, module_path=details.get("fqn", "")))
+            else:
+                out.append(self.rejected(node, code, reason, details=details, module_path=details.get("fqn", "")))
+        return out
+
+
+class _Ghost:
+    """Stands in for a node a Mod erased, so its site still names it."""
+
+    def __init__(self, name):
+        self.name, self.op, self.target, self.meta = name, "call_function", name, {}
+
+
+@register_pass
+class NoBiasPass(_ModPass):
+    name = "no_bias"
+    description = "LoKA No Bias: drop linear biases except the final prediction head's (retrain)."
+
+    def run(self, gm, ctx):
+        return PassResult(gm, self._sites(gm, apply_no_bias(gm)))
+
+
+@register_pass
+class BlockNormPass(_ModPass):
+    name = "blocknorm"
+    config_cls = BlockNormConfig
+    description = "LoKA BlockNorm: LayerNorm/RMSNorm after a GEMM → parameter-free 256-block RMS norm (retrain)."
+
+    def run(self, gm, ctx):
+        return PassResult(gm, self._sites(gm, apply_blocknorm(gm, self.config.block)))
+
+
+@register_pass
+class HardswishPass(_ModPass):
+    name = "hardswish"
+    description = "LoKA Hard Swish: SiLU / x·σ(x) → Hardswish, x·σ(norm(x)) → x·hardsigmoid(norm(x)) (retrain)."
+
+    def run(self, gm, ctx):
+        return PassResult(gm, self._sites(gm, apply_hardswish(gm)))
+
+
+@register_pass
+class FP8ModsPass(_ModPass):
+    name = "fp8_mods"
+    config_cls = ModsConfig
+    description = "All LoKA Mods: No Bias, BlockNorm, Hard Swish (retrain)."
+
+    def run(self, gm, ctx):
+        cfg = self.config
+        outcomes = []
+        if cfg.no_bias:
+            outcomes += apply_no_bias(gm)
+        if cfg.blocknorm:
+            outcomes += apply_blocknorm(gm, cfg.block)
+        if cfg.hardswish:
+            outcomes += apply_hardswish(gm)
+        return PassResult(gm, self._sites(gm, outcomes))
