@@ -9,9 +9,14 @@ The public surface (everything else is internal):
   running passes.
 - :class:`Target`, :func:`get_target` — hardware profiles.
 - :class:`OptimizationReport` — what was done and why.
+- :func:`export`, :func:`load`, :func:`read_manifest` — ONNX / torch.export
+  artifacts with a manifest and a parity check (the ``recopt.export``
+  package's functions; ``importlib.import_module("recopt.export")`` gives
+  the package itself).
 """
 from .api import OptimizedModel, optimize
 from .capture import CapturedModel, capture
+from .export import export, load, read_manifest
 from .errors import CaptureError, InputError, MissingDependencyError, PassError, RecoptError, VerificationError
 from .passes.base import Pass, PassConfig, PassContext, PassResult, Semantics, Site
 from .passes.manager import PassManager
@@ -27,5 +32,5 @@ __all__ = [
     "PassManager", "register_pass", "available_passes", "default_pipeline",
     "Target", "get_target", "available_targets", "OptimizationReport",
     "RecoptError", "InputError", "CaptureError", "PassError", "VerificationError",
-    "MissingDependencyError", "__version__",
+    "MissingDependencyError", "export", "load", "read_manifest", "__version__",
 ]

@@ -35,7 +35,8 @@ CAPTURE_METHODS = ("auto", "symbolic_trace", "dynamo")
 
 
 class RecTracer(fx.Tracer):
-    """A symbolic tracer that treats TorchRec modules and listed types as leaves.
+    """A symbolic tracer that treats TorchRec modules, listed types and
+    classes marked ``__recopt_leaf__ = True`` as leaves.
 
     TorchRec's sharded and unsharded embedding modules take a
     KeyedJaggedTensor and do data-dependent work inside; as leaves they
@@ -51,6 +52,10 @@ class RecTracer(fx.Tracer):
         if self.extra_leaf_types and isinstance(m, self.extra_leaf_types):
             return True
         if type(m).__module__.startswith("torchrec."):
+            return True
+        # recopt's own modules that passes insert (FP8Linear, BlockNorm) are
+        # single ops to later passes and to a re-capture.
+        if getattr(type(m), "__recopt_leaf__", False):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -256,14 +261,15 @@ def _propagate_in_eval(gm: fx.GraphModule, args: tuple) -> tuple:
 
     Returns ``(output, flops or None)``; restores the mode and every buffer.
     """
-    from .costs import count_flops
+    from .costs import count_graph_flops
 
     was_training = gm.training
     saved = {k: v.detach().clone() for k, v in gm.named_buffers()}
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return count_flops(propagate_shapes, gm.eval(), args)
+            out = propagate_shapes(gm.eval(), args)
+        return out, count_graph_flops(gm, args)
     finally:
         gm.train(was_training)
         with torch.no_grad():

@@ -163,12 +163,8 @@ def cmd_bench(args) -> int:
 def cmd_export(args) -> int:
     import recopt
 
-    try:
-        from . import export as export_mod
-    except ImportError as e:
-        raise UsageError(f"export is not available in this installation: {e}") from e
     _, inputs, opt = _optimize(args)
-    export_mod.export(opt, inputs, args.path, format=args.format)
+    recopt.export(opt, inputs, args.path, format=args.format)
     if not args.quiet:
         print(f"exported to {args.path} (parity verified)")
     return EXIT_OK

@@ -8,11 +8,10 @@ in no_grad, and costs little.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
 
 class FlopCounter(TorchDispatchMode):
@@ -22,7 +21,12 @@ class FlopCounter(TorchDispatchMode):
     """
 
     def __init__(self):
+        # Imported here: torch.utils.flop_counter imports triton when it is
+        # installed, which `import recopt` should not pay for.
+        from torch.utils.flop_counter import flop_registry
+
         super().__init__()
+        self.registry = flop_registry
         self.total = 0
         self.by_op: dict = {}
 
@@ -30,7 +34,7 @@ class FlopCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         packet = getattr(func, "_overloadpacket", func)
-        formula = flop_registry.get(packet)
+        formula = self.registry.get(packet)
         if formula is not None:
             try:
                 n = int(formula(*args, **kwargs, out_val=out))
@@ -47,3 +51,30 @@ def count_flops(fn: Callable, *args: Any, **kwargs: Any) -> tuple:
     with FlopCounter() as c:
         out = fn(*args, **kwargs)
     return out, float(c.total)
+
+
+def count_graph_flops(gm: torch.nn.Module, args: tuple) -> Optional[float]:
+    """FLOPs of one call of ``gm`` on ``args``, computed without real compute.
+
+    Runs the graph on fake tensors (shapes and dtypes only) under
+    :class:`FlopCounter`. Ops without a fake implementation (some TorchRec
+    modules) make this fall back to a real, counted run. Returns None only
+    if both fail.
+    """
+    import torch.fx as fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+            with FlopCounter() as counter, torch.no_grad():
+                fx.Interpreter(gm).run(*fake_args) if isinstance(gm, fx.GraphModule) else gm(*fake_args)
+        return float(counter.total)
+    except Exception:
+        pass
+    try:
+        with FlopCounter() as counter, torch.no_grad():
+            gm(*args)
+        return float(counter.total)
+    except Exception:
+        return None

@@ -1,8 +1,14 @@
 import os
 import random
 
-import pytest
 import torch
+
+# Triton chooses interpreter mode when it is first imported: without a GPU,
+# set it before any test module imports triton, so kernel tests run on the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 DATA_DIR = os.environ.get(
     "RECOPT_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")

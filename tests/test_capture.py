@@ -68,3 +68,16 @@ def test_capture_keeps_training_mode_and_buffers():
     assert m.training and cap.graph_module.training
     assert torch.equal(m[1].running_mean, before)
     assert torch.equal(cap.graph_module.get_submodule("1").running_mean, before)
+
+
+def test_modules_marked_as_recopt_leaves_stay_one_node():
+    class Fused(nn.Module):
+        __recopt_leaf__ = True
+
+        def forward(self, x):
+            return torch.relu(x) * 2
+
+    m = nn.Sequential(nn.Linear(4, 4), Fused())
+    cap = recopt.capture(m, (torch.randn(2, 4),))
+    kinds = [(n.op, n.target) for n in cap.graph_module.graph.nodes if n.op == "call_module"]
+    assert ("call_module", "1") in kinds

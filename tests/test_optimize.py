@@ -273,3 +273,33 @@ def test_pass_that_appends_outputs_is_checked_on_the_original_prefix():
     torch.testing.assert_close(served, model(x))
     bad = recopt.optimize(model, (x,), target="cpu", passes=[AddAux(scale=1.5)])
     assert bad.report.pass_run("test_add_aux").status == "rolled_back"
+
+
+def test_optimized_model_shares_and_trains_the_users_parameters():
+    model = EmbeddingMLP()
+    opt = recopt.optimize(model, EmbeddingMLP.example_inputs(), target="cpu")
+    original = {id(p) for p in model.parameters()}
+    assert {id(p) for p in opt.graph_module.parameters()} <= original
+    before = model.head.weight.detach().clone()
+    opt.graph_module.train()
+    loss = opt(*EmbeddingMLP.example_inputs()).sum()
+    loss.backward()
+    torch.optim.SGD(opt.parameters(), lr=0.1).step()
+    assert not torch.equal(model.head.weight, before), "training the optimized model must train the user's weights"
+
+
+def test_respecialisation_after_training_uses_the_trained_weights():
+    model = ShapeBranchModel()
+    opt = recopt.optimize(model, (torch.randn(6, 8),), target="cpu")
+    assert opt.report.capture_method == "dynamo"
+    big = torch.randn(6, 8)
+    before = opt(big).detach()
+    opt(big).sum().backward()
+    torch.optim.SGD(opt.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        # Trained in place: the user's model moved with the optimized one.
+        torch.testing.assert_close(opt(big), model(big))
+        assert not torch.allclose(opt(big), before)
+    small = torch.randn(2, 8)  # breaks the size guard: a new specialisation is built
+    with torch.no_grad():
+        torch.testing.assert_close(opt(small), model(small))

@@ -20,6 +20,9 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
+        from ..errors import require
+
+        require("numpy", "data", f"recopt.data.{name}")
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -182,8 +182,12 @@ class Pass:
       original outputs must come first in the new output, values unchanged
       within tolerance, and the new ones must be finite).
 
-    :meth:`run` must not mutate the input graph module in a way that cannot
-    be rolled back: the manager hands it a deep copy.
+    :meth:`run` gets a deep copy of the graph module whose parameters and
+    buffers are *shared* with the user's model (the optimized model trains
+    the user's weights). So a pass may rewire, add and remove modules and
+    nodes freely, but must never modify an existing parameter's data in
+    place: make a new ``nn.Parameter`` instead (its rollback could not undo
+    the change).
     """
 
     name: ClassVar[str] = ""

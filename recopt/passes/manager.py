@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from ..capture import propagate_shapes
-from ..costs import FlopCounter
+from ..costs import count_graph_flops
 from ..errors import InputError, PassError, VerificationError
 from ..report import APPLIED, FAILED, NO_CHANGE, ROLLED_BACK, OptimizationReport, PassRun
 from ..targets import Target, get_target
@@ -78,6 +78,20 @@ def _is_registered(p: Pass) -> bool:
     from .registry import available_passes
 
     return available_passes().get(p.name) is type(p)
+
+
+def _shared_tensors(gm: torch.nn.Module) -> dict:
+    """A deepcopy memo that keeps parameters and buffers shared, not copied.
+
+    The optimized graph then holds the user's own parameters (as
+    torch.compile does): training it trains the model, and memory is not
+    doubled. Passes must therefore never change a parameter's data in place;
+    they create new parameters instead (see :class:`~recopt.passes.base.Pass`).
+    """
+    memo = {}
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        memo[id(t)] = t
+    return memo
 
 
 class PassManager:
@@ -155,10 +169,9 @@ class PassManager:
         ctx = PassContext(target=self.target, example_inputs=example_inputs, options=self.options)
         current = gm
         if reference is None:
-            with FlopCounter() as counter:
-                out = run_deterministic(lambda *a: propagate_shapes(current, a), example_inputs, self.seed,
-                                        module=current)
-            reference = (out, float(counter.total))
+            out = run_deterministic(lambda *a: propagate_shapes(current, a), example_inputs, self.seed,
+                                    module=current)
+            reference = (out, count_graph_flops(current, example_inputs))
         sets, current_outputs = self._input_sets(current, example_inputs, report, reference[0])
         flops = reference[1]
         report.flops_before = flops
@@ -172,7 +185,7 @@ class PassManager:
             run = PassRun(name=p.name, semantics=p.semantics.value, status=NO_CHANGE, duration_s=0.0,
                           config=p.config.to_dict(), flops_before=flops, flops_after=flops)
             report.passes.append(run)
-            candidate = copy.deepcopy(current)
+            candidate = copy.deepcopy(current, _shared_tensors(current))
             t0 = time.perf_counter()
             try:
                 result = p.run(candidate, ctx)
@@ -228,9 +241,8 @@ class PassManager:
         for i, args in enumerate(sets):
             try:
                 if i == 0:
-                    with FlopCounter() as counter:
-                        out = run_deterministic(lambda *a: propagate_shapes(new_gm, a), args, self.seed, module=new_gm)
-                    new_flops = float(counter.total)
+                    out = run_deterministic(lambda *a: propagate_shapes(new_gm, a), args, self.seed, module=new_gm)
+                    new_flops = count_graph_flops(new_gm, args)
                 else:
                     out = run_deterministic(new_gm, args, self.seed)
             except Exception as e:
