@@ -101,6 +101,7 @@ def optimize(
     leaf_modules: Sequence[type] = (),
     n_random_inputs: int = 1,
     verify_inputs: Sequence = (),
+    verify_gradients: bool = True,
     compile_options: Optional[dict] = None,
     progress: bool = False,
     **options: Any,
@@ -123,6 +124,8 @@ def optimize(
       with the reason in the report).
     - ``strict``: raise when a pass fails or is rolled back instead of
       skipping it.
+    - ``verify_gradients``: also check that exact passes keep the gradients
+      of the model's parameters (on by default; one backward per rewrite).
     - ``**options``: data for passes (e.g. ``calibration_data=``), visible
       to them as ``ctx.options``.
     """
@@ -138,13 +141,13 @@ def optimize(
     settings = dict(
         target=tgt, passes=passes, configs=configs, backend=backend, on_untraceable=on_untraceable,
         strict=strict, verify=verify, capture_method=capture_method, leaf_modules=leaf_modules,
-        n_random_inputs=n_random_inputs, verify_inputs=verify_inputs, compile_options=compile_options,
-        progress=progress, **options,
+        n_random_inputs=n_random_inputs, verify_inputs=verify_inputs, verify_gradients=verify_gradients,
+        compile_options=compile_options, progress=progress, **options,
     )
     # Build the manager before capture, so bad pass names or configs fail fast.
     manager = PassManager(
         pipeline, tgt, configs=configs, verify=verify, strict=strict, n_random_inputs=n_random_inputs,
-        verify_inputs=verify_inputs, options=options, progress=progress,
+        verify_inputs=verify_inputs, options=options, progress=progress, verify_gradients=verify_gradients,
     )
     report = OptimizationReport(target=tgt.to_dict(), backend=backend)
 

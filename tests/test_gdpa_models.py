@@ -48,3 +48,40 @@ def test_every_site_rewritten(source, case):
             if n.op == "call_function" and n.target in (torch.matmul, torch.bmm, torch.softmax)]
     assert not left, [n.name for n in left]
     torch.testing.assert_close(opt(*inputs), want, rtol=1e-4, atol=1e-5)
+
+
+def test_softmax_rewrite_keeps_gradients_with_fully_masked_rows():
+    """A -1e9 additive mask over a whole row (a length-0 sequence) must not
+    change the backward: SDPA's fused backward is orders of magnitude off
+    there, so float-masked softmax stays on the math path."""
+    import math
+
+    import torch.nn as nn
+
+    import recopt
+
+    class Attn(nn.Module):
+        def __init__(self, d=16, h=2):
+            super().__init__()
+            self.h, self.qkv, self.out = h, nn.Linear(d, 3 * d), nn.Linear(d, 1)
+
+        def forward(self, x, lengths):
+            B, T, D = x.shape[0], x.shape[1], x.shape[2]
+            keep = torch.arange(T)[None, :] < lengths[:, None]
+            bias = torch.where(keep, 0.0, -1e9)[:, None, None, :]
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            q = q.reshape(B, T, self.h, -1).transpose(1, 2)
+            k = k.reshape(B, T, self.h, -1).transpose(1, 2)
+            v = v.reshape(B, T, self.h, -1).transpose(1, 2)
+            a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D // self.h) + bias, dim=-1) @ v
+            return self.out(a.transpose(1, 2).reshape(B, T, D)).sum((1, 2))
+
+    torch.manual_seed(0)
+    model = Attn()
+    x, lengths = torch.randn(4, 6, 16), torch.tensor([0, 1, 4, 6])
+    opt = recopt.optimize(model, (x, lengths), target="cpu", passes=["gdpa"], strict=True)
+    assert opt.report.sites_for("gdpa", "rewritten")
+    g_ref = torch.autograd.grad(model(x, lengths).sum(), list(model.parameters()))
+    g_opt = torch.autograd.grad(opt(x, lengths).sum(), list(model.parameters()))
+    for a, b in zip(g_ref, g_opt):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -303,3 +303,48 @@ def test_respecialisation_after_training_uses_the_trained_weights():
     small = torch.randn(2, 8)  # breaks the size guard: a new specialisation is built
     with torch.no_grad():
         torch.testing.assert_close(opt(small), model(small))
+
+
+class _WrongBackward(torch.autograd.Function):
+    """Identity forward, doubled gradient: exact forward, wrong training."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+def _wrong_backward(x):
+    return _WrongBackward.apply(x)
+
+
+torch.fx.wrap("_wrong_backward")
+
+
+class _BreaksBackward(recopt.Pass):
+    """A planted pass whose rewrite keeps the forward but doubles gradients."""
+
+    name = "test_breaks_backward"
+
+    def run(self, gm, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        src = out.args[0]
+        with gm.graph.inserting_before(out):
+            new = gm.graph.call_function(_wrong_backward, (src,))
+        out.args = (new,)
+        gm.recompile()
+        return recopt.PassResult(gm, [self.rewritten(new, "identity with a wrong backward")])
+
+
+def test_exact_pass_that_changes_gradients_is_rolled_back():
+    model = EmbeddingMLP().eval()
+    inputs = EmbeddingMLP.example_inputs()
+    opt = recopt.optimize(model, inputs, target="cpu", passes=[_BreaksBackward()])
+    run = opt.report.pass_run("test_breaks_backward")
+    assert run.status == "rolled_back", run
+    assert "gradients differ" in run.message
+    ok = recopt.optimize(model, inputs, target="cpu", passes=[_BreaksBackward()], verify_gradients=False)
+    assert ok.report.pass_run("test_breaks_backward").status == "applied"

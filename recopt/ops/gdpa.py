@@ -348,7 +348,17 @@ def _softmax_with_mask(q, k, v, attn_mask, q_lengths, kv_lengths, qk_scale, pre_
     if k.shape[1] != q.shape[1]:
         k = R._expand_kv_heads(k, q.shape[1])
         v = R._expand_kv_heads(v, q.shape[1])
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=pre_scale)
+    if attn_mask.is_floating_point():
+        # An additive float mask (say -1e9 on padding) can mask a whole row
+        # (a length-0 sequence). Eager softmax then attends uniformly and its
+        # backward is tame, while SDPA's fused backward recomputes the
+        # probabilities from a logsumexp that has lost all precision at 1e9
+        # and returns gradients orders of magnitude off. The math path keeps
+        # forward *and* backward equal to the model's own code.
+        s = (q @ k.transpose(-2, -1)) * pre_scale + attn_mask
+        o = torch.softmax(s, dim=-1) @ v
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=pre_scale)
     rows = R._q_row_mask(Tq, q_lengths, q.device)
     if rows is not None:
         o = torch.where(rows, o, 0.0)

@@ -31,7 +31,7 @@ from ..costs import count_graph_flops
 from ..errors import InputError, PassError, VerificationError
 from ..report import APPLIED, FAILED, NO_CHANGE, ROLLED_BACK, OptimizationReport, PassRun
 from ..targets import Target, get_target
-from ..verify import compare_outputs, random_like_inputs, run_deterministic
+from ..verify import compare_gradients, compare_outputs, parameter_gradients, random_like_inputs, run_deterministic
 from .base import REJECTED, REWRITTEN, Pass, PassContext, Semantics
 from .registry import get_pass, order_passes
 
@@ -103,6 +103,9 @@ class PassManager:
     pass. ``n_random_inputs``: extra random input sets besides the example
     inputs (see :func:`recopt.verify.random_like_inputs`).
     ``verify_inputs``: more input tuples to verify on (real batches).
+    ``verify_gradients``: for exact passes, also compare the gradients of
+    every shared parameter (a random projection of the outputs, on the
+    example inputs): an exact rewrite must not change training either.
     ``options``: extra data for passes (``ctx.options``).
     """
 
@@ -120,8 +123,12 @@ class PassManager:
         options: Optional[dict] = None,
         seed: int = 0,
         progress: bool = False,
+        verify_gradients: bool = True,
     ):
         self.passes = resolve_passes(list(passes), configs)
+        self.verify_gradients = verify_gradients
+        self._grad_reference = None  # (graph it belongs to, {id(param): grad}) or None
+        self._pending_grads = None
         self.target: Target = get_target(target)
         self.verify = verify
         self.strict = strict
@@ -168,6 +175,7 @@ class PassManager:
         example_inputs = tuple(example_inputs)
         ctx = PassContext(target=self.target, example_inputs=example_inputs, options=self.options)
         current = gm
+        self._grad_reference = self._pending_grads = None
         if reference is None:
             out = run_deterministic(lambda *a: propagate_shapes(current, a), example_inputs, self.seed,
                                     module=current)
@@ -205,6 +213,8 @@ class PassManager:
 
             new_gm = result.graph_module
             t1 = time.perf_counter()
+            if p.semantics is Semantics.EXACT:
+                self._gradient_reference(current, example_inputs, report)
             failure, new_outputs, new_flops = self._verify(p, new_gm, sets, current_outputs)
             run.verify_s = time.perf_counter() - t1
             if failure is not None:
@@ -226,6 +236,9 @@ class PassManager:
             if p.semantics is Semantics.ARCHITECTURE:
                 run.message = "architecture change: the model must be retrained"
             current, current_outputs, flops = new_gm, new_outputs, new_flops
+            if self._pending_grads is not None and self._pending_grads[0] is new_gm:
+                self._grad_reference = self._pending_grads
+            self._pending_grads = None
         report.flops_after = flops
         return current, report
 
@@ -257,7 +270,43 @@ class PassManager:
             if mismatch is not None:
                 which = "the example inputs" if i == 0 else f"random input set {i}"
                 return f"{mismatch} (on {which})", None, None
+        if self.verify and self.verify_gradients and p.semantics is Semantics.EXACT:
+            failure = self._verify_gradients(new_gm, sets[0])
+            if failure is not None:
+                return failure, None, None
         return None, outputs, new_flops
+
+    def _verify_gradients(self, new_gm: fx.GraphModule, args: tuple) -> Optional[str]:
+        """Failure message if the rewrite changed parameter gradients, else None."""
+        base_gm, ref = self._grad_reference or (None, None)
+        if base_gm is None:
+            return None
+        try:
+            cand = parameter_gradients(new_gm, args, self.seed)
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else ""
+            return f"the rewritten graph's backward fails: {type(e).__name__}: {msg}"
+        if ref is None or cand is None:
+            return None
+        names = {id(p): n for n, p in base_gm.named_parameters()}
+        mismatch = compare_gradients(ref, cand, names)
+        if mismatch is None:
+            self._pending_grads = (new_gm, cand)  # becomes the reference if the pass is kept
+            return None
+        return f"{mismatch} (on the example inputs)"
+
+    def _gradient_reference(self, gm: fx.GraphModule, args: tuple, report: OptimizationReport) -> None:
+        """Compute the gradients exact passes are checked against (once per graph version)."""
+        if not (self.verify and self.verify_gradients):
+            return
+        if self._grad_reference is not None and self._grad_reference[0] is gm:
+            return
+        try:
+            self._grad_reference = (gm, parameter_gradients(gm, args, self.seed))
+        except Exception as e:
+            self._grad_reference = (gm, None)
+            report.notes.append(f"gradients not verified: the graph's backward fails before any pass "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
     def _dump(self, index: int, name: str, before: fx.GraphModule, after: fx.GraphModule) -> None:
         if not self.dump_dir:
