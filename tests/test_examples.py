@@ -30,3 +30,27 @@ def test_demo_smoke(data_dir):
 def test_pipeline_overhead_benchmark_smoke(tmp_path):
     out = _run("benchmarks/pipeline_overhead.py", "--layers", "2", "--repeats", "1", "--json", str(tmp_path / "b.json"))
     assert "total" in out
+
+
+def _need_movielens(data_dir):
+    if not os.path.isdir(os.path.join(data_dir, "ml-latest-small")):
+        pytest.skip("MovieLens data not found")
+
+
+def test_train_movielens_smoke(data_dir):
+    _need_movielens(data_dir)
+    out = _run("examples/train_movielens.py", "--model", "dlrm", "--max-steps", "20", "--no-progress")
+    assert "AUC" in out and "NE" in out
+
+
+def test_exfm_stream_smoke(data_dir):
+    _need_movielens(data_dir)
+    out = _run("examples/exfm_stream.py", "--smoke")
+    assert "NE" in out
+
+
+def test_sparse2d_train_smoke():
+    pytest.importorskip("torchrec")
+    out = _run("examples/sparse2d_train.py", "--data", "synthetic", "--epochs", "1", "--world-size", "2",
+               "--sharding-group-size", "2")
+    assert '"n"' in out

@@ -40,7 +40,7 @@ def test_optimize_eager_keeps_outputs(cls):
     _check_same(model, opt, other)
 
 
-@pytest.mark.parametrize("cls", [EmbeddingMLP, SeqTransformer], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", MODELS, ids=lambda c: c.__name__)
 def test_optimize_inductor_keeps_outputs(cls):
     model = cls().eval()
     inputs = cls.example_inputs()
