@@ -163,6 +163,10 @@ def cmd_bench(args) -> int:
 def cmd_export(args) -> int:
     import recopt
 
+    import importlib
+
+    # Resolve the format first: a bad path fails before minutes of work.
+    importlib.import_module("recopt.export")._format_for(args.path, args.format)
     _, inputs, opt = _optimize(args)
     recopt.export(opt, inputs, args.path, format=args.format)
     if not args.quiet:

@@ -101,3 +101,17 @@ def test_console_entry_point_runs_as_a_module(model_file):
                        text=True, env=env, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == "recopt optimize: error: model file 'missing.py' does not exist"
+
+
+def test_export_subcommand_writes_a_verified_artifact(model_file, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "m.onnx"
+    assert main(["export", f"{model_file}:build", str(path)]) == 0
+    assert path.exists()
+    assert "parity verified" in capsys.readouterr().out
+
+
+def test_export_subcommand_bad_suffix_is_one_line_exit_2(model_file, tmp_path, capsys):
+    assert main(["export", f"{model_file}:build", str(tmp_path / "m.weird")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("recopt export: error:")
