@@ -237,13 +237,14 @@ def parameter_gradients(module: torch.nn.Module, args: tuple, seed: int = 0) -> 
     return {id(p): (g if g is not None else torch.zeros_like(p)) for p, g in zip(params, grads)}
 
 
-def compare_gradients(reference: dict, candidate: dict, names: dict) -> Optional[Mismatch]:
+def compare_gradients(reference: dict, candidate: dict, names: dict, rtol: Optional[float] = None) -> Optional[Mismatch]:
     """Whether the candidate's parameter gradients match the reference's.
 
     Only parameters present in both are compared (a pass may replace some).
     Fails when the difference, over all shared parameters together, exceeds
     ``GRAD_RTOL`` of the reference gradient's norm; names the parameter with
-    the largest share of the difference.
+    the largest share of the difference. ``rtol`` overrides the per-dtype
+    default (passes with a declared numeric tolerance, such as FP8).
     """
     shared = [k for k in reference if k in candidate]
     if not shared:
@@ -251,7 +252,8 @@ def compare_gradients(reference: dict, candidate: dict, names: dict) -> Optional
     ref_sq = sum(float(reference[k].double().pow(2).sum()) for k in shared)
     diffs = {k: float((reference[k].double() - candidate[k].double()).pow(2).sum()) for k in shared}
     total = sum(diffs.values()) ** 0.5
-    rtol = max(GRAD_RTOL.get(reference[k].dtype, 1e-3) for k in shared)
+    if rtol is None:
+        rtol = max(GRAD_RTOL.get(reference[k].dtype, 1e-3) for k in shared)
     if total <= rtol * ref_sq ** 0.5 + 1e-12:
         return None
     worst = max(diffs, key=diffs.get)

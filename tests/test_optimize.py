@@ -348,3 +348,18 @@ def test_exact_pass_that_changes_gradients_is_rolled_back():
     assert "gradients differ" in run.message
     ok = recopt.optimize(model, inputs, target="cpu", passes=[_BreaksBackward()], verify_gradients=False)
     assert ok.report.pass_run("test_breaks_backward").status == "applied"
+
+
+def test_inference_only_rewrite_skips_the_gradient_check_and_says_so():
+    class InferenceOnly(_BreaksBackward):
+        name = "test_inference_only"
+
+        def run(self, gm, ctx):
+            res = super().run(gm, ctx)
+            res.inference_only = True
+            return res
+
+    opt = recopt.optimize(EmbeddingMLP().eval(), EmbeddingMLP.example_inputs(), target="cpu",
+                          passes=[InferenceOnly()])
+    run = opt.report.pass_run("test_inference_only")
+    assert run.status == "applied" and "gradients not" in run.message

@@ -122,10 +122,16 @@ def _jsonable(x: Any) -> Any:
 
 @dataclass
 class PassResult:
-    """What :meth:`Pass.run` returns."""
+    """What :meth:`Pass.run` returns.
+
+    ``inference_only``: the rewrite is meant for inference (e.g. FP8 in
+    inference mode) and need not keep gradients; the manager then checks
+    outputs only and says so in the report.
+    """
 
     graph_module: fx.GraphModule
     sites: list = field(default_factory=list)
+    inference_only: bool = False
 
     @property
     def modified(self) -> bool:
@@ -177,6 +183,10 @@ class Pass:
     - ``default_targets``: target names whose default pipeline includes this
       pass (``("*",)`` for all). Architecture passes are never default.
     - ``tolerance``: optional ``(rtol, atol)`` override for verification.
+      Its ``rtol`` also bounds the relative change of parameter gradients
+      (unless ``gradient_rtol`` is set), so a pass that declares FP8-sized
+      errors for outputs is held to FP8-sized errors for gradients.
+    - ``gradient_rtol``: optional override of that gradient bound.
     - ``output_contract``: ``"same"`` (the output keeps its structure) or
       ``"prefix"`` (the pass appends outputs, e.g. a distillation head: the
       original outputs must come first in the new output, values unchanged
@@ -197,6 +207,7 @@ class Pass:
     before: ClassVar[tuple] = ()
     default_targets: ClassVar[tuple] = ()
     tolerance: ClassVar[Optional[tuple]] = None
+    gradient_rtol: ClassVar[Optional[float]] = None
     output_contract: ClassVar[str] = "same"
     description: ClassVar[str] = ""
 

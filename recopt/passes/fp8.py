@@ -220,7 +220,9 @@ class FP8Pass(Pass):
             gm.graph.lint()
             gm.delete_all_unused_submodules()  # BlockNorms folded into fused sites
             gm.recompile()
-        return PassResult(gm, out_sites)
+        # Inference mode decides and rewrites the forward only: gradients
+        # are not part of its contract, so the manager does not check them.
+        return PassResult(gm, out_sites, inference_only=(mode == "inference"))
 
     # -- steps -------------------------------------------------------------
     def _ineligible(self, s, heads: set, cfg: FP8Config, target) -> Optional[tuple]:

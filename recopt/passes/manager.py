@@ -215,7 +215,8 @@ class PassManager:
             t1 = time.perf_counter()
             if p.semantics is Semantics.EXACT:
                 self._gradient_reference(current, example_inputs, report)
-            failure, new_outputs, new_flops = self._verify(p, new_gm, sets, current_outputs)
+            failure, new_outputs, new_flops = self._verify(p, new_gm, sets, current_outputs,
+                                                           check_gradients=not result.inference_only)
             run.verify_s = time.perf_counter() - t1
             if failure is not None:
                 run.status = ROLLED_BACK
@@ -235,6 +236,8 @@ class PassManager:
             run.flops_after = new_flops
             if p.semantics is Semantics.ARCHITECTURE:
                 run.message = "architecture change: the model must be retrained"
+            elif result.inference_only:
+                run.message = "inference-only rewrite: outputs verified, gradients not (do not train this graph)"
             current, current_outputs, flops = new_gm, new_outputs, new_flops
             if self._pending_grads is not None and self._pending_grads[0] is new_gm:
                 self._grad_reference = self._pending_grads
@@ -242,7 +245,8 @@ class PassManager:
         report.flops_after = flops
         return current, report
 
-    def _verify(self, p: Pass, new_gm: fx.GraphModule, sets: list, reference: list) -> tuple:
+    def _verify(self, p: Pass, new_gm: fx.GraphModule, sets: list, reference: list,
+                check_gradients: bool = True) -> tuple:
         """(failure message or None, new outputs per input set, FLOPs)."""
         try:
             new_gm.graph.lint()
@@ -270,13 +274,14 @@ class PassManager:
             if mismatch is not None:
                 which = "the example inputs" if i == 0 else f"random input set {i}"
                 return f"{mismatch} (on {which})", None, None
-        if self.verify and self.verify_gradients and p.semantics is Semantics.EXACT:
-            failure = self._verify_gradients(new_gm, sets[0])
+        if self.verify and self.verify_gradients and check_gradients and p.semantics is Semantics.EXACT:
+            rtol = p.gradient_rtol if p.gradient_rtol is not None else (p.tolerance[0] if p.tolerance else None)
+            failure = self._verify_gradients(new_gm, sets[0], rtol)
             if failure is not None:
                 return failure, None, None
         return None, outputs, new_flops
 
-    def _verify_gradients(self, new_gm: fx.GraphModule, args: tuple) -> Optional[str]:
+    def _verify_gradients(self, new_gm: fx.GraphModule, args: tuple, rtol: Optional[float] = None) -> Optional[str]:
         """Failure message if the rewrite changed parameter gradients, else None."""
         base_gm, ref = self._grad_reference or (None, None)
         if base_gm is None:
@@ -289,7 +294,7 @@ class PassManager:
         if ref is None or cand is None:
             return None
         names = {id(p): n for n, p in base_gm.named_parameters()}
-        mismatch = compare_gradients(ref, cand, names)
+        mismatch = compare_gradients(ref, cand, names, rtol)
         if mismatch is None:
             self._pending_grads = (new_gm, cand)  # becomes the reference if the pass is kept
             return None
