@@ -34,6 +34,26 @@ from .errors import CaptureError, InputError
 CAPTURE_METHODS = ("auto", "symbolic_trace", "dynamo")
 
 
+# TorchRec modules kept whole: embedding collections (they take a
+# KeyedJaggedTensor and do data-dependent work inside), feature processors,
+# and everything sharded. Other TorchRec modules (the DLRM archs, MLPs) are
+# plain PyTorch and are traced through, so passes see their layers and the
+# collections inside them.
+_TORCHREC_LEAF_PACKAGES = (
+    "torchrec.distributed.",
+    "torchrec.modules.embedding_modules",
+    "torchrec.modules.fused_embedding_modules",
+    "torchrec.modules.feature_processor",
+    "torchrec.modules.mc_",
+    "torchrec.sparse.",
+)
+
+
+def _is_torchrec_leaf(m: nn.Module) -> bool:
+    mod = type(m).__module__
+    return mod.startswith("torchrec.") and mod.startswith(_TORCHREC_LEAF_PACKAGES)
+
+
 class RecTracer(fx.Tracer):
     """A symbolic tracer that treats TorchRec modules, listed types and
     classes marked ``__recopt_leaf__ = True`` as leaves.
@@ -51,7 +71,7 @@ class RecTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.extra_leaf_types and isinstance(m, self.extra_leaf_types):
             return True
-        if type(m).__module__.startswith("torchrec."):
+        if _is_torchrec_leaf(m):
             return True
         # recopt's own modules that passes insert (FP8Linear, BlockNorm) are
         # single ops to later passes and to a re-capture.
