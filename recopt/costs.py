@@ -78,3 +78,41 @@ def count_graph_flops(gm: torch.nn.Module, args: tuple) -> Optional[float]:
         return float(counter.total)
     except Exception:
         return None
+
+
+def graph_activation_bytes(gm: torch.nn.Module) -> Optional[float]:
+    """Estimated activation memory traffic of one call, from ``tensor_meta``.
+
+    Each computed tensor is counted once when written and once per node
+    that reads it (``bytes × (1 + users)``); parameters and inputs are not
+    counted. A fusion that removes an intermediate (attention scores)
+    lowers it. It is an estimate for comparing graphs, not a measurement:
+    kernels may keep values in registers or re-read them. None if the graph
+    has no shape metadata.
+    """
+    import torch.fx as fx
+
+    if not isinstance(gm, fx.GraphModule):
+        return None
+    total, seen = 0.0, False
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        meta = node.meta.get("tensor_meta")
+        if meta is None:
+            continue
+        seen = True
+        # TensorMetadata is itself a NamedTuple: tell it from a tuple of them.
+        metas = [meta] if hasattr(meta, "shape") else list(meta) if isinstance(meta, (list, tuple)) else [meta]
+        nbytes = 0
+        for m in metas:
+            shape = getattr(m, "shape", None)
+            dtype = getattr(m, "dtype", None)
+            if shape is None or dtype is None:
+                continue
+            numel = 1
+            for s in shape:
+                numel *= int(s)
+            nbytes += numel * torch.empty((), dtype=dtype).element_size()
+        total += nbytes * (1 + len(node.users))
+    return total if seen else None

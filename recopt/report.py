@@ -33,6 +33,8 @@ class PassRun:
     message: str = ""
     flops_before: Optional[float] = None
     flops_after: Optional[float] = None
+    bytes_before: Optional[float] = None
+    bytes_after: Optional[float] = None
     n_rewritten: int = 0
     n_rejected: int = 0
 
@@ -55,6 +57,8 @@ class OptimizationReport:
     sites: list = field(default_factory=list)
     flops_before: Optional[float] = None
     flops_after: Optional[float] = None
+    bytes_before: Optional[float] = None
+    bytes_after: Optional[float] = None
     capture_s: float = 0.0
     total_s: float = 0.0
     notes: list = field(default_factory=list)
@@ -127,6 +131,11 @@ class OptimizationReport:
             lines.append(
                 f"  FLOPs per call: {_human(self.flops_before)} → {_human(self.flops_after)}"
                 + (f" ({_pct(self.flops_before, self.flops_after)})" if self.flops_before else "")
+            )
+        if self.bytes_before and self.bytes_after is not None:
+            lines.append(
+                f"  activation traffic (estimate): {_human(self.bytes_before)}B → {_human(self.bytes_after)}B"
+                f" ({_pct(self.bytes_before, self.bytes_after)})"
             )
         lines.append(f"  capture {self.capture_s * 1e3:.0f} ms, total {self.total_s * 1e3:.0f} ms")
         lines.append("")

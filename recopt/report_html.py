@@ -123,6 +123,9 @@ def render_html(report: OptimizationReport, title: Optional[str] = None) -> str:
         flops = f"{report.flops_before / 1e6:.2f} → {report.flops_after / 1e6:.2f} MFLOPs per call ({change:+.1f}%)"
     rows = [("target", f"{t.get('name', '?')} (profile v{t.get('version', '?')}: {t.get('source', '')})"),
             ("capture", report.capture_method), ("backend", report.backend), ("FLOPs", flops or "-"),
+            ("activation traffic (estimate)",
+             f"{report.bytes_before / 1e6:.2f} → {report.bytes_after / 1e6:.2f} MB per call"
+             if report.bytes_before and report.bytes_after is not None else "-"),
             ("time", f"capture {report.capture_s * 1e3:.0f} ms, total {report.total_s * 1e3:.0f} ms"),
             ("sites", f"{len(report.rewritten)} rewritten, {len(report.rejected)} rejected")]
     parts.append("<table class='summary'>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows)

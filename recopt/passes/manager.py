@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from ..capture import propagate_shapes
-from ..costs import count_graph_flops
+from ..costs import count_graph_flops, graph_activation_bytes
 from ..errors import InputError, PassError, VerificationError
 from ..report import APPLIED, FAILED, NO_CHANGE, ROLLED_BACK, OptimizationReport, PassRun
 from ..targets import Target, get_target
@@ -183,6 +183,8 @@ class PassManager:
         sets, current_outputs = self._input_sets(current, example_inputs, report, reference[0])
         flops = reference[1]
         report.flops_before = flops
+        nbytes = graph_activation_bytes(current)
+        report.bytes_before = nbytes
 
         iterator = self.passes
         if self.progress and len(self.passes) > 1:
@@ -191,7 +193,8 @@ class PassManager:
             iterator = progress_bar(self.passes, desc="passes")
         for index, p in enumerate(iterator):
             run = PassRun(name=p.name, semantics=p.semantics.value, status=NO_CHANGE, duration_s=0.0,
-                          config=p.config.to_dict(), flops_before=flops, flops_after=flops)
+                          config=p.config.to_dict(), flops_before=flops, flops_after=flops,
+                          bytes_before=nbytes, bytes_after=nbytes)
             report.passes.append(run)
             candidate = copy.deepcopy(current, _shared_tensors(current))
             t0 = time.perf_counter()
@@ -239,10 +242,12 @@ class PassManager:
             elif result.inference_only:
                 run.message = "inference-only rewrite: outputs verified, gradients not (do not train this graph)"
             current, current_outputs, flops = new_gm, new_outputs, new_flops
+            nbytes = run.bytes_after = graph_activation_bytes(new_gm)
             if self._pending_grads is not None and self._pending_grads[0] is new_gm:
                 self._grad_reference = self._pending_grads
             self._pending_grads = None
         report.flops_after = flops
+        report.bytes_after = nbytes
         return current, report
 
     def _verify(self, p: Pass, new_gm: fx.GraphModule, sets: list, reference: list,
