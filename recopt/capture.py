@@ -282,20 +282,10 @@ def _propagate_in_eval(gm: fx.GraphModule, args: tuple) -> tuple:
     Returns ``(output, flops or None)``; restores the mode and every buffer.
     """
     from .costs import count_graph_flops
+    from .verify import run_deterministic
 
-    was_training = gm.training
-    saved = {k: v.detach().clone() for k, v in gm.named_buffers()}
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            out = propagate_shapes(gm.eval(), args)
-        return out, count_graph_flops(gm, args)
-    finally:
-        gm.train(was_training)
-        with torch.no_grad():
-            for k, v in gm.named_buffers():
-                if k in saved:
-                    v.copy_(saved[k])
+    out = run_deterministic(lambda *a: propagate_shapes(gm, a), args, 0, module=gm)
+    return out, count_graph_flops(gm, args)
 
 
 def capture(

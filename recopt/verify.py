@@ -8,6 +8,7 @@ places in both.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -168,32 +169,41 @@ def random_like_inputs(args: tuple, generator: torch.Generator) -> tuple:
     return tuple(pytree.tree_map(redraw, a) for a in args)
 
 
+@contextlib.contextmanager
+def eval_mode_restored(module: Optional[torch.nn.Module]):
+    """Put ``module`` in eval mode for the block; restore its mode and buffers after.
+
+    Buffers (BatchNorm running statistics) are copied back, so running a
+    graph for verification leaves no trace in the model. ``None`` is a no-op.
+    """
+    if module is None:
+        yield
+        return
+    saved = {k: v.detach().clone() for k, v in module.named_buffers()}
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+        with torch.no_grad():
+            for k, v in module.named_buffers():
+                if k in saved and v.shape == saved[k].shape:
+                    v.copy_(saved[k])
+
+
 def run_deterministic(fn: Callable, args: tuple, seed: int = 0, module: Optional[torch.nn.Module] = None) -> Any:
     """Call ``fn(*args)`` in eval mode under no_grad with a fixed RNG seed.
 
     ``module`` (default: ``fn`` itself when it is a module) is put in eval
-    mode for the call and its buffers (BatchNorm running statistics) are
-    restored afterwards, so verification leaves no trace in the model.
+    mode for the call and its buffers restored afterwards
+    (:func:`eval_mode_restored`).
     """
     if module is None and isinstance(fn, torch.nn.Module):
         module = fn
-    saved = {}
-    was_training = None
-    if module is not None:
-        saved = {k: v.detach().clone() for k, v in module.named_buffers()}
-        was_training = module.training
-        module.eval()
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return fn(*args)
-    finally:
-        if module is not None:
-            module.train(was_training)
-            with torch.no_grad():
-                for k, v in module.named_buffers():
-                    if k in saved and v.shape == saved[k].shape:
-                        v.copy_(saved[k])
+    with eval_mode_restored(module), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn(*args)
 
 
 # Relative tolerance on the gradient vector: a re-associated sum moves fp32
@@ -214,10 +224,7 @@ def parameter_gradients(module: torch.nn.Module, args: tuple, seed: int = 0) -> 
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         return None
-    saved = {k: v.detach().clone() for k, v in module.named_buffers()}
-    was_training = module.training
-    module.eval()
-    try:
+    with eval_mode_restored(module):
         with torch.enable_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             out = module(*args)
@@ -228,12 +235,6 @@ def parameter_gradients(module: torch.nn.Module, args: tuple, seed: int = 0) -> 
         gen = torch.Generator().manual_seed(seed + 1)
         loss = sum((t * torch.randn(t.shape, generator=gen).to(t)).sum() for t in leaves)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-    finally:
-        module.train(was_training)
-        with torch.no_grad():
-            for k, v in module.named_buffers():
-                if k in saved and v.shape == saved[k].shape:
-                    v.copy_(saved[k])
     return {id(p): (g if g is not None else torch.zeros_like(p)) for p, g in zip(params, grads)}
 
 
