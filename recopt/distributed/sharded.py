@@ -138,19 +138,7 @@ def _tbes(module: nn.Module) -> list:
     which are not registered submodules), each once."""
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
 
-    found, seen = [], set()
-
-    def visit(m: nn.Module) -> None:
-        for sub in m.modules():
-            if isinstance(sub, SplitTableBatchedEmbeddingBagsCodegen) and id(sub) not in seen:
-                seen.add(id(sub))
-                found.append(sub)
-            for lookup in getattr(sub, "_lookups", None) or []:
-                if isinstance(lookup, nn.Module) and lookup is not sub:
-                    visit(lookup)
-
-    visit(module)
-    return found
+    return _find_in_lookups(module, lambda sub: isinstance(sub, SplitTableBatchedEmbeddingBagsCodegen))
 
 
 class Sharded2DModel(nn.Module):
@@ -253,12 +241,18 @@ class Sharded2DModel(nn.Module):
 def _embedding_kernels(module: nn.Module) -> list:
     """TorchRec's batched embedding kernels (one per TBE): each has ``config.embedding_tables``
     (with each table's ``local_metadata``) and ``split_embedding_weights()`` in the same order."""
+    return _find_in_lookups(module, lambda sub: hasattr(sub, "emb_module") and hasattr(
+        sub, "split_embedding_weights") and hasattr(sub, "config"))
+
+
+def _find_in_lookups(module: nn.Module, match) -> list:
+    """Modules under ``module`` for which ``match(sub)`` holds, each once, also inside
+    TorchRec's ``_lookups`` (which are not registered submodules)."""
     found, seen = [], set()
 
     def visit(m: nn.Module) -> None:
         for sub in m.modules():
-            if hasattr(sub, "emb_module") and hasattr(sub, "split_embedding_weights") \
-                    and hasattr(sub, "config") and id(sub) not in seen:
+            if id(sub) not in seen and match(sub):
                 seen.add(id(sub))
                 found.append(sub)
             for lookup in getattr(sub, "_lookups", None) or []:
