@@ -1,4 +1,5 @@
 import builtins
+import os
 import shutil
 import subprocess
 
@@ -54,8 +55,10 @@ def test_text_is_escaped():
     assert "<script>alert" not in render_html(rep)
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (apt-get install chromium)")
+@pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("CI"),
+                    reason="chromium not installed (apt-get install chromium); CI installs it and never skips")
 def test_html_renders_in_headless_chromium(tmp_path):
+    assert shutil.which("chromium"), "CI must install chromium (.ci/run does)"
     path = tmp_path / "r.html"
     _report().to_html(str(path))
     png = tmp_path / "r.png"
