@@ -63,7 +63,7 @@ def test_specs_match_the_kernels_signatures():
     """Every spec names each kernel argument once, as a runtime type or a constexpr."""
     import importlib
 
-    from recopt.fp8.compile_specs import fp8_kernel_specs
+    from recopt.fp8.kernel_specs import fp8_kernel_specs
 
     for s in fp8_kernel_specs():
         fn = getattr(importlib.import_module(s["module"]), s["attr"])

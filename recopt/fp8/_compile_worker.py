@@ -35,7 +35,7 @@ def main(argv) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .compile_specs import fp8_kernel_specs
+    from .kernel_specs import fp8_kernel_specs
 
     arch, names = int(argv[0]), set(argv[1:])
     out = []

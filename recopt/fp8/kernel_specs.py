@@ -5,8 +5,10 @@ signature, constexprs), target=GPUTarget("cuda", arch, 32))``) on machines
 without a GPU: :func:`fp8_kernel_specs` lists every variant the launchers
 (:func:`recopt.fp8.dual_quant.rowcol_quant`,
 :func:`recopt.fp8.fused_quant.blocknorm_quant`) can pick for bf16 inputs;
-:func:`compile_specs` wraps them as ``recopt.kernels.compile_check.KernelSpec``
-for the shared compile-check harness, where that module exists.
+:func:`dual_quant_compile_specs` wraps the row+column quantizer's variants as
+``recopt.kernels.compile_check.KernelSpec`` for the shared compile-check
+harness, where that module exists (its FP8 provider lists the BlockNorm
+kernel itself).
 """
 from __future__ import annotations
 
@@ -48,10 +50,11 @@ def fp8_kernel_specs() -> list:
     return specs
 
 
-def compile_specs(level: str = "ci") -> list:
-    """The specs as the shared harness's ``KernelSpec`` (provider ``recopt.fp8.compile_specs:compile_specs``)."""
+def dual_quant_compile_specs(level: str = "ci") -> list:
+    """The row+column quantizer's specs as the shared harness's ``KernelSpec``."""
     from ..kernels.compile_check import KernelSpec  # the harness; absent before it lands
 
     return [KernelSpec(name=s["name"], module=s["module"], attr=s["attr"], signature=s["signature"],
-                       constexprs=s["constexprs"], num_warps=s["num_warps"], tags={"family": "fp8"})
-            for s in fp8_kernel_specs()]
+                       constexprs=s["constexprs"], num_warps=s["num_warps"],
+                       tags={"family": "fp8", "kernel": s["attr"]})
+            for s in fp8_kernel_specs() if s["module"].endswith("fp8_dual_quant")]
