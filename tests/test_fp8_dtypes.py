@@ -188,3 +188,35 @@ def test_scaled_mm_errors_propagate(monkeypatch):
     f = FP8Linear.from_linear(nn.Linear(32, 16), {"forward": "rowwise"})
     with pytest.raises(RuntimeError, match="no kernel for you"):
         f(torch.randn(4, 32))
+
+
+def test_blocknorm_backward_matches_autograd_and_compiles_fullgraph():
+    """The BlockNorm backward (one compiled kernel on CUDA) vs autograd of the norm; no graph breaks."""
+    from recopt.fp8.fused_quant import block_rms_norm
+    from recopt.fp8.linear import _blocknorm_backward
+
+    for rows, n, block in ((1, 48, 16), (7, 96, 32)):
+        x = (torch.randn(rows, n) * 3).requires_grad_(True)
+        dy = torch.randn(rows, n)
+        block_rms_norm(x, block, 1e-6).backward(dy)
+        got = _blocknorm_backward(x.detach(), dy, block, 1e-6)
+        torch.testing.assert_close(got, x.grad, rtol=1e-4, atol=1e-5)
+        compiled = torch.compile(_blocknorm_backward, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x.detach(), dy, block, 1e-6), got)
+    bf = _blocknorm_backward(x.detach().bfloat16(), dy.bfloat16(), 32, 1e-6)
+    assert bf.dtype == torch.bfloat16
+
+
+def test_blockwise_site_names_its_fallback_in_the_report(monkeypatch):
+    """Dispatch offers blockwise where fbgemm's blockwise kernel is loaded, but the FP8 op has no such
+    kernel: a site that picks it says it runs as a dequantized matmul."""
+    import recopt
+    from recopt.fp8 import dispatch as D
+
+    monkeypatch.setattr(D, "default_candidates", lambda: [D.Candidate("fbgemm", "blockwise", lambda: True)])
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)).eval()
+    opt = recopt.optimize(m, (torch.randn(16, 32),), target="h100", passes=["fp8"], backend="eager",
+                          configs={"fp8": {"samples": 2, "max_eval_rows": 32, "ignore_speed": True,
+                                           "recipes": ["blockwise"]}})
+    (s,) = opt.report.sites_for("fp8", "rewritten")
+    assert "[fallback: forward: blockwise scales have no torch._scaled_mm kernel" in s.reason

@@ -225,6 +225,9 @@ class FP8Pass(Pass):
                 else:
                     _rewrite(gm, s, recipes)
                 changed = True
+                slow = _fallback_roles(recipes, target, s) if d.backend == "recopt" else {}
+                if slow:  # a role without an FP8 kernel on the target runs as a dequantized matmul: say so
+                    d_details.reason += " [fallback: " + "; ".join(f"{r}: {w}" for r, w in slow.items()) + "]"
                 out_sites.append(self._site(gm, s, "rewritten", "", d.reason, d_details, calib_note))
             else:
                 out_sites.append(self._site(gm, s, REJECTED, d.reason_code or "not_selected", d.reason, d_details,
@@ -444,6 +447,22 @@ class FP8Pass(Pass):
         if status == "rewritten":
             return self.rewritten(s.node, reason, module_path=d.fqn, details=details)
         return self.rejected(s.node, code, reason, module_path=d.fqn, details=details)
+
+
+def _fallback_roles(recipes: dict, target, site) -> dict:
+    """Roles of a rewritten site that will run without an FP8 kernel on ``target``: role -> reason."""
+    from ..fp8.recipes import no_kernel_reason
+
+    dev = torch.device("cuda" if target.device == "cuda" else "cpu")
+    out = {}
+    for role, name in recipes.items():
+        if name == HP:
+            continue
+        why = no_kernel_reason(RECIPES[name].granularity, dev, site.k if role == "forward" else site.n,
+                               site.n if role == "forward" else site.k)
+        if why:
+            out[role] = why
+    return out
 
 
 def _safe(errors: dict, role: str, metric: str, threshold: float) -> bool:
