@@ -12,6 +12,7 @@ Modes:
   targets checked on those numbers. Writes ``--out`` (JSON).
 - ``--dry-run``: the same code paths at tiny shapes on the CPU; no timings
   are reported as results.
+- ``--overhead``: the probe's overhead on a training step (GPU or CPU).
 - ``--calibrate``: the threshold calibration of recopt.fp8.metrics (CPU).
 - ``--quality``: ml-latest-small training, bf16/fp32 vs simulated FP8, with
   and without the Mods (CPU or GPU); prints LogLoss/AUC per arm.
@@ -314,6 +315,7 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU; exercises the code paths only")
     ap.add_argument("--calibrate", action="store_true")
     ap.add_argument("--quality", action="store_true")
+    ap.add_argument("--overhead", action="store_true", help="the probe's overhead on a training step")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--model", default="dlrm")
     ap.add_argument("--batch-size", type=int, default=256)
@@ -326,6 +328,8 @@ def main(argv=None):
     result = {"torch": torch.__version__}
     if args.calibrate:
         result["calibration"] = calibrate()
+    elif args.overhead:
+        result["probe_overhead"] = overhead("cuda" if torch.cuda.is_available() else "cpu")
     elif args.quality:
         result["quality"] = quality(args.steps, args.model, args.batch_size, args.seed,
                                     [a for a in args.arms.split(",") if a])
