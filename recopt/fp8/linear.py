@@ -75,15 +75,15 @@ def linear_backward(g2: Tensor, x2: Tensor, weight: Tensor, dgrad: str, wgrad: s
     dx = dw = None
     pad = 16 if g2.is_cuda else 1
 
-    def fp8_role(name: str, role: str, r: int, q: int):
+    def fp8_role(name: str, r: int, q: int):  # (recipe, reason it has no kernel or None), None for bf16
         if name == HP:
             return None
         rec = get_recipe(name)
         why = no_kernel_reason(rec.granularity, g2.device, r, q)
         return (rec, why)
 
-    d_role = fp8_role(dgrad, "dgrad", n, k) if need_input else None
-    w_role = fp8_role(wgrad, "wgrad", -(-m // pad) * pad, k) if need_weight else None
+    d_role = fp8_role(dgrad, n, k) if need_input else None
+    w_role = fp8_role(wgrad, -(-m // pad) * pad, k) if need_weight else None
     d_fast = d_role is not None and d_role[1] is None
     w_fast = w_role is not None and w_role[1] is None
     g_row = g_col = None

@@ -235,6 +235,9 @@ _WEIGHT_CACHE_SIZE = 256
 def _cached_weight_quant(b: torch.Tensor, dtype: torch.dtype, granularity: str) -> tuple:
     """Quantized B (a weight or a view of one), reused while the same tensor is unchanged."""
     base = b._base if b._base is not None else b
+    if b.is_cuda and torch.cuda.is_current_stream_capturing():
+        # Under CUDA-graph capture a cache hit would bake a stale copy into the graph: quantize in it.
+        return _quantize_for_mm(b, dtype, granularity, 0)
     try:
         key = (base.data_ptr(), base._version, tuple(b.shape), tuple(b.stride()), b.dtype, str(b.device),
                dtype, granularity)
