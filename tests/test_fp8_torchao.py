@@ -87,6 +87,9 @@ def test_dispatch_keeps_the_fastest_of_ours_torchao_and_bf16(monkeypatch, ours, 
         return
     assert a.status == "rewritten" and a.details["backend"] == expect, a.reason
     assert (TA.is_torchao_linear(mod) if expect == "torchao" else isinstance(mod, FP8Linear))
+    from recopt.fp8.table import fp8_site_table
+
+    assert ("(torchao)" in fp8_site_table(opt.report)) == (expect == "torchao")
     assert set(opt.graph_module.state_dict()) == {f"{n}.{p}" for n in ("a", "b", "head") for p in ("weight", "bias")}
     with torch.no_grad():
         out = opt(x)
