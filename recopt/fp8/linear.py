@@ -3,9 +3,13 @@
 ``torch.ops.recopt.fp8_linear(x, weight, bias, forward, dgrad, wgrad)``
 computes ``x @ weightᵀ + bias`` where each GEMM role runs with the named
 recipe (:data:`recopt.fp8.recipes.RECIPES`) or ``"bf16"`` (high
-precision). Kernels: ``torch._scaled_mm`` for tensorwise/rowwise where it
-accepts the operands (it runs on CPU in torch ≥ 2.9 for e4m3 and e5m2),
-otherwise the dequantize-then-matmul reference. The backward is a second
+precision), all in the input dtype: a high-precision role is ``mm``/``addmm``
+in x's dtype, an FP8 role one ``torch._scaled_mm`` with the bias and the
+output cast in its epilogue (:mod:`recopt.fp8.gemm`; it runs on CPU in
+torch ≥ 2.9 for e4m3 and e5m2). Recipes/shapes without such a kernel run the
+dequantized matmul in x's dtype, recorded as a named fallback
+(:func:`recopt.fp8.gemm.fallbacks`). The backward quantizes dY once for
+both GEMMs (:mod:`recopt.fp8.dual_quant`). The backward is a second
 custom op, so ``torch.compile`` and ``torch.export`` see two opaque ops
 with fake (meta) implementations, never the quantization internals.
 
