@@ -188,3 +188,19 @@ def test_cpu_decisions_stay_predicted_and_say_so():
         if s.module_path in ("a", "b"):
             assert s.details["basis"] == "predicted" and "predicted, not measured" in s.reason
             assert s.details["timings"] == {}
+
+
+def test_timings_path_reuses_measurements_on_the_same_machine(tmp_path):
+    path = str(tmp_path / "timings.json")
+    x = torch.randn(64, 32)
+    first = _optimize(Tower().eval(), x, FakeTimer({"bf16": 1.0, "recopt:": 0.5}), timings_path=path)
+    data = json.load(open(path))
+    assert data and all(k.startswith("device=cpu|") for k in data)
+
+    def no_timing(fn):
+        raise AssertionError("timings must come from timings_path")
+
+    again = _optimize(Tower().eval(), x, no_timing, timings_path=path)
+    assert [s.status for s in again.report.sites_for("fp8")] == [s.status for s in first.report.sites_for("fp8")]
+    a = {s.module_path: s for s in again.report.sites_for("fp8")}["a"]
+    assert a.status == "rewritten" and a.details["timings"]["recopt:rowwise/bf16/bf16"]["speedup"] == 2.0

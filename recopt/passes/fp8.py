@@ -69,6 +69,9 @@ class FP8Config(PassConfig):
     - ``ignore_speed``: rewrite every numerically safe site whatever its speed (numerics studies).
     - ``exclude``: FQNs never rewritten.
     - ``decisions_path``: write decisions JSON here; ``load_decisions``: apply a saved file, no probing.
+    - ``timings_path``: a JSON cache of site timings (keyed by device name + software versions, shape,
+      candidate, mode, lowering), read before measuring and written after: later runs on the same
+      machine and versions re-use them, others measure again.
     """
 
     recipes: list = field(default_factory=lambda: ["tensorwise", "rowwise", "rowwise_gw_hp", "blockwise"])
@@ -86,6 +89,7 @@ class FP8Config(PassConfig):
     ignore_speed: bool = False
     exclude: list = field(default_factory=list)
     decisions_path: str = ""
+    timings_path: str = ""
     load_decisions: str = ""
     full_cov_max_k: int = 1024
     rank: int = 32
@@ -191,6 +195,7 @@ class FP8Pass(Pass):
         target = ctx.target
         measured = _measuring(cfg, target)
         basis = "measured" if measured else PREDICTED
+        self._cache = D.MeasurementCache(cfg.timings_path or None) if cfg.timings_path else D.CACHE
         sites = find_sites(gm)
         heads = head_sites(gm, sites)
         out_sites: list = []
@@ -240,6 +245,8 @@ class FP8Pass(Pass):
 
                 meta.update(environment=environment(self._device(ctx)), lowering=cfg.lowering)
             D.save_decisions(cfg.decisions_path, [decisions[s.node.name] for s in eligible], meta)
+        if measured and cfg.timings_path and not cfg.load_decisions:
+            self._cache.save()
         if changed:
             gm.graph.lint()
             gm.delete_all_unused_submodules()  # BlockNorms folded into fused sites
@@ -382,6 +389,7 @@ class FP8Pass(Pass):
 
     def _time(self, d, s, candidate: dict, mode: str, cfg: FP8Config, timer) -> dict:
         t = D.measure_site(d.m, s.k, s.n, candidate, mode, cfg.lowering, bias=s.has_bias, timer=timer,
+                           cache=getattr(self, "_cache", D.CACHE),
                            device=self._device(None))
         d.timings[t["candidate"]] = t
         return t
