@@ -48,11 +48,11 @@ def environment(device: Optional[torch.device] = None) -> dict:
         triton_v = triton.__version__
     except ImportError:
         triton_v = None
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         torchao_v = version("torchao")
-    except Exception:  # noqa: BLE001 - metadata lookup of an optional package: absent means None
+    except PackageNotFoundError:  # the optional backend is not installed
         torchao_v = None
     return {"device": name, "capability": cap, "torch": torch.__version__, "triton": triton_v,
             "cuda": torch.version.cuda, "torchao": torchao_v}
