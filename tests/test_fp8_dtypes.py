@@ -220,3 +220,14 @@ def test_blockwise_site_names_its_fallback_in_the_report(monkeypatch):
                                            "recipes": ["blockwise"]}})
     (s,) = opt.report.sites_for("fp8", "rewritten")
     assert "[fallback: forward: blockwise scales have no torch._scaled_mm kernel" in s.reason
+
+
+@pytest.mark.parametrize("rows", [1, 19])
+def test_ops_pass_opcheck_on_bf16(rows):
+    """Fake kernels, autograd and schemas agree with the real bf16 outputs (dtypes and shapes)."""
+    x = torch.randn(rows, 64, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(32, dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(torch.ops.recopt.fp8_linear.default, (x, w, b, "rowwise", "tensorwise", "rowwise"))
+    torch.library.opcheck(torch.ops.recopt.blocknorm_fp8_linear.default,
+                          (x, w, b, 32, 1e-6, "rowwise", "rowwise", "bf16"))
