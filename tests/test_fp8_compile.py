@@ -51,6 +51,21 @@ def test_dual_quant_kernels_compile_without_spills(compiled, arch):
         _check(compiled[(n, arch)])
 
 
+def _e4m3_max_is_a_plain_float() -> bool:
+    # Issue 13's compile bug: kernels/fp8_quant.py reads a module-level Python float inside @jit.
+    # The fix (a tl.constexpr) is on engineer i15's branch; until it is merged this test is an
+    # expected failure, and as soon as the constant is a constexpr it must pass.
+    import ast
+
+    src = open(os.path.join(ROOT, "recopt", "kernels", "fp8_quant.py")).read()
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "E4M3_MAX" for t in node.targets):
+            return isinstance(node.value, ast.Constant)
+    return False
+
+
+@pytest.mark.xfail(_e4m3_max_is_a_plain_float(), strict=True,
+                   reason="kernels/fp8_quant.py: E4M3_MAX is a plain float (issue 13; fixed on branch i15)")
 @pytest.mark.parametrize("arch", [90, 100])
 def test_blocknorm_quant_kernel_compiles_without_spills(compiled, arch):
     names = [n for (n, a) in compiled if a == arch and n.startswith("fp8_blocknorm")]
