@@ -46,8 +46,7 @@ class Tower(nn.Module):
 
 @pytest.fixture(autouse=True)
 def _fresh_cache(monkeypatch):
-    monkeypatch.setattr(D, "CACHE", D.MeasurementCache())
-    monkeypatch.setattr(D.measure_site, "__defaults__", (True, D.CACHE, None, "cuda"))
+    monkeypatch.setattr(D, "CACHE", D.MeasurementCache())  # the pass measures into D.CACHE
 
 
 @pytest.mark.parametrize("mode", ["inference", "training"])
@@ -116,7 +115,7 @@ def test_environment_key_and_mismatch():
 
 
 def _optimize(model, x, timer, verify=True, **cfg):
-    D.measure_site.__defaults__[1].data.clear()  # each run measures with its own fake timer
+    D.CACHE.data.clear()  # each run measures with its own fake timer
     return recopt.optimize(model, (x,), target="h100", passes=["fp8"], backend="eager", fp8_timer=timer, verify=verify,
                            configs={"fp8": {**FAST, "measure": "always", "lowering": "eager",
                                             "recipes": ["rowwise", "tensorwise"], **cfg}})
@@ -204,3 +203,36 @@ def test_timings_path_reuses_measurements_on_the_same_machine(tmp_path):
     assert [s.status for s in again.report.sites_for("fp8")] == [s.status for s in first.report.sites_for("fp8")]
     a = {s.module_path: s for s in again.report.sites_for("fp8")}["a"]
     assert a.status == "rewritten" and a.details["timings"]["recopt:rowwise/bf16/bf16"]["speedup"] == 2.0
+
+
+def test_blocknorm_fed_site_is_timed_with_the_fused_op():
+    """A site fed by a BlockNorm it fuses with is timed as it will run: norm + FP8 op in one custom op,
+    against BlockNorm + F.linear in bf16."""
+    from recopt.fp8.mods import BlockNorm
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.lin, self.head = BlockNorm(64, block=32), nn.Linear(64, 32), nn.Linear(32, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.lin(self.norm(x))))
+
+    seen = []
+
+    def timer(fn):
+        fn()
+        seen.append(fn.label)
+        return 1.0 if fn.label == "bf16" else (0.5 if fn.label.endswith("+blocknorm") else 3.0)
+
+    D.CACHE.data.clear()
+    opt = recopt.optimize(M().train(), (torch.randn(48, 64),), target="h100", passes=["fp8"], backend="eager",
+                          fp8_timer=timer, leaf_modules=[BlockNorm], verify=False,
+                          configs={"fp8": {**FAST, "measure": "always", "lowering": "eager", "mode": "training",
+                                           "recipes": ["rowwise"]}})
+    s = {s.module_path: s for s in opt.report.sites_for("fp8")}["lin"]
+    assert s.status == "rewritten" and list(s.details["timings"]) == ["recopt:rowwise/rowwise/rowwise+blocknorm"]
+    assert "blocknorm" in s.details["producer"]
+    ops = [n.target for n in opt.graph_module.graph.nodes if n.op == "call_function"]
+    assert torch.ops.recopt.blocknorm_fp8_linear.default in ops
+    assert set(seen) == {"bf16", "recopt:rowwise/rowwise/rowwise+blocknorm"}

@@ -73,7 +73,7 @@ def _timer(table):
 @pytest.mark.parametrize("ours,theirs,expect", [(0.8, 0.6, "torchao"), (0.6, 0.8, "recopt"), (1.2, 1.1, None)])
 def test_dispatch_keeps_the_fastest_of_ours_torchao_and_bf16(monkeypatch, ours, theirs, expect):
     monkeypatch.setattr(D, "_cuda", lambda: True)  # torchao candidates need CUDA; the steps run on the CPU
-    D.measure_site.__defaults__[1].data.clear()
+    D.CACHE.data.clear()
     timer = _timer({"bf16": 1.0, "recopt:": ours, "torchao:rowwise": theirs, "torchao:tensorwise": 5.0})
     x = torch.randn(64, 32)
     opt = recopt.optimize(Tower().eval(), (x,), target="h100", passes=["fp8"], backend="eager", fp8_timer=timer,

@@ -201,21 +201,23 @@ CACHE = MeasurementCache()
 
 
 def measure_site(m: int, k: int, n: int, candidate: dict, mode: str, lowering: str, bias: bool = True,
-                 cache: MeasurementCache = CACHE, timer: Optional[Callable] = None, device="cuda") -> dict:
+                 cache: MeasurementCache = CACHE, timer: Optional[Callable] = None, device="cuda",
+                 norm: Optional[tuple] = None) -> dict:
     """Time the site's real FP8 linear (recopt's op or torchao's) against ``F.linear`` in bf16, as
     :func:`recopt.fp8.timing.time_site` does, and cache the result under the device's name and the
     software versions (:func:`recopt.fp8.timing.environment_key`), the lowering and the mode.
+    ``norm=(block, eps)``: the site is fed by a BlockNorm it fuses with (both arms include the norm).
 
     Returns :meth:`SiteTiming.to_dict` (``bf16_s``, ``fp8_s``, ``speedup``...).
     """
     from .timing import candidate_label, environment, environment_key, time_site
 
     env_key = environment_key(environment(torch.device(device)))
-    what = f"{candidate_label(candidate)}|{mode}|{lowering}|bias{int(bias)}"
+    what = f"{candidate_label(candidate)}|{mode}|{lowering}|bias{int(bias)}|norm{norm}"
     hit = cache.get(env_key, m, k, n, what)
     if hit is not None:
         return hit
-    t = time_site(m, k, n, candidate, mode=mode, lowering=lowering, device=device, bias=bias, timer=timer)
+    t = time_site(m, k, n, candidate, mode=mode, lowering=lowering, device=device, bias=bias, timer=timer, norm=norm)
     res = t.to_dict()
     cache.put(res, env_key, m, k, n, what)
     return res

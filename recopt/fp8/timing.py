@@ -161,10 +161,46 @@ def candidate_label(candidate: dict) -> str:
     return "recopt:" + "/".join(f"{r.get(role, 'bf16')}" for role in ("forward", "dgrad", "wgrad"))
 
 
+class _FusedBlockNormLinear(nn.Module):
+    """``linear(BlockNorm(x))`` as the fp8 pass rewrites a BlockNorm-fed row-wise site: one
+    ``recopt::blocknorm_fp8_linear`` op (norm and e4m3 quantization in one pass)."""
+
+    def __init__(self, linear: nn.Linear, block: int, eps: float, recipes: dict):
+        super().__init__()
+        self.linear, self.block, self.eps, self.recipes = linear, block, eps, recipes
+
+    def forward(self, x):
+        r = self.recipes
+        return torch.ops.recopt.blocknorm_fp8_linear(x, self.linear.weight, self.linear.bias, self.block, self.eps,
+                                                     r["forward"], r["dgrad"], r["wgrad"])
+
+
+FUSABLE_FORWARD = ("rowwise", "rowwise_gw_hp")
+
+
+def site_modules(linear: nn.Linear, candidate: dict, norm: Optional[tuple] = None) -> tuple:
+    """``(bf16 module, candidate module)`` of a site; with ``norm=(block, eps)`` the site is fed by a
+    BlockNorm, which both include (fused into the FP8 op where the pass would fuse it)."""
+    if norm is None:
+        return linear, candidate_module(linear, candidate)
+    from .mods import BlockNorm
+
+    block, eps = norm
+    base = nn.Sequential(BlockNorm(linear.in_features, block, eps), linear)
+    if candidate.get("backend", "recopt") == "recopt" and candidate["recipes"]["forward"] in FUSABLE_FORWARD:
+        return base, _FusedBlockNormLinear(linear, block, eps, candidate["recipes"])
+    return base, nn.Sequential(BlockNorm(linear.in_features, block, eps), candidate_module(linear, candidate))
+
+
 def time_site(m: int, k: int, n: int, candidate: dict, mode: str = "inference", lowering: str = "compile",
               device="cuda", dtype: torch.dtype = torch.bfloat16, bias: bool = True,
-              timer: Optional[Callable] = None, rounds: int = 3, seed: int = 0) -> SiteTiming:
-    """Time the candidate FP8 linear against ``F.linear`` in ``dtype`` at (M, K, N); see the module doc."""
+              timer: Optional[Callable] = None, rounds: int = 3, seed: int = 0,
+              norm: Optional[tuple] = None) -> SiteTiming:
+    """Time the candidate FP8 linear against ``F.linear`` in ``dtype`` at (M, K, N); see the module doc.
+
+    ``norm=(block, eps)``: the site's input comes from a BlockNorm only it uses; both arms include the
+    norm, and recopt's row-wise candidates run it fused with the quantization, as the pass rewrites it.
+    """
     if lowering not in LOWERINGS:
         raise ValueError(f"unknown lowering {lowering!r}; valid: {LOWERINGS}")
     timer = timer or default_timer
@@ -173,9 +209,10 @@ def time_site(m: int, k: int, n: int, candidate: dict, mode: str = "inference", 
     with torch.no_grad():
         base.weight.copy_(torch.randn(n, k, generator=gen) / k ** 0.5)
     base = base.to(device=device, dtype=dtype).train(mode == "training")
-    cand = candidate_module(base, candidate).train(mode == "training")
+    base, cand = site_modules(base, candidate, norm)
+    base, cand = base.train(mode == "training"), cand.train(mode == "training")
     x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
-    label = candidate_label(candidate)
+    label = candidate_label(candidate) + ("+blocknorm" if norm is not None else "")
     base_step = make_step(lower_module(base, lowering), x, mode)
     cand_step = make_step(lower_module(cand, lowering), x, mode)
     base_step.label, cand_step.label = "bf16", label  # what a timer is timing (tests inject timers)

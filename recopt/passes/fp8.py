@@ -349,7 +349,7 @@ class FP8Pass(Pass):
                 # The fused BlockNorm→quantize kernel makes row-wise e4m3 activations.
                 fused = cfg.assume_fused_quant or (norm_fusable and c.recipe in FUSABLE_FORWARD)
                 if measured and not cfg.ignore_speed:
-                    self._measure_candidate(d, s, c, roles, mode, cfg, timer)
+                    self._measure_candidate(gm, d, s, c, roles, mode, cfg, timer)
                     continue
                 for role in roles:
                     if cfg.ignore_speed:
@@ -365,7 +365,7 @@ class FP8Pass(Pass):
             for role in ROLES:
                 d.roles.setdefault(role, D.RoleDecision(reason="inference: no backward GEMM"))
             if measured and not cfg.ignore_speed:
-                self._confirm_and_compare(d, s, roles, mode, cfg, threshold, timer)
+                self._confirm_and_compare(gm, d, s, roles, mode, cfg, threshold, timer)
             chosen = [r for r in roles if d.roles[r].recipe != "bf16"]
             if chosen:
                 d.decision = "fp8"
@@ -387,14 +387,15 @@ class FP8Pass(Pass):
         rec = RECIPES[recipe]
         return {r: (recipe if r in roles and rec.is_fp8(r) else HP) for r in ROLES}
 
-    def _time(self, d, s, candidate: dict, mode: str, cfg: FP8Config, timer) -> dict:
+    def _time(self, gm, d, s, candidate: dict, mode: str, cfg: FP8Config, timer) -> dict:
+        norm = fused_norm_of(gm, s)
         t = D.measure_site(d.m, s.k, s.n, candidate, mode, cfg.lowering, bias=s.has_bias, timer=timer,
-                           cache=getattr(self, "_cache", D.CACHE),
-                           device=self._device(None))
+                           cache=getattr(self, "_cache", D.CACHE), device=self._device(None),
+                           norm=(norm.block, norm.eps) if norm is not None else None)
         d.timings[t["candidate"]] = t
         return t
 
-    def _measure_candidate(self, d, s, c, roles, mode, cfg, timer) -> None:
+    def _measure_candidate(self, gm, d, s, c, roles, mode, cfg, timer) -> None:
         """Speed-up of candidate ``c`` = the whole FP8 op with ``c``'s recipe on all its roles, timed
         (forward, or forward+backward) against bf16 ``F.linear``; the same figure for each of its roles."""
         if c.lib != "torch":
@@ -406,19 +407,19 @@ class FP8Pass(Pass):
         recipes = self._site_recipes(c.recipe, roles)
         if all(v == HP for v in recipes.values()):
             return
-        t = self._time(d, s, {"backend": "recopt", "recipes": recipes}, mode, cfg, timer)
+        t = self._time(gm, d, s, {"backend": "recopt", "recipes": recipes}, mode, cfg, timer)
         for role in roles:
             if recipes[role] != HP:
                 d.speedups[c.key][role] = t["speedup"]
 
-    def _confirm_and_compare(self, d, s, roles, mode, cfg, threshold, timer) -> None:
+    def _confirm_and_compare(self, gm, d, s, roles, mode, cfg, threshold, timer) -> None:
         """Time the combination the per-role rule picked (it may mix candidates), then torchao's float8
         linear where installed; keep the fastest accurate option if it beats bf16 by ``min_speedup``."""
         options = []  # (speed-up, backend, recipes, label)
         chosen = {r: d.role(r).recipe for r in ROLES}
         if any(chosen[r] != "bf16" for r in roles):
             recipes = {r: (chosen[r] if chosen[r] != "bf16" else HP) for r in ROLES}
-            t = self._time(d, s, {"backend": "recopt", "recipes": recipes}, mode, cfg, timer)
+            t = self._time(gm, d, s, {"backend": "recopt", "recipes": recipes}, mode, cfg, timer)
             options.append((t["speedup"], "recopt", recipes, t["candidate"]))
         if cfg.torchao and s.kind == "module":
             for c in D.torchao_candidates():
@@ -426,7 +427,7 @@ class FP8Pass(Pass):
                     continue
                 if not all(_safe({c.recipe: d.errors.get(c.recipe, {})}, r, cfg.metric, threshold) for r in roles):
                     continue
-                t = self._time(d, s, {"backend": "torchao", "recipe": c.recipe}, mode, cfg, timer)
+                t = self._time(gm, d, s, {"backend": "torchao", "recipe": c.recipe}, mode, cfg, timer)
                 options.append((t["speedup"], "torchao", {r: c.recipe for r in ROLES}, t["candidate"]))
         if not options:
             return
