@@ -2,17 +2,17 @@
 
 Modes:
 
-- default (GPU, ≤ 6 min on an H100): for each GEMM shape of ANCHORS.md, times
-  bf16, FP8 rowwise GEMM only, FP8 + separate activation quantization
-  (torch.compile'd), and FP8 fed by recopt's fused BlockNorm→quantize Triton
-  kernel (vs compiled bf16 BlockNorm + bf16 GEMM); prints predicted vs measured
-  speed-ups and Dispatch's decision per shape and checks it never picks a
-  shape measured slower than bf16. Then a GEMM-heavy tower (BlockNorm →
-  Linear → Hardswish blocks) is timed for a compiled training step and
-  inference, bf16 vs ``recopt.optimize(..., passes=["fp8"])``.
-  Writes ``--out`` (JSON).
+- default (GPU, ≤ 7 min on an H100): :func:`run_suite` — per GEMM shape of
+  ANCHORS.md and mode (inference: forward; training: forward+backward), the
+  real FP8 linear (recopt's op; torchao's float8 linear where installed)
+  against ``F.linear`` in bf16, with the predicted speed-up and the decision
+  the measurement gives; then the LoKA tower (BlockNorm → Linear → Hardswish)
+  at M = 16384, d ∈ {1024, 4096}, inference and training, bf16 under
+  torch.compile vs ``recopt.optimize(..., passes=["fp8"])``, and the issue's
+  targets checked on those numbers. Writes ``--out`` (JSON).
 - ``--dry-run``: the same code paths at tiny shapes on the CPU; no timings
   are reported as results.
+- ``--overhead``: the probe's overhead on a training step (GPU or CPU).
 - ``--calibrate``: the threshold calibration of recopt.fp8.metrics (CPU).
 - ``--quality``: ml-latest-small training, bf16/fp32 vs simulated FP8, with
   and without the Mods (CPU or GPU); prints LogLoss/AUC per arm.
@@ -50,137 +50,167 @@ def _bench(fn, device):
     return (time.perf_counter() - t0) / 3
 
 
-def gemm_table(device: str, shapes, deadline: float) -> list:
+def _cpu_timer(fn):
+    """Dry runs only: wall time of one call (the CPU numbers are not results)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def site_table(device: str, shapes, modes=("inference", "training"), lowering: str = "eager",
+               deadline: float = math.inf, timer=None) -> list:
+    """Per GEMM site (M, K, N) and mode: recopt's FP8 linear (rowwise; training: all three GEMMs), and
+    torchao's float8 linear where installed, against ``F.linear`` in bf16 — each timed as it runs
+    (forward, or forward+backward) in ``lowering``; plus Dispatch's predicted speed-up and its decision
+    from the measurement (FP8 only above ``MIN_SPEEDUP``)."""
     from recopt import get_target
     from recopt.fp8 import dispatch as D
-    from recopt.fp8.fused_quant import blocknorm_quant, block_rms_norm
-    from recopt.fp8.recipes import E4M3, quantize
+    from recopt.fp8.timing import time_site
+    from recopt.fp8.torchao_backend import available as torchao_available
 
     target = get_target("h100")
     dt = torch.bfloat16 if device == "cuda" else torch.float32
-    quant_x = torch.compile(lambda t: quantize(t, E4M3, "rowwise", 1)) if device == "cuda" else \
-        (lambda t: quantize(t, E4M3, "rowwise", 1))
-    bn_bf16 = torch.compile(lambda t: block_rms_norm(t, 256 if t.shape[1] % 256 == 0 else t.shape[1])) \
-        if device == "cuda" else (lambda t: block_rms_norm(t, t.shape[1]))
+    cands = [("recopt:rowwise", "rowwise")]
+    if device == "cuda" and torchao_available():
+        cands += [("torchao:rowwise", None), ("torchao:tensorwise", None)]
     rows = []
     for (m, k, n) in shapes:
-        if time.time() > deadline:
-            print(f"skipping {m}x{k}x{n}: time budget reached")
-            break
-        x = torch.randn(m, k, device=device, dtype=dt)
-        w = torch.randn(n, k, device=device, dtype=dt) / math.sqrt(k)
-        wt = w.t()
-        xq, xs = quantize(x, E4M3, "rowwise", 1)
-        wq, ws = quantize(wt, E4M3, "rowwise", 0)
-        wq = wq.t().contiguous().t()
-        out_dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        gemm8 = lambda: torch._scaled_mm(xq, wq, scale_a=xs, scale_b=ws, out_dtype=out_dtype)  # noqa: E731
-
-        def sep():
-            q, s = quant_x(x)
-            return torch._scaled_mm(q, wq, scale_a=s, scale_b=ws, out_dtype=out_dtype)
-
-        block = 256 if k % 256 == 0 else k
-
-        def fused():
-            q, s, _ = blocknorm_quant(x, block, norm=True, write_y=False)
-            return torch._scaled_mm(q, wq, scale_a=s, scale_b=ws, out_dtype=out_dtype)
-
-        def bf16_norm_gemm():
-            return bn_bf16(x) @ wt
-
-        t = {"bf16": _bench(lambda: x @ wt, device), "fp8_gemm_only": _bench(gemm8, device),
-             "fp8_separate_quant": _bench(sep, device), "bf16_blocknorm_gemm": _bench(bf16_norm_gemm, device),
-             "fp8_fused_blocknorm_quant": _bench(fused, device)}
-        pred_sep = D.predict_speedup(target, m, k, n, input_fused=False)
-        pred_fused = D.predict_speedup(target, m, k, n, input_fused=True)
-        meas_sep = t["bf16"] / t["fp8_separate_quant"]
-        meas_fused = t["bf16_blocknorm_gemm"] / t["fp8_fused_blocknorm_quant"]
-        cand = D.Candidate("torch", "rowwise")
-        dispatch_meas = D.measure_speedup("h100", m, k, n, cand, "forward", "inference", False) \
-            if device == "cuda" else None
-        rows.append({"shape": [m, k, n], "seconds": t, "predicted_speedup_separate": pred_sep,
-                     "predicted_speedup_fused": pred_fused, "measured_speedup_separate": meas_sep,
-                     "measured_speedup_fused": meas_fused, "dispatch_measured_speedup": dispatch_meas,
-                     "decision_separate": "fp8" if (dispatch_meas or meas_sep) > D.MIN_SPEEDUP else "bf16",
-                     "decision_predicted_separate": "fp8" if pred_sep > D.MIN_SPEEDUP else "bf16",
-                     "decision_predicted_fused": "fp8" if pred_fused > D.MIN_SPEEDUP else "bf16",
-                     "anchors_decision_separate": ANCHOR_DECISIONS.get((m, k, n))})
+        for mode in modes:
+            if time.time() > deadline:
+                print(f"skipping {m}x{k}x{n} {mode}: time budget reached")
+                continue
+            row = {"kind": "site", "shape": [m, k, n], "mode": mode, "lowering": lowering, "device": device,
+                   "predicted_speedup": D.predict_speedup(target, m, k, n, "forward", mode)}
+            for label, recipe in cands:
+                if label.startswith("recopt"):
+                    roles = ("forward",) if mode == "inference" else ("forward", "dgrad", "wgrad")
+                    cand = {"backend": "recopt", "recipes": {r: ("rowwise" if r in roles else "bf16")
+                                                             for r in ("forward", "dgrad", "wgrad")}}
+                else:
+                    cand = {"backend": "torchao", "recipe": label.split(":")[1]}
+                t = time_site(m, k, n, cand, mode=mode, lowering=lowering, device=device, dtype=dt,
+                              bias=False, timer=timer or (_cpu_timer if device == "cpu" else None), rounds=3)
+                row[label] = t.to_dict()
+            best = max(((row[lb]["speedup"], lb) for lb, _ in cands), default=(0.0, ""))
+            row["chosen"] = best[1] if best[0] > D.MIN_SPEEDUP else "bf16"
+            row["chosen_speedup"] = best[0] if row["chosen"] != "bf16" else 1.0
+            row["anchors_decision"] = ANCHOR_DECISIONS.get((m, k, n))
+            rows.append(row)
     return rows
 
 
-def print_gemm_table(rows, device):
-    unit = 1e6
-    print(f"\nGEMMs ({device}); times in µs; speed-ups vs bf16 (fused: vs bf16 BlockNorm + bf16 GEMM)")
-    hdr = ("M×K×N", "bf16", "fp8 only", "fp8+sep q", "bn+bf16", "fused bn-q+fp8", "pred sep", "meas sep",
-           "pred fused", "meas fused", "decision", "ANCHORS")
-    print(" | ".join(hdr))
+def print_site_table(rows):
+    print("\nper-site FP8 vs bf16 F.linear (median ms per step; speed-up = bf16 / candidate)")
     for r in rows:
-        s = r["seconds"]
-        print(" | ".join([
-            "×".join(map(str, r["shape"])), f"{s['bf16'] * unit:.1f}", f"{s['fp8_gemm_only'] * unit:.1f}",
-            f"{s['fp8_separate_quant'] * unit:.1f}", f"{s['bf16_blocknorm_gemm'] * unit:.1f}",
-            f"{s['fp8_fused_blocknorm_quant'] * unit:.1f}", f"{r['predicted_speedup_separate']:.2f}",
-            f"{r['measured_speedup_separate']:.2f}", f"{r['predicted_speedup_fused']:.2f}",
-            f"{r['measured_speedup_fused']:.2f}", r["decision_separate"], str(r["anchors_decision_separate"])]))
+        cells = [f"{'×'.join(map(str, r['shape']))} {r['mode']}"]
+        for key, v in r.items():
+            if isinstance(v, dict) and "speedup" in v:
+                cells.append(f"{key} {v['fp8_s'] * 1e3:.3f} ms ({v['speedup']:.2f}×, bf16 {v['bf16_s'] * 1e3:.3f} ms)")
+        pred = r["predicted_speedup"]
+        cells.append(f"predicted {pred:.2f}×" if pred else "predicted n/a")
+        cells.append(f"chosen {r['chosen']}")
+        print(" | ".join(cells))
 
 
-class GemmTower(nn.Module):
-    """A GEMM-heavy stack with the LoKA Mods applied; every Linear is fed by a BlockNorm, so its
-    activation quantization fuses into the norm: x += W2·BN(hswish(W1·BN(x)))."""
+class LokaTower(nn.Module):
+    """The LoKA tower: ``depth`` × (BlockNorm → Linear(d, d) → Hardswish), then a head."""
 
-    def __init__(self, d: int, depth: int):
+    def __init__(self, d: int, depth: int = 2, block: int = 256):
         super().__init__()
         from recopt.fp8.mods import BlockNorm
 
-        self.up = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(depth))
-        self.down = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(depth))
-        self.n1 = nn.ModuleList(BlockNorm(d) for _ in range(depth))
-        self.n2 = nn.ModuleList(BlockNorm(d) for _ in range(depth))
+        self.norms = nn.ModuleList(BlockNorm(d, block=block) for _ in range(depth))
+        self.lins = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(depth))
         self.head = nn.Linear(d, 1)
 
     def forward(self, x):
-        for up, down, n1, n2 in zip(self.up, self.down, self.n1, self.n2):
-            x = x + down(n2(F.hardswish(up(n1(x)))))
+        for norm, lin in zip(self.norms, self.lins):
+            x = F.hardswish(lin(norm(x)))
         return self.head(x).squeeze(-1)
 
 
-def end_to_end(device: str, batch: int, d: int, depth: int) -> dict:
+def tower(device: str, batch: int, d: int, depth: int = 2, modes=("inference", "training"), timer=None) -> list:
+    """The tower in bf16 under torch.compile against ``recopt.optimize(passes=["fp8"])`` (Dispatch measuring
+    on this GPU; inductor), per mode; CPU dry runs use eager and the predicted decisions."""
     import recopt
+    from recopt.fp8.mods import BlockNorm
+    from recopt.fp8.timing import default_timer, make_step
 
     dt = torch.bfloat16 if device == "cuda" else torch.float32
-    res = {"batch": batch, "d": d, "depth": depth}
-    for mode in ("training", "inference"):
+    timer = timer or (default_timer if device == "cuda" else _cpu_timer)
+    out = []
+    for mode in modes:
         torch.manual_seed(0)
-        base = GemmTower(d, depth).to(device, dt)
+        base = LokaTower(d, depth, block=256 if d % 256 == 0 else d).to(device, dt).train(mode == "training")
         x = torch.randn(batch, d, device=device, dtype=dt)
-        base.train(mode == "training")
-        backend = "inductor" if device == "cuda" else "eager"
-        # "auto": the GPU this runs on, so Dispatch measures instead of predicting.
-        from recopt.fp8.mods import BlockNorm
+        opt = recopt.optimize(base, (x,), target="auto" if device == "cuda" else "h100", passes=["fp8"],
+                              backend="inductor" if device == "cuda" else "eager", leaf_modules=[BlockNorm],
+                              n_random_inputs=0,
+                              configs={"fp8": {"mode": mode, "samples": 1, "max_eval_rows": 128,
+                                               "lowering": "compile" if device == "cuda" else "eager",
+                                               "recipes": ["tensorwise", "rowwise", "rowwise_gw_hp"]}})
+        ref = torch.compile(base) if device == "cuda" else base
+        sb, so = make_step(ref, x, mode), make_step(opt, x, mode)
+        sb(), so()
+        tb = sorted(timer(sb) for _ in range(3))[1]
+        to = sorted(timer(so) for _ in range(3))[1]
+        sites = opt.report.sites_for("fp8")
+        row = {"kind": "tower", "batch": batch, "d": d, "depth": depth, "mode": mode, "device": device,
+               "bf16_compiled_s": tb, "recopt_fp8_s": to, "speedup": tb / to,
+               "fp8_sites": [(s.module_path, s.details.get("backend", ""), s.details.get("basis", ""))
+                             for s in sites if s.status == "rewritten"],
+               "kept_bf16": [(s.module_path, s.reason_code) for s in sites if s.status != "rewritten"]}
+        print(f"tower M={batch} d={d} {mode}: bf16 compiled {tb * 1e3:.3f} ms, recopt fp8 {to * 1e3:.3f} ms "
+              f"({row['speedup']:.2f}×; {len(row['fp8_sites'])} FP8 sites)")
+        out.append(row)
+    return out
 
-        opt8 = recopt.optimize(base, (x,), target="auto" if device == "cuda" else "h100", passes=["fp8"],
-                               backend=backend, leaf_modules=[BlockNorm], n_random_inputs=0,
-                               configs={"fp8": {"mode": mode, "samples": 1, "max_eval_rows": 128,
-                                                "recipes": ["tensorwise", "rowwise", "rowwise_gw_hp"]}})
-        compiled_base = torch.compile(base) if device == "cuda" else base
-        n8 = len(opt8.report.sites_for("fp8", "rewritten"))
 
-        def step(m):
-            if mode == "training":
-                y = m(x)
-                y.float().sum().backward()
-            else:
-                with torch.no_grad():
-                    m(x)
+TARGETS = {  # issue 16 (H100): the tower's speed-up over bf16-compiled
+    ("inference", 4096): 1.3, ("inference", 1024): 1.1, ("training", 4096): 1.2}
 
-        res[mode] = {"bf16_s": _bench(lambda: step(compiled_base), device),
-                     "fp8_s": _bench(lambda: step(opt8), device), "fp8_sites": n8,
-                     "sites": [(s.module_path, s.status, s.reason_code) for s in opt8.report.sites_for("fp8")]}
-        res[mode]["speedup"] = res[mode]["bf16_s"] / res[mode]["fp8_s"]
-        print(f"{mode}: bf16 {res[mode]['bf16_s'] * 1e3:.3f} ms, recopt fp8 {res[mode]['fp8_s'] * 1e3:.3f} ms "
-              f"({res[mode]['speedup']:.2f}×, {n8} FP8 sites)")
-    return res
+
+def check_targets(rows: list) -> list:
+    """Plain-language verdicts for the issue's targets from measured rows (nothing is predicted here)."""
+    out = []
+    for r in rows:
+        if r["kind"] == "tower":
+            want = TARGETS.get((r["mode"], r["d"]))
+            if want is not None:
+                ok = r["speedup"] >= want or (r["d"] == 1024 and not r["fp8_sites"])
+                out.append(f"tower d={r['d']} {r['mode']}: {r['speedup']:.2f}× (target ≥ {want}×"
+                           f"{' or FP8 not chosen' if r['d'] == 1024 else ''}): {'met' if ok else 'NOT met'}")
+        elif r["kind"] == "site" and r["chosen"] != "bf16" and r["chosen_speedup"] < 1.0:
+            out.append(f"site {r['shape']} {r['mode']}: chosen {r['chosen']} is slower than bf16")
+        elif r["kind"] == "site" and r["shape"] == [4096, 256, 256]:
+            out.append(f"site 4096×256×256 {r['mode']}: {'stays bf16' if r['chosen'] == 'bf16' else 'NOT bf16'}")
+    return out
+
+
+def run_suite(device: str = "cuda", dry_run: bool = False, budget_s: float = 420.0) -> list:
+    """Everything issue 16 asks to measure, as rows (dicts) for ``benchmarks/gpu_suite.py``.
+
+    GPU: the per-site table at ANCHORS.md's shapes (eager lowering, both modes) and the tower at
+    M = 16384, d ∈ {1024, 4096}, inference and training, vs bf16 under torch.compile. ``dry_run`` (or a
+    CPU device) runs the same code at tiny shapes; its rows carry ``"dry_run": True`` and are not results.
+    """
+    start = time.time()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run_suite('cuda') needs a CUDA device; use dry_run=True on a CPU")
+    dry = dry_run or device == "cpu"
+    shapes = TINY_SHAPES if dry else SHAPES
+    rows = site_table(device, shapes, deadline=start + budget_s * 0.4)
+    towers = [(64, 32)] if dry else [(16384, 1024), (16384, 4096)]
+    for batch, d in towers:
+        if time.time() - start > budget_s * 0.9:
+            print(f"skipping tower d={d}: time budget reached")
+            continue
+        rows += tower(device, batch, d)
+    for r in rows:
+        r["dry_run"] = dry
+        if device == "cuda":
+            r["device_name"] = torch.cuda.get_device_name(0)
+    return rows
 
 
 def calibrate() -> dict:
@@ -285,18 +315,21 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU; exercises the code paths only")
     ap.add_argument("--calibrate", action="store_true")
     ap.add_argument("--quality", action="store_true")
+    ap.add_argument("--overhead", action="store_true", help="the probe's overhead on a training step")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--model", default="dlrm")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arms", default="", help="comma-separated subset of baseline,fp8,mods,mods+fp8")
-    ap.add_argument("--budget-s", type=float, default=300.0, help="stop adding work after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop adding work after this many seconds")
     ap.add_argument("--out", default="fp8_bench.json")
     args = ap.parse_args(argv)
     start = time.time()
     result = {"torch": torch.__version__}
     if args.calibrate:
         result["calibration"] = calibrate()
+    elif args.overhead:
+        result["probe_overhead"] = overhead("cuda" if torch.cuda.is_available() else "cpu")
     elif args.quality:
         result["quality"] = quality(args.steps, args.model, args.batch_size, args.seed,
                                     [a for a in args.arms.split(",") if a])
@@ -309,18 +342,11 @@ def main(argv=None):
             result["device"] = torch.cuda.get_device_name(0)
         else:
             os.environ.setdefault("TRITON_INTERPRET", "1")
-        shapes = SHAPES if device == "cuda" else TINY_SHAPES
-        result["gemms"] = gemm_table(device, shapes, start + args.budget_s * 0.5)
-        print_gemm_table(result["gemms"], device)
-        bad = [r["shape"] for r in result["gemms"] if r["decision_separate"] == "fp8"
-               and r["measured_speedup_separate"] < 1.0]
-        result["dispatch_never_slower"] = not bad
-        print("Dispatch never picks a shape measured slower than bf16:", "yes" if not bad else f"NO: {bad}")
-        result["probe_overhead"] = overhead(device)
-        if args.dry_run or time.time() - start < args.budget_s * 0.6:
-            e2e = [(16384, 4096, 2), (16384, 1024, 4)] if device == "cuda" else [(64, 32, 2)]
-            result["end_to_end"] = [end_to_end(device, *cfg) for cfg in e2e
-                                    if args.dry_run or time.time() - start < args.budget_s * 0.8]
+        result["rows"] = run_suite(device, dry_run=args.dry_run, budget_s=args.budget_s)
+        print_site_table([r for r in result["rows"] if r["kind"] == "site"])
+        result["verdicts"] = check_targets(result["rows"]) if device == "cuda" else []
+        for v in result["verdicts"]:
+            print(v)
         if args.dry_run:
             result["note"] = "dry run on CPU: timings exercise the code only and are not results"
     result["wall_s"] = time.time() - start

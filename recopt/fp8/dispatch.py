@@ -4,8 +4,11 @@ For each site (M, K, N) and role (forward, dgrad, wgrad) every candidate
 ``(lib, recipe)`` gets an error (from :mod:`recopt.fp8.metrics` on inputs
 drawn from the probe's learned distributions) and a speed-up over bf16:
 
-- **measured** on the target GPU when it is the current device
-  (:func:`measure_speedup`; cached per (target, shape, recipe, role));
+- **measured** on the target GPU when it is the current device: the site's
+  real FP8 linear, forward (inference) or forward+backward (training), in the
+  lowering that will run it, against ``F.linear`` in bf16
+  (:func:`measure_site`; cached per device name + software versions, shape,
+  candidate, mode and lowering);
 - **predicted** otherwise from the target's peaks (:func:`predict_seconds`),
   and the report says "predicted, not measured".
 
@@ -157,6 +160,15 @@ def default_candidates() -> list:
     ]
 
 
+def torchao_candidates() -> list:
+    """torchao's float8 linear (rowwise, tensorwise) as site-level candidates; available with torchao on CUDA."""
+    from .torchao_backend import available
+
+    ok = lambda: _cuda() and available()  # noqa: E731
+    return [Candidate("torchao", r, ok, note="needs torchao (extra 'fp8') and a CUDA device")
+            for r in ("rowwise", "tensorwise")]
+
+
 # -- measurement -----------------------------------------------------------
 class MeasurementCache:
     """Measured seconds per (target, P, R, Q, key) where key names lib/recipe/role/quant; JSON-persistable."""
@@ -188,72 +200,27 @@ class MeasurementCache:
 CACHE = MeasurementCache()
 
 
-def _bench(fn: Callable[[], object]) -> float:
-    """Median seconds of ``fn`` on the current CUDA device (triton's do_bench when available)."""
-    try:
-        from triton.testing import do_bench
-        return float(do_bench(fn, warmup=10, rep=40, return_mode="median")) * 1e-3
-    except ImportError:
-        times = []
-        for _ in range(25):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) * 1e-3)
-        return sorted(times)[len(times) // 2]
+def measure_site(m: int, k: int, n: int, candidate: dict, mode: str, lowering: str, bias: bool = True,
+                 cache: MeasurementCache = CACHE, timer: Optional[Callable] = None, device="cuda",
+                 norm: Optional[tuple] = None) -> dict:
+    """Time the site's real FP8 linear (recopt's op or torchao's) against ``F.linear`` in bf16, as
+    :func:`recopt.fp8.timing.time_site` does, and cache the result under the device's name and the
+    software versions (:func:`recopt.fp8.timing.environment_key`), the lowering and the mode.
+    ``norm=(block, eps)``: the site is fed by a BlockNorm it fuses with (both arms include the norm).
 
-
-def measure_speedup(target_name: str, m: int, k: int, n: int, cand: Candidate, role: str = "forward",
-                    mode: str = "inference", input_fused: bool = False,
-                    cache: MeasurementCache = CACHE) -> Optional[float]:
-    """Measured bf16/FP8 time ratio of a role on the current CUDA device, or None if it cannot run.
-
-    FP8 time = the FP8 GEMM plus, for each operand that :func:`quant_needs`
-    says is quantized separately, that operand's quantization as the FP8 op
-    runs it (the one-pass Triton row quantizer for row-wise e4m3, eager
-    amax/scale/cast otherwise), timed alone.
+    Returns :meth:`SiteTiming.to_dict` (``bf16_s``, ``fp8_s``, ``speedup``...).
     """
-    if not _cuda() or not cand.available():
-        return None
-    rec = get_recipe(cand.recipe)
-    if not rec.is_fp8(role):
-        return None
-    p, r, q = role_shape(m, k, n, role)
-    dev = torch.device("cuda")
-    t16 = cache.get(target_name, p, r, q, "bf16")
-    a = torch.randn(p, r, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(q, r, device=dev, dtype=torch.bfloat16).t()
-    if t16 is None:
-        t16 = _bench(lambda: a @ b)
-        cache.put(t16, target_name, p, r, q, "bf16")
-    qa_sep, qb_sep = quant_needs(role, mode, input_fused)
-    key = f"{cand.key}|{role}|qa{int(qa_sep)}qb{int(qb_sep)}"
-    t8 = cache.get(target_name, p, r, q, key)
-    if t8 is None:
-        fa, fb = rec.formats(role)
-        gran = rec.granularity
-        if cand.lib != "torch" or gran not in ("tensorwise", "rowwise"):
-            return None
-        from .recipes import _quantize_for_mm  # what the FP8 op runs (one Triton pass for row-wise e4m3)
+    from .timing import candidate_label, environment, environment_key, time_site
 
-        xa, sa = _quantize_for_mm(a, fp8_dtype(fa), gran, 1)
-        xb, sb = _quantize_for_mm(b, fp8_dtype(fb), gran, 0)
-        xa, sa, sb = xa.contiguous(), sa.contiguous(), sb.contiguous()
-        xb = xb if xb.t().is_contiguous() else xb.t().contiguous().t()
-        try:
-            gemm = lambda: torch._scaled_mm(xa, xb, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
-            gemm()
-        except RuntimeError:
-            return None
-        t8 = _bench(gemm)
-        if qa_sep:
-            t8 += _bench(lambda: _quantize_for_mm(a, fp8_dtype(fa), gran, 1))
-        if qb_sep:
-            t8 += _bench(lambda: _quantize_for_mm(b, fp8_dtype(fb), gran, 0))
-        cache.put(t8, target_name, p, r, q, key)
-    return t16 / t8
+    env_key = environment_key(environment(torch.device(device)))
+    what = f"{candidate_label(candidate)}|{mode}|{lowering}|bias{int(bias)}|norm{norm}"
+    hit = cache.get(env_key, m, k, n, what)
+    if hit is not None:
+        return hit
+    t = time_site(m, k, n, candidate, mode=mode, lowering=lowering, device=device, bias=bias, timer=timer, norm=norm)
+    res = t.to_dict()
+    cache.put(res, env_key, m, k, n, what)
+    return res
 
 
 # -- decisions -------------------------------------------------------------
@@ -286,6 +253,8 @@ class SiteDecision:
     decision: str = "bf16"
     reason: str = ""
     reason_code: str = ""
+    backend: str = "recopt"  # what runs a chosen site: "recopt" (its FP8 op) or "torchao" (Float8Linear)
+    timings: dict = field(default_factory=dict)  # candidate label -> measured SiteTiming dict
 
     def role(self, name: str) -> RoleDecision:
         r = self.roles.get(name)

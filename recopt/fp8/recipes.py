@@ -184,41 +184,50 @@ def scaled_mm_supported(granularity: str) -> bool:
     return granularity in ("tensorwise", "rowwise") and hasattr(torch, "_scaled_mm")
 
 
-def scaled_gemm(a: torch.Tensor, b: torch.Tensor, recipe, role: str,
-                out_dtype: Optional[torch.dtype] = None, cache_b: bool = False) -> tuple:
-    """``A @ B`` in FP8 per ``recipe``/``role``; returns ``(out, kernel)``.
+def no_kernel_reason(granularity: str, device: torch.device, r: int, q: int) -> Optional[str]:
+    """Why ``A (·×r) @ B (r×q)`` with this granularity has no ``torch._scaled_mm`` kernel here, or None."""
+    if not hasattr(torch, "_scaled_mm"):
+        return f"torch {torch.__version__} has no torch._scaled_mm: FP8 GEMMs run as dequantized matmuls"
+    if granularity not in ("tensorwise", "rowwise"):
+        return (f"{granularity} scales have no torch._scaled_mm kernel: the GEMM runs as a dequantized matmul "
+                f"in the input dtype (slower than bf16)")
+    if device.type == "cuda" and (r % 16 or q % 16):
+        return (f"CUDA torch._scaled_mm needs the reduction ({r}) and output ({q}) dims to be multiples of 16: "
+                f"dequantized matmul instead (pad the layer)")
+    return None
 
-    Uses ``torch._scaled_mm`` for tensorwise/rowwise when it accepts the
-    operands on this device (A row-major, B column-major, fp32 scales),
-    else the dequantized float32 matmul of :func:`reference_gemm`.
-    ``kernel`` is ``"scaled_mm"`` or ``"dequant_matmul"``. ``cache_b``: B is
-    a weight; reuse its quantized copy while the weight is unchanged (same
+
+def scaled_gemm(a: torch.Tensor, b: torch.Tensor, recipe, role: str,
+                out_dtype: Optional[torch.dtype] = None, cache_b: bool = False,
+                bias: Optional[torch.Tensor] = None) -> tuple:
+    """``A @ B (+ bias)`` in FP8 per ``recipe``/``role``, written in ``out_dtype`` (default: A's); ``(out, kernel)``.
+
+    ``kernel`` is ``"scaled_mm"`` (one ``torch._scaled_mm`` with the bias and
+    the output cast in its epilogue, :func:`recopt.fp8.gemm.fp8_mm`),
+    ``"hp_matmul"`` (the role stays in high precision: a matmul in
+    ``out_dtype``) or ``"dequant_matmul"`` (no kernel for this recipe/shape:
+    :func:`recopt.fp8.gemm.dequant_mm`, recorded in
+    :data:`recopt.fp8.gemm.FALLBACKS`). ``cache_b``: B is a weight (or its
+    transpose); reuse its quantized copy while the weight is unchanged (same
     storage and version counter), so inference quantizes each weight once.
+    Errors of ``torch._scaled_mm`` propagate.
     """
+    from .gemm import dequant_mm, fp8_mm, hp_mm
+
     rec = get_recipe(recipe)
     out_dtype = out_dtype or a.dtype
     fa, fb = rec.formats(role)
     if fa == "hp":
-        return (a.float() @ b.float()).to(out_dtype), "hp_matmul"
-    # The CUDA kernels need every dim a multiple of 16; the CPU ones do not.
-    dims_ok = a.device.type == "cpu" or all(d % 16 == 0 for d in (*a.shape, b.shape[1]))
-    if scaled_mm_supported(rec.granularity) and dims_ok and _scaled_mm_ok(a.device, rec.granularity, fa, fb, out_dtype):
-        qa, sa = _quantize_for_mm(a, fp8_dtype(fa), rec.granularity, 1)
-        qb, sb = (_cached_weight_quant(b, fp8_dtype(fb), rec.granularity) if cache_b
-                  else _quantize_for_mm(b, fp8_dtype(fb), rec.granularity, 0))
-        qb_col = qb if qb.t().is_contiguous() else qb.t().contiguous().t()
-        # CUDA's row-wise kernel only writes bf16; fp32 results are cast from bf16 there.
-        kernel_out = torch.bfloat16 if a.is_cuda else out_dtype
-        try:
-            out = torch._scaled_mm(qa.contiguous(), qb_col, scale_a=sa.contiguous(), scale_b=sb.contiguous(),
-                                   out_dtype=kernel_out)
-            return out.to(out_dtype), "scaled_mm"
-        except (RuntimeError, NotImplementedError):
-            _SCALED_MM_FAILED.add((a.device.type, rec.granularity, fa, fb, out_dtype))
-    return reference_gemm(a, b, rec, role).to(out_dtype), "dequant_matmul"
+        return hp_mm(a.to(out_dtype), b, bias), "hp_matmul"
+    why = no_kernel_reason(rec.granularity, a.device, a.shape[1], b.shape[1])
+    if why:
+        return dequant_mm(a, b, rec, role, out_dtype, why, bias), "dequant_matmul"
+    qa, sa = _quantize_for_mm(a, fp8_dtype(fa), rec.granularity, 1)
+    qb, sb = (_cached_weight_quant(b, fp8_dtype(fb), rec.granularity) if cache_b
+              else _quantize_for_mm(b, fp8_dtype(fb), rec.granularity, 0))
+    return fp8_mm(qa, sa, qb.t(), sb if sb.dim() == 0 else sb.t(), out_dtype, bias), "scaled_mm"
 
 
-_SCALED_MM_FAILED: set = set()
 _WEIGHT_CACHE: dict = {}
 _WEIGHT_CACHE_SIZE = 256
 
@@ -226,6 +235,9 @@ _WEIGHT_CACHE_SIZE = 256
 def _cached_weight_quant(b: torch.Tensor, dtype: torch.dtype, granularity: str) -> tuple:
     """Quantized B (a weight or a view of one), reused while the same tensor is unchanged."""
     base = b._base if b._base is not None else b
+    if b.is_cuda and torch.cuda.is_current_stream_capturing():
+        # Under CUDA-graph capture a cache hit would bake a stale copy into the graph: quantize in it.
+        return _quantize_for_mm(b, dtype, granularity, 0)
     try:
         key = (base.data_ptr(), base._version, tuple(b.shape), tuple(b.stride()), b.dtype, str(b.device),
                dtype, granularity)
@@ -242,24 +254,19 @@ def _cached_weight_quant(b: torch.Tensor, dtype: torch.dtype, granularity: str) 
 
 
 def _quantize_for_mm(x: torch.Tensor, dtype: torch.dtype, granularity: str, reduce_dim: int) -> tuple:
-    """:func:`quantize`, using the one-pass Triton row quantizer for CUDA row-wise e4m3 operands.
+    """:func:`quantize` laid out for ``torch._scaled_mm``; CUDA tensorwise/rowwise operands use the Triton kernels.
 
-    For B (``reduce_dim=0``) the kernel quantizes rows of ``x.t()``, which
-    yields B already column-major, as ``torch._scaled_mm`` wants it.
+    For B (``reduce_dim=0``) the rows of ``x.t()`` are quantized
+    (:func:`recopt.fp8.dual_quant.quant_rows`), which yields B column-major,
+    as ``torch._scaled_mm`` wants it, without a transposed bf16 copy. A kernel
+    that cannot run raises: there is no silent switch to the eager quantizer.
     """
-    if x.is_cuda and granularity == "rowwise" and dtype == E4M3:
-        try:
-            from .fused_quant import blocknorm_quant
-        except ImportError:  # pragma: no cover
-            return quantize(x, dtype, granularity, reduce_dim)
+    if x.is_cuda and granularity in ("tensorwise", "rowwise"):
+        from .dual_quant import quant_rows
+
         src = x if reduce_dim == 1 else x.t()
-        try:
-            q, s, _ = blocknorm_quant(src.contiguous(), block=src.shape[1], norm=False, write_y=False)
-        except Exception:  # triton missing or the kernel cannot run: the reference quantizer
-            return quantize(x, dtype, granularity, reduce_dim)
-        return (q, s) if reduce_dim == 1 else (q.t(), s.t())
+        q, s = quant_rows(src, dtype, granularity)
+        return (q, s) if reduce_dim == 1 else (q.t(), s if s.dim() == 0 else s.t())
     return quantize(x, dtype, granularity, reduce_dim)
 
 
-def _scaled_mm_ok(device, granularity, fa, fb, out_dtype) -> bool:
-    return (device.type, granularity, fa, fb, out_dtype) not in _SCALED_MM_FAILED

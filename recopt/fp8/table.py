@@ -3,7 +3,8 @@
 ``fp8_site_table(report)`` (an :class:`~recopt.report.OptimizationReport`,
 or a list of its fp8 sites) gives FQN, M/K/N, consumer op, forward error
 per recipe, the best forward speed-up and its basis (measured / predicted),
-the decision and the reason code.
+the decision (with its execution backend when it is not recopt's op, e.g.
+``(torchao)``) and the reason code.
 """
 from __future__ import annotations
 
@@ -40,7 +41,10 @@ def fp8_site_table(items, metric: str = "normwise") -> str:
         cells.append(d.get("basis", ""))
         roles = d.get("roles", {})
         picked = {k: v.get("recipe") for k, v in roles.items() if v.get("recipe", "bf16") != "bf16"}
-        cells.append(", ".join(f"{k}={v}" for k, v in picked.items()) if s.status == "rewritten" else "bf16")
+        dec = ", ".join(f"{k}={v}" for k, v in picked.items()) if s.status == "rewritten" else "bf16"
+        if s.status == "rewritten" and d.get("backend", "recopt") != "recopt":
+            dec += f" ({d['backend']})"
+        cells.append(dec)
         cells.append(s.reason_code or "ok")
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(hdr))]

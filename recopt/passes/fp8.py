@@ -60,11 +60,18 @@ class FP8Config(PassConfig):
       ``auto`` (training when the model is in training mode).
     - ``samples`` / ``max_eval_rows``: (X', W') pairs per site and rows per drawn X'.
     - ``max_calibration_batches``: batches of ``calibration_data`` probed.
-    - ``measure``: ``auto`` (time on the GPU when it is the target) or ``never`` (always predict).
+    - ``measure``: ``auto`` (time on the GPU when it is the target), ``never`` (always predict) or
+      ``always`` (time on the current device; needs a CUDA device or a ``fp8_timer`` option).
+    - ``lowering``: how the model will run, so timings match it: ``compile`` (torch.compile, the
+      default backend on GPUs), ``eager`` or ``cudagraphs``.
+    - ``torchao``: also time torchao's float8 linear (rowwise/tensorwise) where torchao is installed.
     - ``assume_fused_quant``: predict as if every activation quantization is fused into its producer.
     - ``ignore_speed``: rewrite every numerically safe site whatever its speed (numerics studies).
     - ``exclude``: FQNs never rewritten.
     - ``decisions_path``: write decisions JSON here; ``load_decisions``: apply a saved file, no probing.
+    - ``timings_path``: a JSON cache of site timings (keyed by device name + software versions, shape,
+      candidate, mode, lowering), read before measuring and written after: later runs on the same
+      machine and versions re-use them, others measure again.
     """
 
     recipes: list = field(default_factory=lambda: ["tensorwise", "rowwise", "rowwise_gw_hp", "blockwise"])
@@ -76,17 +83,25 @@ class FP8Config(PassConfig):
     max_eval_rows: int = 512
     max_calibration_batches: int = 32
     measure: str = "auto"
+    lowering: str = "compile"
+    torchao: bool = True
     assume_fused_quant: bool = False
     ignore_speed: bool = False
     exclude: list = field(default_factory=list)
     decisions_path: str = ""
+    timings_path: str = ""
     load_decisions: str = ""
     full_cov_max_k: int = 1024
     rank: int = 32
     seed: int = 0
 
 
-def _rewrite(gm: fx.GraphModule, site, recipes: dict) -> None:
+def _rewrite(gm: fx.GraphModule, site, recipes: dict, backend: str = "recopt") -> None:
+    if backend == "torchao":
+        from ..fp8.torchao_backend import to_torchao_linear
+
+        gm.add_submodule(site.fqn, to_torchao_linear(gm.get_submodule(site.fqn), recipes["forward"]))
+        return
     if site.kind == "module":
         gm.add_submodule(site.fqn, FP8Linear.from_linear(gm.get_submodule(site.fqn), recipes))
         return
@@ -148,6 +163,10 @@ def _mode(cfg: FP8Config, gm: fx.GraphModule) -> str:
 
 
 def _measuring(cfg: FP8Config, target) -> bool:
+    if cfg.measure not in ("auto", "never", "always"):
+        raise ValueError(f"fp8 measure must be 'auto', 'never' or 'always', got {cfg.measure!r}")
+    if cfg.measure == "always":
+        return True
     if cfg.measure == "never" or not torch.cuda.is_available() or target.device != "cuda":
         return False
     from ..targets import detect_target
@@ -176,6 +195,7 @@ class FP8Pass(Pass):
         target = ctx.target
         measured = _measuring(cfg, target)
         basis = "measured" if measured else PREDICTED
+        self._cache = D.MeasurementCache(cfg.timings_path or None) if cfg.timings_path else D.CACHE
         sites = find_sites(gm)
         heads = head_sites(gm, sites)
         out_sites: list = []
@@ -190,7 +210,7 @@ class FP8Pass(Pass):
                 eligible.append(s)
 
         if cfg.load_decisions:
-            decisions = self._load(eligible, cfg.load_decisions)
+            decisions = self._load(eligible, cfg.load_decisions, ctx)
             calib_note = f"decisions loaded from {cfg.load_decisions} (not re-probed)"
         else:
             decisions, calib_note = self._probe_and_decide(gm, ctx, eligible, cfg, roles, mode, threshold,
@@ -202,20 +222,31 @@ class FP8Pass(Pass):
             if d.decision == "fp8":
                 recipes = {r: (d.role(r).recipe if d.role(r).recipe != "bf16" else HP) for r in ROLES}
                 norm = fused_norm_of(gm, s)
-                if norm is not None and recipes["forward"] in FUSABLE_FORWARD:
+                if d.backend == "torchao":
+                    _rewrite(gm, s, recipes, backend="torchao")
+                elif norm is not None and recipes["forward"] in FUSABLE_FORWARD:
                     _rewrite_fused(gm, s, recipes, norm)
                     d_details.producer = "blocknorm (fused with the e4m3 quantization)"
                 else:
                     _rewrite(gm, s, recipes)
                 changed = True
+                slow = _fallback_roles(recipes, target, s) if d.backend == "recopt" else {}
+                if slow:  # a role without an FP8 kernel on the target runs as a dequantized matmul: say so
+                    d_details.reason += " [fallback: " + "; ".join(f"{r}: {w}" for r, w in slow.items()) + "]"
                 out_sites.append(self._site(gm, s, "rewritten", "", d.reason, d_details, calib_note))
             else:
                 out_sites.append(self._site(gm, s, REJECTED, d.reason_code or "not_selected", d.reason, d_details,
                                             calib_note))
         if cfg.decisions_path and not cfg.load_decisions:
-            D.save_decisions(cfg.decisions_path, [decisions[s.node.name] for s in eligible],
-                             {"target": target.name, "metric": cfg.metric, "threshold": threshold, "mode": mode,
-                              "basis": basis, "calibration": calib_note})
+            meta = {"target": target.name, "metric": cfg.metric, "threshold": threshold, "mode": mode,
+                    "basis": basis, "calibration": calib_note}
+            if measured:
+                from ..fp8.timing import environment
+
+                meta.update(environment=environment(self._device(ctx)), lowering=cfg.lowering)
+            D.save_decisions(cfg.decisions_path, [decisions[s.node.name] for s in eligible], meta)
+        if measured and cfg.timings_path and not cfg.load_decisions:
+            self._cache.save()
         if changed:
             gm.graph.lint()
             gm.delete_all_unused_submodules()  # BlockNorms folded into fused sites
@@ -242,12 +273,29 @@ class FP8Pass(Pass):
                                      f"(use target='h100'/'b200', or ignore_speed=True to study numerics)")
         return None
 
-    def _load(self, eligible: list, path: str) -> dict:
-        saved, _ = D.load_decisions(path)
+    @staticmethod
+    def _device(ctx) -> torch.device:
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+    def _load(self, eligible: list, path: str, ctx=None) -> dict:
+        saved, meta = D.load_decisions(path)
+        stale = ""
+        if meta.get("basis") == "measured":
+            from ..fp8.timing import environment, environment_mismatch
+
+            saved_env = meta.get("environment") or {}
+            diff = environment_mismatch(saved_env, environment(self._device(ctx)))
+            if diff:
+                stale = ("decisions were measured on " + ", ".join(f"{k}={saved_env.get(k)}" for k in diff)
+                         + "; this machine differs, so they are not re-used: re-run the fp8 pass without "
+                           "load_decisions to measure here")
         out = {}
         for s in eligible:
             d = saved.get(fqn_of(s))
-            if d is None:
+            if stale:
+                out[s.node.name] = D.SiteDecision(fqn_of(s), 0, s.k, s.n, decision="bf16",
+                                                  reason_code="stale_environment", reason=stale)
+            elif d is None:
                 out[s.node.name] = D.SiteDecision(fqn_of(s), 0, s.k, s.n, decision="bf16", reason_code="not_in_decisions",
                                                   reason=f"no decision for {fqn_of(s)} in {path}; kept")
             elif (d.k, d.n) != (s.k, s.n):
@@ -295,25 +343,29 @@ class FP8Pass(Pass):
             grad = lambda r, n: torch.randn(r, n, generator=gen)  # noqa: E731
             d.errors = D.evaluate_errors(xs, wsamp, cfg.recipes, roles, metrics, grad)
             norm_fusable = fused_norm_of(gm, s) is not None
+            timer = ctx.options.get("fp8_timer")
             for c in cands:
                 d.speedups[c.key] = {}
                 # The fused BlockNorm→quantize kernel makes row-wise e4m3 activations.
                 fused = cfg.assume_fused_quant or (norm_fusable and c.recipe in FUSABLE_FORWARD)
+                if measured and not cfg.ignore_speed:
+                    self._measure_candidate(gm, d, s, c, roles, mode, cfg, timer)
+                    continue
                 for role in roles:
                     if cfg.ignore_speed:
                         sp = math.inf
-                    elif measured:
-                        sp = D.measure_speedup(ctx.target.name, m, s.k, s.n, c, role, mode, fused)
                     else:
                         sp = D.predict_speedup(ctx.target, m, s.k, s.n, role, mode, fused)
                     d.speedups[c.key][role] = sp
             label = "speed ignored (ignore_speed=True)" if cfg.ignore_speed else (
-                "measured" if measured else "predicted")
+                "measured end to end" if measured else "predicted")
             for role in roles:
                 d.roles[role] = D.decide_role(role, d.errors, d.speedups, cands, cfg.metric, threshold,
                                               cfg.min_speedup, label)
             for role in ROLES:
                 d.roles.setdefault(role, D.RoleDecision(reason="inference: no backward GEMM"))
+            if measured and not cfg.ignore_speed:
+                self._confirm_and_compare(gm, d, s, roles, mode, cfg, threshold, timer)
             chosen = [r for r in roles if d.roles[r].recipe != "bf16"]
             if chosen:
                 d.decision = "fp8"
@@ -328,6 +380,73 @@ class FP8Pass(Pass):
             decisions[s.node.name] = d
         return decisions, calib_note
 
+    # -- measuring what runs (GPU, or measure="always" with an injected timer) ----------------
+    @staticmethod
+    def _site_recipes(recipe: str, roles) -> dict:
+        """The per-role recipes of the FP8 op when ``recipe`` runs every role it has in FP8."""
+        rec = RECIPES[recipe]
+        return {r: (recipe if r in roles and rec.is_fp8(r) else HP) for r in ROLES}
+
+    def _time(self, gm, d, s, candidate: dict, mode: str, cfg: FP8Config, timer) -> dict:
+        norm = fused_norm_of(gm, s)
+        t = D.measure_site(d.m, s.k, s.n, candidate, mode, cfg.lowering, bias=s.has_bias, timer=timer,
+                           cache=getattr(self, "_cache", D.CACHE), device=self._device(None),
+                           norm=(norm.block, norm.eps) if norm is not None else None)
+        d.timings[t["candidate"]] = t
+        return t
+
+    def _measure_candidate(self, gm, d, s, c, roles, mode, cfg, timer) -> None:
+        """Speed-up of candidate ``c`` = the whole FP8 op with ``c``'s recipe on all its roles, timed
+        (forward, or forward+backward) against bf16 ``F.linear``; the same figure for each of its roles."""
+        if c.lib != "torch":
+            for role in roles:  # fbgemm kernels are not an execution path of the FP8 op: nothing to time
+                d.speedups[c.key][role] = None
+            return
+        if not c.available():
+            return
+        recipes = self._site_recipes(c.recipe, roles)
+        if all(v == HP for v in recipes.values()):
+            return
+        t = self._time(gm, d, s, {"backend": "recopt", "recipes": recipes}, mode, cfg, timer)
+        for role in roles:
+            if recipes[role] != HP:
+                d.speedups[c.key][role] = t["speedup"]
+
+    def _confirm_and_compare(self, gm, d, s, roles, mode, cfg, threshold, timer) -> None:
+        """Time the combination the per-role rule picked (it may mix candidates), then torchao's float8
+        linear where installed; keep the fastest accurate option if it beats bf16 by ``min_speedup``."""
+        options = []  # (speed-up, backend, recipes, label)
+        chosen = {r: d.role(r).recipe for r in ROLES}
+        if any(chosen[r] != "bf16" for r in roles):
+            recipes = {r: (chosen[r] if chosen[r] != "bf16" else HP) for r in ROLES}
+            t = self._time(gm, d, s, {"backend": "recopt", "recipes": recipes}, mode, cfg, timer)
+            options.append((t["speedup"], "recopt", recipes, t["candidate"]))
+        if cfg.torchao and s.kind == "module":
+            for c in D.torchao_candidates():
+                if c.recipe not in cfg.recipes or not c.available():
+                    continue
+                if not all(_safe({c.recipe: d.errors.get(c.recipe, {})}, r, cfg.metric, threshold) for r in roles):
+                    continue
+                t = self._time(gm, d, s, {"backend": "torchao", "recipe": c.recipe}, mode, cfg, timer)
+                options.append((t["speedup"], "torchao", {r: c.recipe for r in ROLES}, t["candidate"]))
+        if not options:
+            return
+        sp, backend, recipes, label = max(options, key=lambda o: o[0])
+        if sp <= cfg.min_speedup:
+            why = f"measured end to end ({cfg.lowering}, {mode}): best {label} {sp:.2f}× ≤ {cfg.min_speedup:g}× bf16"
+            for r in roles:
+                d.roles[r] = D.RoleDecision(reason=why, speedup=sp)
+            d.reason_code = "slower_than_bf16"
+            return
+        d.backend = backend
+        for r in roles:
+            if recipes[r] == HP:
+                continue
+            err = d.errors.get(recipes[r], {}).get(r, {}).get(cfg.metric)
+            lib = "torchao" if backend == "torchao" else "torch"
+            d.roles[r] = D.RoleDecision(recipe=recipes[r], lib=lib, error=err, speedup=sp,
+                                        reason=f"{label}: measured end to end ({cfg.lowering}, {mode}) {sp:.2f}× bf16")
+
     def _site(self, gm, s, status, code, reason, d: D.SiteDecision, calib_note: str = "") -> Site:
         details = d.to_dict()
         details["calibration"] = calib_note
@@ -337,6 +456,22 @@ class FP8Pass(Pass):
         if status == "rewritten":
             return self.rewritten(s.node, reason, module_path=d.fqn, details=details)
         return self.rejected(s.node, code, reason, module_path=d.fqn, details=details)
+
+
+def _fallback_roles(recipes: dict, target, site) -> dict:
+    """Roles of a rewritten site that will run without an FP8 kernel on ``target``: role -> reason."""
+    from ..fp8.recipes import no_kernel_reason
+
+    dev = torch.device("cuda" if target.device == "cuda" else "cpu")
+    out = {}
+    for role, name in recipes.items():
+        if name == HP:
+            continue
+        why = no_kernel_reason(RECIPES[name].granularity, dev, site.k if role == "forward" else site.n,
+                               site.n if role == "forward" else site.k)
+        if why:
+            out[role] = why
+    return out
 
 
 def _safe(errors: dict, role: str, metric: str, threshold: float) -> bool:
