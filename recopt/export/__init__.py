@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
-from ..errors import InputError
+from ..errors import InputError, MissingDependencyError
 from .errors import ArtifactError, ExportError, ParityError, SignatureError, TamperedArtifactError
 from .manifest import read_manifest
 from .translations import register_translation, translated_ops
@@ -229,16 +229,21 @@ def load(path: str, providers: Optional[Sequence] = None, *, verify_key: Any = N
     if not os.path.lexists(path):
         raise ArtifactError(f"no such artifact: {path}")
     limit = {"max_bytes": max_bytes} if max_bytes is not None else {}
-    if os.path.lexists(mf.sidecar_path(path)) or os.path.lexists(pt2.integrity_path(path)):
-        return pt2.load_aoti(path, verify_key=verify_key, **limit, **kwargs)
     try:
+        if os.path.lexists(mf.sidecar_path(path)) or os.path.lexists(pt2.integrity_path(path)):
+            return pt2.load_aoti(path, verify_key=verify_key, **limit, **kwargs)
         with open(path, "rb") as f:
             head = f.read(4)
+        if head.startswith(b"PK"):  # zip: a torch.export archive
+            return pt2.load_pt2(path, verify_key=verify_key, **limit)
+        return onnx_export.OnnxModel(path, providers=providers, verify_key=verify_key, **limit, **kwargs)
+    except (ArtifactError, MissingDependencyError, TypeError):
+        raise
     except OSError as e:
-        raise ArtifactError(f"cannot read {path}: {e.strerror}") from None
-    if head.startswith(b"PK"):  # zip: a torch.export archive
-        return pt2.load_pt2(path, verify_key=verify_key, **limit)
-    return onnx_export.OnnxModel(path, providers=providers, verify_key=verify_key, **limit, **kwargs)
+        raise ArtifactError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # any other failure while checking untrusted bytes is a refusal, with its reason
+        raise ArtifactError(f"refusing to load {path}: checking it failed with {type(e).__name__}: "
+                            f"{str(e)[:300]}") from None
 
 
 __all__ = ["export", "load", "ExportResult", "read_manifest", "register_translation", "translated_ops",

@@ -57,7 +57,7 @@ def read_strict(data: bytes, path: str, max_total: int) -> Dict[str, bytes]:
         name = info.filename
         check_name(name, path)
         mode = (info.external_attr >> 16) & 0xFFFF
-        if info.is_dir() or stat.S_ISLNK(mode) or (mode and not stat.S_ISREG(mode)):
+        if info.is_dir() or stat.S_IFMT(mode) not in (0, stat.S_IFREG):
             raise ArtifactError(f"refusing to load {path}: entry {name!r} is a directory, symlink or special "
                                 "file")
         if info.flag_bits & 0x1:
@@ -89,6 +89,15 @@ def read_strict(data: bytes, path: str, max_total: int) -> Dict[str, bytes]:
         raise ArtifactError(f"refusing to load {path}: {central - expected_end} unaccounted bytes before the zip "
                             "directory; the archive was crafted or corrupted")
     return out
+
+
+def check_canonical(data: bytes, entries: Dict[str, bytes], path: str) -> None:
+    """The archive must be byte for byte what :func:`write` makes of its entries (recopt writes every
+    archive that way), so no header field, timestamp or padding can change unnoticed."""
+    if write(entries) != data:
+        raise ArtifactError(f"refusing to load {path}: the zip container is not the exact form recopt writes "
+                            "(headers, order or padding differ); the archive was modified or corrupted after "
+                            "export. Re-export it with recopt.export")
 
 
 def write(entries: Dict[str, bytes]) -> bytes:

@@ -91,6 +91,8 @@ def strip_props(model) -> Tuple[Optional[bytes], Optional[bytes]]:
     found: Dict[str, List[str]] = {}
     keep = []
     for p in model.metadata_props:
+        if not isinstance(p.key, str) or not isinstance(p.value, str):
+            raise ArtifactError("a metadata entry is not valid UTF-8 text; the file is corrupted")
         if p.key in (ONNX_METADATA_KEY, ONNX_INTEGRITY_KEY):
             found.setdefault(p.key, []).append(p.value)
         else:
@@ -159,6 +161,10 @@ def check_onnx(path: str, verify_key=None, max_bytes: int = MAX_BYTES):
     """Every check on an ONNX artifact; returns (model with external data inlined, manifest, record)."""
     data = read_bytes(path, max_bytes)
     model = parse(data, path)
+    if model.SerializeToString(deterministic=True) != data:
+        raise ArtifactError(f"refusing to load {path}: the protobuf is not in the exact form recopt writes "
+                            "(fields re-encoded, reordered or unknown); the file was modified or corrupted "
+                            "after export. Re-export it with recopt.export")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         manifest_bytes, record_bytes = strip_props(model)

@@ -133,6 +133,7 @@ def check_pt2(data: bytes, path: str, verify_key=None) -> tuple:
     entries = archive.read_strict(data, path, len(data) * 4 + (64 << 20))
     _, files = pc.split_root(entries, path)
     pc.check_layout(files, path)
+    archive.check_canonical(data, entries, path)
     hashed = {k: integrity.sha256(v) for k, v in files.items() if k not in (pc.MANIFEST_ENTRY, pc.INTEGRITY_ENTRY)}
     manifest, record = integrity.verify(files.get(pc.MANIFEST_ENTRY), files.get(pc.INTEGRITY_ENTRY), hashed,
                                         path, verify_key)
@@ -225,6 +226,7 @@ def seal_aoti(path: str, manifest: dict, sign_key=None) -> None:
 
     with open(path, "rb") as f:
         entries = archive.read_strict(f.read(), path, 1 << 62)
+    _write_atomic(path, archive.write(entries))   # the canonical form, which load_aoti insists on
     text, record = integrity.seal(manifest, {k: integrity.sha256(v) for k, v in entries.items()}, sign_key)
     _write_atomic(sidecar_path(path), text + b"\n")
     _write_atomic(integrity_path(path), record)
@@ -262,6 +264,7 @@ def load_aoti(path: str, device_index: int = -1, verify_key=None, max_bytes: int
     record = _read_small(integrity_path(path), "integrity record")
     data = _read_file(path, max_bytes)
     entries = archive.read_strict(data, path, len(data) * 4 + (64 << 20))
+    archive.check_canonical(data, entries, path)
     manifest, rec = integrity.verify(text, record, {k: integrity.sha256(v) for k, v in entries.items()}, path,
                                      verify_key)
     if manifest.get("format") != "aoti":
