@@ -248,3 +248,18 @@ def load(path: str, providers: Optional[Sequence] = None, *, verify_key: Any = N
 
 __all__ = ["export", "load", "ExportResult", "read_manifest", "register_translation", "translated_ops",
            "ExportError", "ParityError", "ArtifactError", "TamperedArtifactError", "SignatureError", "FORMATS"]
+
+
+class _CallableModule(__import__("types").ModuleType):
+    """``recopt.export`` is this package *and* callable as :func:`export`.
+
+    ``recopt.export(opt, inputs, "m.onnx")`` and ``recopt.export.export(...)``,
+    ``recopt.export.load(...)``, ``import recopt.export as rx`` all work: the
+    package and the function no longer fight over one name.
+    """
+
+    def __call__(self, *args, **kwargs) -> ExportResult:
+        return export(*args, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule
