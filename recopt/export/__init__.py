@@ -168,7 +168,10 @@ def export(
             rtol = fp8_translation.FP8_PARITY_RTOL
             rtol_reason = ("FP8 linears: an upstream 1-ulp difference can move one activation across a float8 "
                            "rounding boundary")
-        artifact = load(path)
+        try:
+            artifact = load(path)
+        except ArtifactError as e:  # e.g. onnxruntime has no kernel for an op/dtype: the export is unusable
+            raise ExportError(f"the {fmt} artifact was written to {path} but cannot be run: {e}") from None
         sets = [("the example inputs", src.args)]
         for k, sizes in enumerate(parity.choose_sizes(desc, src.args, n_random_inputs)):
             label = "random inputs " + ", ".join(f"{n}={v}" for n, v in sizes.items()) if sizes else "random inputs"
@@ -179,7 +182,7 @@ def export(
             return program.reference_outputs(src.module, inputs)
 
         runs = parity.check_parity(lambda inputs: artifact(*inputs), reference, sets, out_names, rtol=rtol,
-                                   what=f"{fmt} artifact ({getattr(artifact, 'provider', fmt)})")
+                                   what=f"{fmt} export ({getattr(artifact, 'provider', fmt)})", fmt=fmt)
         manifest["parity"] = {
             "rtol": rtol if rtol is not None else parity.DEFAULT_RTOL.get(torch.float32),
             "runtime": getattr(artifact, "provider", fmt),

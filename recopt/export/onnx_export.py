@@ -386,8 +386,7 @@ class OnnxModel:
             self.session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options,
                                                 providers=resolve_providers(providers))
         except Exception as e:  # onnxruntime rejects the (checked) graph: say so with its reason
-            raise ArtifactError(f"onnxruntime cannot run {self.path}: {type(e).__name__}: "
-                                f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from None
+            raise ArtifactError(explain_session_error(e, model, self.path)) from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -417,6 +416,22 @@ class OnnxModel:
 
     def __repr__(self) -> str:
         return f"OnnxModel({self.path!r}, provider={self.provider}, inputs={self.input_names})"
+
+
+def explain_session_error(e: BaseException, model, path: str) -> str:
+    """One line for an onnxruntime session that would not build: the op, its opset, the dtype, what to do."""
+    text = " ".join(str(e).split())
+    m = re.search(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'", text)
+    if not m:
+        return f"onnxruntime cannot run {path}: {type(e).__name__}: {text[:300]}"
+    op, version, node = m.groups()
+    bf16 = any(i.type.tensor_type.elem_type == 16 for i in model.graph.input) or any(
+        t.data_type == 16 for t in model.graph.initializer)
+    why = ("the model computes in bfloat16, and onnxruntime's CPU provider has no bfloat16 kernel for it"
+           if bf16 else "onnxruntime has no kernel for it with this model's dtypes")
+    todo = ("export a float32 copy for ONNX (model.float() with float32 example inputs; cast at the server), or "
+            "keep bfloat16 with format='pt2'" if bf16 else "export with format='pt2', or change the op's dtype")
+    return (f"onnxruntime cannot run {path}: op {op} (opset {version}, node {node!r}): {why}. What to do: {todo}")
 
 
 def _as_numpy(x):
