@@ -266,5 +266,5 @@ def test_aoti_package_roundtrip(tmp_path):
         b = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xFF]))
-    with pytest.raises(rx.TamperedArtifactError):
+    with pytest.raises(rx.ArtifactError):  # a digest mismatch, or a broken zip header: refused either way
         rx.load(path)
