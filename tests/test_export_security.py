@@ -578,3 +578,17 @@ def test_corrupted_manifest_reads_as_artifact_error(artifacts, tmp_path):
     trunc.write_bytes(open(artifacts["plain.onnx"], "rb").read()[:300])
     with pytest.raises(rx.ArtifactError):
         rx.read_manifest(str(trunc))
+
+
+def test_export_with_external_data_roundtrips_and_hashes_the_data_file(tmp_path, monkeypatch):
+    """The >2 GB path (weights in ``<name>.data`` beside the model), forced on a small model."""
+    monkeypatch.setattr(onnx_checks, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(onnx_checks, "EXTERNAL_TENSOR_MIN_BYTES", 0)
+    path = str(tmp_path / "ext.onnx")
+    res = rx.export(build(), X, path, n_random_inputs=1)
+    assert os.path.exists(path + ".data") and "external/ext.onnx.data" in res.manifest["files"]
+    torch.testing.assert_close(rx.load(path)(*X)[0], build()(*X).detach())
+    data = bytearray(open(path + ".data", "rb").read())
+    data[len(data) // 2] ^= 4
+    open(path + ".data", "wb").write(bytes(data))
+    assert "external/ext.onnx.data" in refused(path, rx.TamperedArtifactError)

@@ -35,6 +35,7 @@ from .manifest import ONNX_INTEGRITY_KEY, ONNX_METADATA_KEY
 MAX_BYTES = 8 << 30
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000   # bytes; models above it keep weights in an external file
+EXTERNAL_TENSOR_MIN_BYTES = 1024           # ... for tensors of at least this size
 
 
 def _tensors(model) -> Iterator:

@@ -283,7 +283,8 @@ def save_onnx(model, path: str, manifest: dict, sign_key=None) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if model.ByteSize() > onnx_checks.EXTERNAL_DATA_THRESHOLD:
         external_data_helper.convert_model_to_external_data(
-            model, all_tensors_to_one_file=True, location=os.path.basename(path) + ".data", size_threshold=1024)
+            model, all_tensors_to_one_file=True, location=os.path.basename(path) + ".data",
+            size_threshold=onnx_checks.EXTERNAL_TENSOR_MIN_BYTES)
         external_data_helper.write_external_data_tensors(model, folder)
     onnx_checks.seal(model, folder, manifest, sign_key)
     tmp = f"{path}.tmp-{os.getpid()}"
