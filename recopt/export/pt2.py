@@ -228,7 +228,7 @@ def seal_aoti(path: str, manifest: dict, sign_key=None) -> None:
         entries = archive.read_strict(f.read(), path, 1 << 62)
     _write_atomic(path, archive.write(entries))   # the canonical form, which load_aoti insists on
     text, record = integrity.seal(manifest, {k: integrity.sha256(v) for k, v in entries.items()}, sign_key)
-    _write_atomic(sidecar_path(path), text + b"\n")
+    _write_atomic(sidecar_path(path), text)  # exactly the bytes the record hashes
     _write_atomic(integrity_path(path), record)
 
 
