@@ -33,11 +33,14 @@ from .manifest import INTEGRITY_SUFFIX, sidecar_path
 
 
 def _register_recopt_ops() -> None:
-    """Import the modules that define recopt's custom ops, so programs using them deserialize."""
+    """Import the modules that define recopt's custom ops, so programs using them deserialize.
+
+    A module that cannot be imported (an optional dependency missing) is skipped: a program that
+    uses its ops then fails to load with torch's message naming the op."""
     for mod in ("recopt.ops", "recopt.fp8.linear"):
         try:
             __import__(mod)
-        except Exception:
+        except ImportError:
             pass
 
 
