@@ -168,6 +168,10 @@ def plant_dunder_op(files, marker):
     _program_edit(files, '"torch.ops.aten.linear.default"', '"torch.ops.aten.linear.__globals__"')
 
 
+def plant_side_table_hop(files, marker):
+    _program_edit(files, '"torch.ops.aten.linear.default"', '"torch.ops.higher_order.triton_kernel_wrapper_mutation"')
+
+
 def plant_extension_target(files, marker):
     _program_edit(files, '"torch.ops.aten.linear.default"', '"#evil"')
 
@@ -211,6 +215,7 @@ def plant_out_of_bounds_view(files, marker):
 PT2_PAYLOADS = [plant_pickled_sample_inputs, plant_pickled_weight, plant_opaque_constant, plant_custom_obj_constant,
                 plant_legacy_weights, plant_zip_in_zip, plant_reduce_in_json_entry, plant_aoti_code,
                 plant_torch_load_target, plant_load_library_target, plant_dunder_op, plant_extension_target,
+                plant_side_table_hop,
                 plant_sympy_eval, plant_sympy_call, plant_out_of_bounds_view]
 
 

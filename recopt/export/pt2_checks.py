@@ -54,6 +54,10 @@ _JSON_ENTRIES = (PROGRAM, WEIGHTS_CONFIG, CONSTANTS_CONFIG)
 _ALLOWED_NAMESPACES = ("aten", "prims", "recopt", "recopt_test", "fbgemm", "higher_order")
 _TARGET = re.compile(r"^torch\.ops\.(" + "|".join(_ALLOWED_NAMESPACES) + r")\.(?!__)[A-Za-z_][A-Za-z0-9_]*"
                      r"(\.(?!__)[A-Za-z_][A-Za-z0-9_]*)?$")
+# Higher-order ops that only run subgraphs of the same program (no side tables, no Python callables).
+_HIGHER_ORDER = {"cond", "while_loop", "map_impl", "scan", "associative_scan", "invoke_subgraph",
+                 "wrap_with_set_grad_enabled", "wrap_with_autocast", "auto_functionalized", "auto_functionalized_v2",
+                 "with_effects"}
 _SYM_TARGETS = {
     "_operator.getitem", "_operator.add", "_operator.sub", "_operator.mul", "_operator.floordiv",
     "_operator.truediv", "_operator.mod", "_operator.neg", "_operator.pow", "_operator.eq", "_operator.ne",
@@ -180,7 +184,10 @@ def check_payloads(files: Dict[str, bytes], path: str) -> None:
 
 
 def _check_target(target, where: str, path: str) -> None:
-    if not isinstance(target, str) or not (_TARGET.match(target) or target in _SYM_TARGETS):
+    ok = isinstance(target, str) and (_TARGET.match(target) or target in _SYM_TARGETS)
+    if ok and target.startswith("torch.ops.higher_order."):
+        ok = target.split(".")[3] in _HIGHER_ORDER
+    if not ok:
         raise _refuse(path, f"{where} calls {str(target)[:80]!r}, which is not an operator recopt allows in a "
                             f"program (namespaces {', '.join(_ALLOWED_NAMESPACES)} and shape arithmetic)")
 
