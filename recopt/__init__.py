@@ -10,13 +10,14 @@ The public surface (everything else is internal):
 - :class:`Target`, :func:`get_target` — hardware profiles.
 - :class:`OptimizationReport` — what was done and why.
 - :func:`export`, :func:`load`, :func:`read_manifest` — ONNX / torch.export
-  artifacts with a manifest and a parity check (the ``recopt.export``
-  package's functions; ``importlib.import_module("recopt.export")`` gives
-  the package itself).
+  artifacts with a manifest and a parity check. ``recopt.export`` is the
+  package, and calling it runs its :func:`~recopt.export.export` function,
+  so ``recopt.export(...)`` and ``recopt.export.export(...)`` both work.
 """
 from .api import OptimizedModel, optimize
 from .capture import CapturedModel, capture
-from .export import export, load, read_manifest
+from . import export  # the package, callable as its export() function
+from .export import load, read_manifest
 from .errors import CaptureError, InputError, MissingDependencyError, PassError, RecoptError, VerificationError
 from .passes.base import Pass, PassConfig, PassContext, PassResult, Semantics, Site
 from .passes.manager import PassManager

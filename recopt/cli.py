@@ -9,9 +9,14 @@
 A factory ``build_fn()`` returns ``(model, example_inputs)``; it may also be
 a bundled model: ``recopt:interformer``, ``recopt:kunlun``, ``recopt:dlrm``.
 
+Also ``python -m recopt ...``.
+
 Exit codes: 0 success, 1 the work failed (capture, a strict pass, export
-parity), 2 bad arguments (missing file, bad factory, unknown target/pass).
-Errors print one line; ``--debug`` prints the traceback.
+parity), 2 bad arguments (missing file, bad factory, unknown target/pass/
+format, an output path that cannot be written, a flag out of range).
+Every argument is checked before the long work starts (:func:`preflight`).
+Errors print one line on stderr, naming the flag at fault; ``--debug``
+prints the traceback.
 """
 from __future__ import annotations
 
@@ -30,6 +35,44 @@ class UsageError(Exception):
     """Bad command-line input: exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``recopt <command>: error: ...``) and exit 2."""
+
+    def error(self, message):
+        prog = self.prog if self.prog.startswith("recopt") else "recopt"
+        print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def check_output_path(flag: str, path: Optional[str], protect: Optional[str] = None) -> None:
+    """Raise UsageError unless ``path`` can be written (its folder exists or can be made, it is not a
+    folder, it is not the model file ``protect``). Leaves no file behind."""
+    if path is None:
+        return
+    if not str(path).strip():
+        raise UsageError(f"{flag} is empty; give a file path")
+    full = os.path.abspath(path)
+    if protect and os.path.exists(protect) and os.path.exists(full) and os.path.samefile(full, protect):
+        raise UsageError(f"{flag} {path!r} is the model file itself; writing there would overwrite it")
+    if os.path.isdir(full):
+        raise UsageError(f"{flag} {path!r} is a folder; give a file path inside it")
+    folder = os.path.dirname(full)
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"{flag} {path!r}: {probe!r} is a file, so no folder can be made under it")
+    existed = os.path.exists(full)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(full, "ab"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path!r} cannot be written: {e.strerror or e}") from None
+    if not existed:
+        os.remove(full)
+
+
 def _load_factory(spec: str):
     """Resolve ``file.py:function`` or ``recopt:<model>`` to a zero-argument factory."""
     if ":" not in spec:
@@ -38,17 +81,30 @@ def _load_factory(spec: str):
     if path == "recopt":
         from .examples_factory import bundled_factory
 
-        return bundled_factory(fn_name)
+        try:
+            return bundled_factory(fn_name)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if not path:
+        raise UsageError(f"model spec {spec!r} has no file before ':'; use path/to/model.py:build_fn")
+    if not fn_name or not fn_name.isidentifier():
+        raise UsageError(f"model spec {spec!r}: {fn_name!r} is not a function name; use path/to/model.py:build_fn")
+    if os.path.isdir(path):
+        raise UsageError(f"model file {path!r} is a folder; give the .py file that defines {fn_name}()")
     if not os.path.isfile(path):
         raise UsageError(f"model file {path!r} does not exist")
+    if not path.endswith(".py"):
+        raise UsageError(f"model file {path!r} is not a .py file")
     mod_name = "_recopt_user_model_" + os.path.splitext(os.path.basename(path))[0]
     module_spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     try:
         module_spec.loader.exec_module(module)
+    except SystemExit as e:
+        raise UsageError(f"importing {path} called sys.exit({e.code!r}); a model file must not exit") from None
     except Exception as e:
-        raise UsageError(f"importing {path} failed: {type(e).__name__}: {e}") from e
+        raise UsageError(f"importing {path} failed: {type(e).__name__}: {_first_line(e)}") from e
     finally:
         sys.path.pop(0)
     fn = getattr(module, fn_name, None)
@@ -62,8 +118,11 @@ def _build(spec: str):
     fn = _load_factory(spec)
     try:
         out = fn()
+    except SystemExit as e:
+        raise UsageError(f"factory {spec} called sys.exit({e.code!r}) instead of returning "
+                         "(model, example_inputs)") from None
     except Exception as e:
-        raise UsageError(f"factory {spec} raised {type(e).__name__}: {e}") from e
+        raise UsageError(f"factory {spec} raised {type(e).__name__}: {_first_line(e)}") from e
     if not (isinstance(out, tuple) and len(out) == 2):
         raise UsageError(f"factory {spec} must return (model, example_inputs), got {type(out).__name__}")
     model, inputs = out
@@ -72,6 +131,11 @@ def _build(spec: str):
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"factory {spec} returned a {type(model).__name__} as the model, expected an nn.Module")
     return model, inputs
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _split(values: Optional[str]) -> Optional[list]:
@@ -84,7 +148,7 @@ def _optimize(args, **extra):
     import recopt
 
     model, inputs = _build(args.model)
-    configs = json.loads(args.config) if getattr(args, "config", None) else None
+    configs = args.config_dict
     return model, inputs, recopt.optimize(
         model, inputs, target=args.target, passes=_split(args.passes), configs=configs,
         backend=getattr(args, "backend", None) or "eager", strict=getattr(args, "strict", False),
@@ -163,10 +227,6 @@ def cmd_bench(args) -> int:
 def cmd_export(args) -> int:
     import recopt
 
-    import importlib
-
-    # Resolve the format first: a bad path fails before minutes of work.
-    importlib.import_module("recopt.export")._format_for(args.path, args.format)
     _, inputs, opt = _optimize(args)
     recopt.export(opt, inputs, args.path, format=args.format)
     if not args.quiet:
@@ -193,9 +253,9 @@ def cmd_targets(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="recopt", description="Graph optimizer for recommendation models.")
+    ap = _Parser(prog="recopt", description="Graph optimizer for recommendation models.")
     ap.add_argument("--debug", action="store_true", help="print tracebacks on errors")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p, backend=True):
         p.add_argument("model", help="path/to/model.py:build_fn returning (model, example_inputs), or recopt:<model>")
@@ -221,8 +281,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="eager vs torch.compile vs recopt, side by side")
     common(p, backend=False)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per variant (>= 1)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (>= 0)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_bench)
@@ -240,25 +300,97 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def preflight(args) -> None:
+    """Check every argument before any model is built: flags in range, names known, paths writable."""
+    import recopt
+    from .targets import get_target
+
+    if getattr(args, "model", None) is not None:
+        spec = args.model
+        if ":" not in spec:
+            raise UsageError(f"model spec {spec!r} must look like path/to/model.py:build_fn or recopt:<model>")
+        path, _, fn = spec.rpartition(":")
+        if path == "recopt":
+            from .models import MODELS
+
+            if fn not in MODELS:
+                raise UsageError(f"unknown bundled model {fn!r}; choose one of {', '.join(sorted(MODELS))}")
+        elif not os.path.isfile(path):
+            _load_factory(spec)  # raises the precise message (missing, folder, not .py, bad name)
+    if getattr(args, "target", None) is not None:
+        try:
+            get_target(args.target)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--target: {_first_line(e)}") from None
+    if getattr(args, "passes", None) is not None:
+        names = _split(args.passes)
+        if not names:
+            raise UsageError("--passes is empty; give comma-separated pass names (see `recopt passes`)")
+        known = recopt.available_passes()
+        for n in names:
+            if n != "default" and n not in known:
+                raise UsageError(f"--passes: unknown pass {n!r}; registered passes: {', '.join(known)}")
+    args.config_dict = None
+    if getattr(args, "config", None) is not None:
+        try:
+            cfg = json.loads(args.config)
+        except ValueError as e:
+            raise UsageError(f"--config is not valid JSON ({e})") from None
+        if not isinstance(cfg, dict) or not all(isinstance(v, dict) for v in cfg.values()):
+            raise UsageError('--config must be a JSON object {"pass name": {"option": value}}')
+        known = recopt.available_passes()
+        for n in cfg:
+            if n not in known:
+                raise UsageError(f"--config: unknown pass {n!r}; registered passes: {', '.join(known)}")
+        args.config_dict = cfg
+    if getattr(args, "repeats", None) is not None and args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
+    if getattr(args, "warmup", None) is not None and args.warmup < 0:
+        raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
+    model_file = None
+    if getattr(args, "model", None) and not args.model.startswith("recopt:"):
+        model_file = args.model.rpartition(":")[0]
+    if args.command == "export":
+        import importlib
+
+        try:
+            importlib.import_module("recopt.export")._format_for(args.path, args.format)
+        except ValueError as e:
+            raise UsageError(f"export path {args.path!r}: {_first_line(e)}") from None
+        check_output_path("the export path", args.path, model_file)
+    for flag in ("out", "json"):
+        check_output_path(f"--{flag}", getattr(args, flag, None), model_file)
+    if getattr(args, "out", None) and getattr(args, "json", None) and \
+            os.path.abspath(args.out) == os.path.abspath(args.json):
+        raise UsageError("--out and --json name the same file; give two paths")
+
+
 def main(argv: Optional[list] = None) -> int:
     ap = _parser()
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error already printed as one line (2)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     from .errors import CaptureError, InputError, PassError, RecoptError, VerificationError
 
     try:
+        preflight(args)
         return args.func(args)
     except (UsageError, InputError, ValueError, KeyError) as e:
         code, err = EXIT_USAGE, e
     except (CaptureError, PassError, VerificationError, RecoptError) as e:
         code, err = EXIT_FAILED, e
     except KeyboardInterrupt:
+        print(f"recopt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # something inside the work called sys.exit: an error, never a silent success
+        code, err = EXIT_FAILED, RuntimeError(f"sys.exit({e.code!r}) was called during {args.command}")
     except Exception as e:  # an unexpected failure: still one line unless --debug
         code, err = EXIT_FAILED, e
     if args.debug:
         traceback.print_exception(err)
-    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    print(f"recopt {args.command}: error: {msg}", file=sys.stderr)
+    msg = " ".join(str(err).split()) if str(err).strip() else type(err).__name__
+    print(f"recopt {args.command}: error: {msg[:2000]}", file=sys.stderr)
     return code
 
 

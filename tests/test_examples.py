@@ -23,8 +23,10 @@ def test_custom_pass_example():
 def test_demo_smoke(data_dir):
     if not os.path.isdir(os.path.join(data_dir, "ml-latest-small")):
         pytest.skip("MovieLens data not found")
-    out = _run("examples/demo.py", "--models", "kunlun", "--batch", "32", "--repeats", "2", "--seq-len", "16")
+    out = _run("examples/demo.py", "--models", "kunlun", "--batch", "32", "--repeats", "2", "--seq-len", "16",
+               "--serve-batches", "1", "--serve-repeats", "2")
     assert "max |optimized - original|" in out and "recopt" in out
+    assert "signature verified" in out and "onnxruntime" in out and "serving summary" in out
 
 
 def test_pipeline_overhead_benchmark_smoke(tmp_path):

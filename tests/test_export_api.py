@@ -176,7 +176,7 @@ def test_pt2_with_pickled_sample_inputs_is_refused_without_unpickling(pt2_artifa
     monkeypatch.setattr(os, "system", lambda *a: calls.append(a))  # would record an unpickling
     _rewrite_zip(pt2_artifact.path, bad,
                  lambda name, data: evil.getvalue() if "sample_inputs" in name else data)
-    with pytest.raises(rx.ArtifactError, match="weights_only=True"):
+    with pytest.raises(rx.ArtifactError, match="torch.export.load would unpickle"):
         rx.load(bad)
     assert calls == []
 
@@ -193,8 +193,8 @@ def test_pt2_with_pickled_weight_payload_is_refused(pt2_artifact, tmp_path):
         return data
 
     _rewrite_zip(pt2_artifact.path, bad, mark)
-    with pytest.raises(rx.ArtifactError, match="is a pickle"):
-        rx.load(bad)
+    with pytest.raises(rx.TamperedArtifactError, match="model_weights_config.json has SHA-256"):
+        rx.load(bad)  # more payloads, also with recomputed digests: tests/test_export_security.py
 
 
 # ----------------------------------------------------------------------------- errors and options
@@ -266,5 +266,5 @@ def test_aoti_package_roundtrip(tmp_path):
         b = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xFF]))
-    with pytest.raises(rx.TamperedArtifactError):
+    with pytest.raises(rx.ArtifactError):  # a digest mismatch, or a broken zip header: refused either way
         rx.load(path)

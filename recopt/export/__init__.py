@@ -20,8 +20,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence
 
-from ..errors import InputError
-from .errors import ArtifactError, ExportError, ParityError, TamperedArtifactError
+from ..errors import InputError, MissingDependencyError
+from .errors import ArtifactError, ExportError, ParityError, SignatureError, TamperedArtifactError
 from .manifest import read_manifest
 from .translations import register_translation, translated_ops
 
@@ -38,8 +38,8 @@ class ExportResult:
     manifest: dict
     parity: list = field(default_factory=list)
 
-    def load(self, providers=None):
-        return load(self.path, providers=providers)
+    def load(self, providers=None, **kwargs):
+        return load(self.path, providers=providers, **kwargs)
 
 
 def _format_for(path: str, fmt: Optional[str]) -> str:
@@ -82,6 +82,7 @@ def export(
     rtol: Optional[float] = None,
     inductor_configs: Optional[dict] = None,
     progress: bool = False,
+    sign_key: Any = None,
 ) -> ExportResult:
     """Export ``opt_or_module`` (``recopt.optimize``'s result or any nn.Module) to ``path``.
 
@@ -101,6 +102,9 @@ def export(
         output_names: names of the flattened outputs (default ``output`` /
             ``output_0..``).
         opset: ONNX opset (default 18, or 21 when the graph has FP8 linears).
+        sign_key: sign the artifact: an Ed25519 private key (``cryptography``,
+            the ``[sign]`` extra) or a bytes/str secret (≥ 16 bytes) for
+            HMAC-SHA256. :func:`load` checks it with ``verify_key=``.
 
     Returns:
         :class:`ExportResult` (``path``, ``format``, ``manifest``, ``parity``).
@@ -148,13 +152,13 @@ def export(
     next(bar, None)
     if fmt == "onnx":
         onnx_export.export_onnx(ep, src.args, path, src.input_names, out_names, desc["symbols"], manifest,
-                                opset=opset)
+                                opset=opset, sign_key=sign_key)
     elif fmt == "pt2":
         manifest["lowerings"] = {}
-        pt2.save_pt2(ep, path, manifest)
+        entries = pt2.save_pt2(ep, path, manifest, sign_key)
     else:
         manifest["lowerings"] = {}
-        pt2.save_aoti(ep, path, manifest, inductor_configs)
+        pt2.save_aoti(ep, path, manifest, inductor_configs, sign_key)
 
     runs = []
     if verify:
@@ -164,7 +168,10 @@ def export(
             rtol = fp8_translation.FP8_PARITY_RTOL
             rtol_reason = ("FP8 linears: an upstream 1-ulp difference can move one activation across a float8 "
                            "rounding boundary")
-        artifact = load(path)
+        try:
+            artifact = load(path)
+        except ArtifactError as e:  # e.g. onnxruntime has no kernel for an op/dtype: the export is unusable
+            raise ExportError(f"the {fmt} artifact was written to {path} but cannot be run: {e}") from None
         sets = [("the example inputs", src.args)]
         for k, sizes in enumerate(parity.choose_sizes(desc, src.args, n_random_inputs)):
             label = "random inputs " + ", ".join(f"{n}={v}" for n, v in sizes.items()) if sizes else "random inputs"
@@ -175,7 +182,7 @@ def export(
             return program.reference_outputs(src.module, inputs)
 
         runs = parity.check_parity(lambda inputs: artifact(*inputs), reference, sets, out_names, rtol=rtol,
-                                   what=f"{fmt} artifact ({getattr(artifact, 'provider', fmt)})")
+                                   what=f"{fmt} export ({getattr(artifact, 'provider', fmt)})", fmt=fmt)
         manifest["parity"] = {
             "rtol": rtol if rtol is not None else parity.DEFAULT_RTOL.get(torch.float32),
             "runtime": getattr(artifact, "provider", fmt),
@@ -187,18 +194,19 @@ def export(
             import onnxruntime
 
             manifest["parity"]["onnxruntime_version"] = onnxruntime.__version__
-            onnx_export.update_manifest_on_disk(path, manifest)
+            onnx_export.update_manifest_on_disk(path, manifest, sign_key)
         elif fmt == "pt2":
-            pt2.save_pt2(ep, path, manifest)
+            pt2.save_pt2(ep, path, manifest, sign_key, entries=entries)
         else:
-            mf.write_sidecar(path, manifest)
+            pt2.seal_aoti(path, manifest, sign_key)
     for _ in bar:
         pass
     return ExportResult(path, fmt, manifest, runs)
 
 
-def load(path: str, providers: Optional[Sequence] = None, **kwargs):
-    """Load an artifact written by :func:`export`, after checking it against its manifest.
+def load(path: str, providers: Optional[Sequence] = None, *, verify_key: Any = None,
+         max_bytes: Optional[int] = None, **kwargs):
+    """Load an artifact written by :func:`export`, after checking all of it.
 
     - ``.onnx``: an :class:`~recopt.export.onnx_export.OnnxModel` (onnxruntime
       session). ``providers``: ``None`` (CPU), ``"cuda"`` (CUDA execution
@@ -206,26 +214,55 @@ def load(path: str, providers: Optional[Sequence] = None, **kwargs):
       with a warning), or onnxruntime provider names/tuples. ``.provider``
       says which one runs.
     - ``.pt2`` program: a :class:`~recopt.export.pt2.Pt2Program`.
-    - AOTInductor package (sidecar manifest with ``format: aoti``): an
+    - AOTInductor package (sidecar manifest ``<path>.manifest.json``): an
       :class:`~recopt.export.pt2.AotiPackage`.
 
-    Never unpickles anything from the artifact; refuses an artifact whose
-    weights do not match the manifest's SHA-256 (:class:`TamperedArtifactError`).
+    Guarantees (docs/export.md): nothing from the file is unpickled or
+    executed as Python; every file of the artifact matches the SHA-256 its
+    manifest records, checked before anything else is parsed; with
+    ``verify_key`` (Ed25519 public key or the HMAC secret) the artifact must
+    carry a valid signature from that key. ``max_bytes`` caps the file size
+    (default 8 GiB). Every refusal is an :class:`ArtifactError` (a
+    :class:`TamperedArtifactError` when a digest does not match, a
+    :class:`SignatureError` when the signature does not verify).
     """
     from . import manifest as mf, onnx_export, pt2
 
     path = str(path)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise ArtifactError(f"no such artifact: {path}")
-    side = mf.read_sidecar(path)
-    if side is not None and side.get("format") == "aoti":
-        return pt2.load_aoti(path, **kwargs)
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head.startswith(b"PK"):  # zip: a torch.export archive
-        return pt2.load_pt2(path)
-    return onnx_export.OnnxModel(path, providers=providers, **kwargs)
+    limit = {"max_bytes": max_bytes} if max_bytes is not None else {}
+    try:
+        if os.path.lexists(mf.sidecar_path(path)) or os.path.lexists(pt2.integrity_path(path)):
+            return pt2.load_aoti(path, verify_key=verify_key, **limit, **kwargs)
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(b"PK"):  # zip: a torch.export archive
+            return pt2.load_pt2(path, verify_key=verify_key, **limit)
+        return onnx_export.OnnxModel(path, providers=providers, verify_key=verify_key, **limit, **kwargs)
+    except (ArtifactError, MissingDependencyError, TypeError):
+        raise
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # any other failure while checking untrusted bytes is a refusal, with its reason
+        raise ArtifactError(f"refusing to load {path}: checking it failed with {type(e).__name__}: "
+                            f"{str(e)[:300]}") from None
 
 
 __all__ = ["export", "load", "ExportResult", "read_manifest", "register_translation", "translated_ops",
-           "ExportError", "ParityError", "ArtifactError", "TamperedArtifactError", "FORMATS"]
+           "ExportError", "ParityError", "ArtifactError", "TamperedArtifactError", "SignatureError", "FORMATS"]
+
+
+class _CallableModule(__import__("types").ModuleType):
+    """``recopt.export`` is this package *and* callable as :func:`export`.
+
+    ``recopt.export(opt, inputs, "m.onnx")`` and ``recopt.export.export(...)``,
+    ``recopt.export.load(...)``, ``import recopt.export as rx`` all work: the
+    package and the function no longer fight over one name.
+    """
+
+    def __call__(self, *args, **kwargs) -> ExportResult:
+        return export(*args, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule

@@ -16,3 +16,7 @@ class ArtifactError(RecoptError):
 
 class TamperedArtifactError(ArtifactError):
     """An artifact's weights no longer match the checksum in its manifest."""
+
+
+class SignatureError(ArtifactError):
+    """An artifact is unsigned, or its signature does not verify with the given key."""

@@ -14,16 +14,18 @@ A manifest is a JSON object (``MANIFEST_VERSION`` 1)::
     checksums         {"weights_sha256": hex, ...} — see below
     parity            {"rtol", "runs": [{"label", "max_abs", "rel", "output"}]} after verify=True
 
-Checksums (SHA-256, hex):
+Integrity (see :mod:`recopt.export.integrity`):
 
-- ONNX: over every initializer and every ``Constant`` node tensor (graph and
-  model-local functions), in name order: name, data type, dims and the raw little-endian bytes.
-- pt2 / AOTInductor: over the archive's entries (name and bytes, in name
-  order); ``weights_sha256`` covers the weight and constant payloads,
-  ``archive_sha256`` every other entry but the manifest itself.
+    files             {file name: SHA-256 hex} of every file of the artifact but the manifest
+                      and the integrity record: .pt2 entries, the ONNX model (serialized without
+                      recopt's metadata), ONNX external-data files, AOTInductor package entries
+    checksums         {"weights_sha256": hex} — a second, content-level digest of the weights
+                      (ONNX: initializers and Constant tensors; pt2: state dict and constants)
 
-They detect a modified or corrupted artifact; they do not authenticate who
-made it (sign the file for that).
+The manifest's own bytes are hashed (and optionally signed) in the
+integrity record stored beside it: metadata key ``recopt.integrity`` in
+ONNX, ``extra/recopt_integrity.json`` in a .pt2, ``<path>.integrity.json``
+beside an AOTInductor package.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 MANIFEST_VERSION = 1
 ONNX_METADATA_KEY = "recopt.manifest"
+ONNX_INTEGRITY_KEY = "recopt.integrity"
+INTEGRITY_SUFFIX = ".integrity.json"          # beside an AOTInductor package
 PT2_MANIFEST_NAME = "recopt_manifest.json"     # extra file inside a .pt2 archive
 SIDECAR_SUFFIX = ".manifest.json"              # beside an AOTInductor package
 
@@ -136,41 +140,15 @@ def write_onnx_manifest(model, manifest: dict) -> None:
     model.metadata_props.add(key=ONNX_METADATA_KEY, value=dumps(manifest))
 
 
-# ----------------------------------------------------------------------------- archive checksums
-
-WEIGHT_DIR_MARKERS = ("/data/weights/", "/data/constants/")
-
-
-def archive_sha256(path: str) -> dict:
-    """``{"weights_sha256", "archive_sha256", "n_entries"}`` over a zip archive's entries.
-
-    The recopt manifest entry is excluded (it holds these digests).
-    """
-    weights = hashlib.sha256()
-    rest = hashlib.sha256()
-    n = 0
-    with zipfile.ZipFile(path) as zf:
-        for name in sorted(zf.namelist()):
-            if name.endswith(PT2_MANIFEST_NAME) or name.endswith("/"):
-                continue
-            data = zf.read(name)
-            h = weights if any(m in "/" + name for m in WEIGHT_DIR_MARKERS) else rest
-            h.update(name.encode())
-            h.update(f"|{len(data)}|".encode())
-            h.update(data)
-            n += 1
-    return {"weights_sha256": weights.hexdigest(), "archive_sha256": rest.hexdigest(), "n_entries": n}
+# ----------------------------------------------------------------------------- reading
 
 
 def read_archive_manifest(path: str) -> Optional[dict]:
-    """The manifest stored inside a .pt2 archive (None if there is none)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for name in zf.namelist():
-                if name.endswith("/" + PT2_MANIFEST_NAME) or name == PT2_MANIFEST_NAME:
-                    return json.loads(zf.read(name).decode())
-    except zipfile.BadZipFile:
-        return None
+    """The manifest stored inside a .pt2 archive (None if there is none). Not verified: use :func:`load`."""
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            if name.endswith("/extra/" + PT2_MANIFEST_NAME):
+                return json.loads(zf.read(name).decode())
     return None
 
 
@@ -196,24 +174,28 @@ def write_sidecar(path: str, manifest: dict) -> str:
 
 
 def read_manifest(path: str) -> dict:
-    """The manifest of an exported artifact (ONNX metadata, .pt2 entry or sidecar JSON).
+    """The manifest of an exported artifact (ONNX metadata, .pt2 entry or sidecar JSON), for reading.
 
-    Raises :class:`~recopt.export.errors.ArtifactError` when there is none.
+    It is *not* checked against the artifact (:func:`recopt.export.load` does that). Raises
+    :class:`~recopt.export.errors.ArtifactError` when there is none or it cannot be read.
     """
     from .errors import ArtifactError
 
     path = str(path)
-    m = read_sidecar(path)
-    if m is not None:
-        return m
-    if path.endswith(".onnx"):
-        import onnx
+    try:
+        m = read_sidecar(path)
+        if m is None and zipfile.is_zipfile(path):
+            m = read_archive_manifest(path)
+        elif m is None:
+            import onnx
 
-        model = onnx.load(path, load_external_data=False)
-        m = read_onnx_manifest(model)
-    elif zipfile.is_zipfile(path):
-        m = read_archive_manifest(path)
-    if m is None:
+            model = onnx.load(path, load_external_data=False)
+            m = read_onnx_manifest(model)
+    except ArtifactError:
+        raise
+    except Exception as e:  # corrupted JSON, protobuf or zip: one error type, with the reason
+        raise ArtifactError(f"cannot read the manifest of {path}: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(m, dict):
         raise ArtifactError(
             f"{path} has no recopt manifest, so it was not written by recopt.export (or the manifest was "
             "stripped); load it with onnxruntime / torch.export.load directly, or re-export it with recopt.export"

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import require
 from .errors import ArtifactError, ExportError, TamperedArtifactError
-from .manifest import onnx_weights_sha256, read_onnx_manifest, write_onnx_manifest
+from .manifest import onnx_weights_sha256
 
 DEFAULT_OPSET = 18
 FP8_OPSET = 21          # QuantizeLinear/DequantizeLinear with float8 and blocked scales
@@ -142,7 +142,7 @@ def needs_fp8_opset(ep) -> bool:
 
 
 def export_onnx(ep, args: tuple, path: str, input_names: Sequence[str], output_names: Sequence[str],
-                symbols: Dict[str, str], manifest: dict, opset: Optional[int] = None):
+                symbols: Dict[str, str], manifest: dict, opset: Optional[int] = None, sign_key=None):
     """Translate ``ep`` to ONNX, save to ``path`` with ``manifest`` embedded; return the ModelProto.
 
     Fills ``manifest["onnx_opset"]``, ``["lowerings"]`` and ``["checksums"]``.
@@ -188,8 +188,7 @@ def export_onnx(ep, args: tuple, path: str, input_names: Sequence[str], output_n
                                           f"{FUNCTION_DOMAIN}::{FUNCTION_OPS[op]}_<k>")
     manifest["sequence_ops"] = seq
     manifest["checksums"] = {"weights_sha256": digest, "n_tensors": n}
-    write_onnx_manifest(model, manifest)
-    save_onnx(model, path)
+    save_onnx(model, path, manifest, sign_key)
     return model
 
 
@@ -273,25 +272,38 @@ def wrap_in_functions(model) -> Dict[str, int]:
 FUNCTION_OPS_INV = {v: k for k, v in FUNCTION_OPS.items()}
 
 
-def save_onnx(model, path: str) -> None:
-    """Save; weights over 2 GB go to an external-data file beside the model."""
+def save_onnx(model, path: str, manifest: dict, sign_key=None) -> None:
+    """Seal (every part hashed, optionally signed) and save; weights over ~1.8 GB go to an external-data
+    file ``<name>.data`` beside the model."""
     import onnx
+    from onnx import external_data_helper
 
-    big = model.ByteSize() > 1_800_000_000
-    if big:
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=os.path.basename(path) + ".data")
-    else:
-        onnx.save_model(model, path)
+    from . import onnx_checks
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if model.ByteSize() > onnx_checks.EXTERNAL_DATA_THRESHOLD:
+        external_data_helper.convert_model_to_external_data(
+            model, all_tensors_to_one_file=True, location=os.path.basename(path) + ".data",
+            size_threshold=onnx_checks.EXTERNAL_TENSOR_MIN_BYTES)
+        external_data_helper.write_external_data_tensors(model, folder)
+    onnx_checks.seal(model, folder, manifest, sign_key)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.SerializeToString(deterministic=True))
+    os.replace(tmp, path)
 
 
-def update_manifest_on_disk(path: str, manifest: dict) -> None:
-    """Rewrite the embedded manifest (weights untouched, external data not loaded)."""
-    import onnx
+def update_manifest_on_disk(path: str, manifest: dict, sign_key=None) -> None:
+    """Re-seal the model at ``path`` (just written by :func:`save_onnx`) with an updated manifest."""
+    from . import onnx_checks
 
-    model = onnx.load(path, load_external_data=False)
-    write_onnx_manifest(model, manifest)
-    onnx.save_model(model, path)
+    with open(path, "rb") as f:
+        model = onnx_checks.parse(f.read(), path)
+    onnx_checks.seal(model, os.path.dirname(os.path.abspath(path)), manifest, sign_key)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.SerializeToString(deterministic=True))
+    os.replace(tmp, path)
 
 
 def rename_dims(model, symbols: Dict[str, str]) -> None:
@@ -349,17 +361,15 @@ class OnnxModel:
     ``manifest`` the artifact's manifest.
     """
 
-    def __init__(self, path: str, providers: Optional[Sequence] = None, session_options: Any = None):
-        onnx = require("onnx", "onnx", "loading an ONNX artifact")
+    def __init__(self, path: str, providers: Optional[Sequence] = None, session_options: Any = None,
+                 verify_key=None, max_bytes: Optional[int] = None):
+        require("onnx", "onnx", "loading an ONNX artifact")
         ort = require("onnxruntime", "onnx", "loading an ONNX artifact")
+        from . import onnx_checks
+
         self.path = str(path)
-        model = onnx.load(self.path)          # protobuf: cannot carry executable code
-        manifest = read_onnx_manifest(model)
-        if manifest is None:
-            raise ArtifactError(
-                f"{self.path} has no recopt manifest, so recopt cannot check it; it was not written by "
-                "recopt.export (or the manifest was stripped). Load it with onnxruntime directly if you trust it."
-            )
+        model, manifest, record = onnx_checks.check_onnx(self.path, verify_key,
+                                                         max_bytes or onnx_checks.MAX_BYTES)
         digest, _ = onnx_weights_sha256(model)
         want = manifest.get("checksums", {}).get("weights_sha256")
         if digest != want:
@@ -369,11 +379,15 @@ class OnnxModel:
                 "with recopt.export."
             )
         self.manifest = manifest
-        # Run the bytes that were checked (no second read of the file); over protobuf's 2 GB limit the
-        # model has external data and onnxruntime must read the path.
-        source = model.SerializeToString() if model.ByteSize() < 1_800_000_000 else self.path
-        self.session = ort.InferenceSession(source, sess_options=session_options,
-                                            providers=resolve_providers(providers))
+        self.signature, self.signature_verified = record["signature"], verify_key is not None
+        if model.ByteSize() >= 2_000_000_000:
+            raise ArtifactError(f"{self.path}: the model with its weights is over protobuf's 2 GB limit; recopt "
+                                "hands onnxruntime only bytes it checked, so such models cannot be loaded yet")
+        try:
+            self.session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options,
+                                                providers=resolve_providers(providers))
+        except Exception as e:  # onnxruntime rejects the (checked) graph: say so with its reason
+            raise ArtifactError(explain_session_error(e, model, self.path)) from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -403,6 +417,22 @@ class OnnxModel:
 
     def __repr__(self) -> str:
         return f"OnnxModel({self.path!r}, provider={self.provider}, inputs={self.input_names})"
+
+
+def explain_session_error(e: BaseException, model, path: str) -> str:
+    """One line for an onnxruntime session that would not build: the op, its opset, the dtype, what to do."""
+    text = " ".join(str(e).split())
+    m = re.search(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'", text)
+    if not m:
+        return f"onnxruntime cannot run {path}: {type(e).__name__}: {text[:300]}"
+    op, version, node = m.groups()
+    bf16 = any(i.type.tensor_type.elem_type == 16 for i in model.graph.input) or any(
+        t.data_type == 16 for t in model.graph.initializer)
+    why = ("the model computes in bfloat16, and onnxruntime's CPU provider has no bfloat16 kernel for it"
+           if bf16 else "onnxruntime has no kernel for it with this model's dtypes")
+    todo = ("export a float32 copy for ONNX (model.float() with float32 example inputs; cast at the server), or "
+            "keep bfloat16 with format='pt2'" if bf16 else "export with format='pt2', or change the op's dtype")
+    return (f"onnxruntime cannot run {path}: op {op} (opset {version}, node {node!r}): {why}. What to do: {todo}")
 
 
 def _as_numpy(x):

@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..errors import InputError
 from .errors import ParityError
 
 DEFAULT_RTOL = {torch.float32: 1e-4, torch.float64: 1e-7, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -54,8 +55,23 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+ADVICE = {
+    "onnx": "export with format='pt2' to keep PyTorch's kernels, or report the op with the manifest",
+    "pt2": "the .pt2 program is torch.export's own capture, so the model's behaviour depends on something "
+           "export does not capture (Python control flow on values, global state, a custom op whose fake and "
+           "real kernels disagree); fix that in the model, or report it with the manifest",
+    "aoti": "export with format='pt2' (no compilation) to see whether Inductor's code is at fault",
+}
+
+
+def advice(fmt: Optional[str]) -> str:
+    """What to do after a parity failure of format ``fmt`` (never the format already used)."""
+    return ADVICE.get(fmt or "", "report it with the manifest")
+
+
 def compare(label: str, names: Sequence[str], got: Sequence, want: Sequence[torch.Tensor],
-            rtol: Optional[float] = None, atol: float = DEFAULT_ATOL, what: str = "artifact") -> List[ParityRun]:
+            rtol: Optional[float] = None, atol: float = DEFAULT_ATOL, what: str = "artifact",
+            fmt: Optional[str] = None) -> List[ParityRun]:
     """Compare flattened outputs; raise ParityError on the first one out of tolerance."""
     if len(got) != len(want):
         raise ParityError(f"{what} returned {len(got)} outputs on {label} but PyTorch returned {len(want)}")
@@ -77,7 +93,11 @@ def compare(label: str, names: Sequence[str], got: Sequence, want: Sequence[torc
             continue
         nan_mismatch = np.isnan(gf) != np.isnan(wf)
         if nan_mismatch.any():
-            raise ParityError(f"{what} output {name!r} has NaN where PyTorch does not (or the reverse) on {label}")
+            at = tuple(int(i) for i in np.argwhere(nan_mismatch)[0])
+            side = "the artifact" if np.isnan(gf[at]) else "PyTorch"
+            raise ParityError(f"{what} output {name!r} differs from PyTorch on {label}: NaN from {side} only, "
+                              f"first at index {at} ({int(nan_mismatch.sum())} elements). What to do: "
+                              f"{advice(fmt)}")
         ok = ~np.isnan(wf)
         d = np.abs(gf[ok] - wf[ok])
         max_abs = float(d.max()) if d.size else 0.0
@@ -90,24 +110,39 @@ def compare(label: str, names: Sequence[str], got: Sequence, want: Sequence[torc
             raise ParityError(
                 f"{what} output {name!r} differs from PyTorch on {label}: largest difference {max_abs:.3g} "
                 f"at index {tuple(int(i) for i in where)} ({gf[where]:.6g} vs {wf[where]:.6g}), relative {rel:.3g} "
-                f"> rtol {tol:g}. The export does not compute the same function: report it with the manifest, or "
-                "export with format='pt2' to keep PyTorch's kernels"
+                f"> rtol {tol:g}. The export does not compute the same function. What to do: {advice(fmt)}"
             )
     return runs
 
 
-def _sample_like(t: torch.Tensor, shape: Tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+def _sample_like(t: torch.Tensor, shape: Tuple[int, ...], g: torch.Generator,
+                 dynamic_axes: Sequence[int] = (0,)) -> torch.Tensor:
+    """Random values like ``t`` in ``shape`` (only the ``dynamic_axes`` change size).
+
+    Floats: Gaussian with the example's mean and std. Integers and bools: each
+    element is drawn from the example's values *at the same position of the
+    fixed axes* — column ``j`` of a ``[batch, n_tables]`` id tensor only gets
+    ids seen in column ``j``, so every table's ids stay within its own range.
+    """
     if t.is_floating_point():
         tf = t.float()
         mean = float(tf.mean()) if tf.numel() else 0.0
         std = float(tf.std()) if tf.numel() > 1 else 1.0
         std = std if np.isfinite(std) and std > 0 else 1.0
         return (torch.randn(shape, generator=g) * std + mean).to(t.dtype)
-    pool = t.reshape(-1)
-    if pool.numel() == 0:
+    if t.numel() == 0:
         return torch.zeros(shape, dtype=t.dtype)
-    pick = torch.randint(0, pool.numel(), shape, generator=g)
-    return pool[pick].clone()
+    dyn = [a for a in dynamic_axes if 0 <= a < t.dim()]
+    fixed = [a for a in range(t.dim()) if a not in dyn]
+    pool = t.permute(*dyn, *fixed).reshape(-1, int(np.prod([t.shape[a] for a in fixed])) if fixed else 1)
+    n_new = int(np.prod([shape[a] for a in dyn])) if dyn else 1
+    rows = torch.randint(0, pool.shape[0], (n_new, pool.shape[1]), generator=g)
+    picked = torch.gather(pool, 0, rows)
+    out = picked.reshape(*[shape[a] for a in dyn], *[shape[a] for a in fixed])
+    inv = [0] * t.dim()
+    for new_pos, axis in enumerate(dyn + fixed):
+        inv[axis] = new_pos
+    return out.permute(*inv).contiguous().clone()
 
 
 def choose_sizes(description: dict, args: tuple, n_sets: int) -> List[Dict[str, int]]:
@@ -149,27 +184,46 @@ def fresh_inputs(args: tuple, description: dict, sizes: Dict[str, int], seed: in
         return tuple(t.to(a.dtype) for t, a in zip(b.inputs(), args))
     g = torch.Generator().manual_seed(seed)
     out = []
+    old_sizes: Dict[str, int] = {}
+    for a, inp in zip(args, description["inputs"]):
+        for ax, s in enumerate(inp["shape"]):
+            if isinstance(s, str):
+                old_sizes.setdefault(s, int(a.shape[ax]))
     for i, (a, inp) in enumerate(zip(args, description["inputs"])):
         shape = tuple(sizes.get(s, a.shape[ax]) if isinstance(s, str) else s for ax, s in enumerate(inp["shape"]))
-        out.append(_sample_like(a, shape, g))
+        dyn = [ax for ax, s in enumerate(inp["shape"]) if isinstance(s, str)]
+        x = _sample_like(a, shape, g, dyn)
+        if not a.is_floating_point() and a.dtype != torch.bool and "len" in inp["name"].lower():
+            # a lengths input: keep every length within the (possibly smaller) new length dim
+            for dim_name, old in old_sizes.items():
+                if dim_name != "batch" and a.numel() and int(a.max()) <= old and sizes.get(dim_name, old) < old:
+                    x = x.clamp(max=sizes[dim_name])
+        out.append(x)
     return tuple(out)
 
 
 def check_parity(run_artifact: Callable[[tuple], Sequence], reference: Callable[[tuple], Sequence[torch.Tensor]],
                  input_sets: Sequence[Tuple[str, tuple]], output_names: Sequence[str],
-                 rtol: Optional[float] = None, what: str = "artifact") -> List[ParityRun]:
+                 rtol: Optional[float] = None, what: str = "artifact", fmt: Optional[str] = None) -> List[ParityRun]:
     """Run both on every ``(label, inputs)`` set; return the runs or raise ParityError."""
     runs: List[ParityRun] = []
     for label, inputs in input_sets:
-        want = reference(inputs)
+        try:
+            want = reference(inputs)
+        except Exception as e:
+            raise InputError(
+                f"recopt.export's parity check: the PyTorch model itself fails on {label} ({_shapes(inputs)}): "
+                f"{type(e).__name__}: {str(e).strip()[:300]}. These inputs are drawn like the example inputs "
+                "(ids per column from the example's own values, new dynamic sizes); if the model needs more "
+                "structure, pass parity_inputs=[...] and n_random_inputs=0") from None
         try:
             got = run_artifact(inputs)
         except ParityError:
             raise
         except Exception as e:
             raise ParityError(f"{what} failed to run on {label} ({_shapes(inputs)}): {type(e).__name__}: "
-                              f"{str(e).strip()[:500]}") from None
-        runs.extend(compare(label, output_names, got, want, rtol=rtol, what=what))
+                              f"{str(e).strip()[:500]}. What to do: {advice(fmt)}") from None
+        runs.extend(compare(label, output_names, got, want, rtol=rtol, what=what, fmt=fmt))
     return runs
 
 

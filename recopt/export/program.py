@@ -117,6 +117,29 @@ def normalise_dynamic_dims(dynamic_dims: Any, input_names: Sequence[str], args: 
     return out
 
 
+class no_mha_fastpath:
+    """Turn off the fused "fast path" of ``nn.TransformerEncoder`` / ``nn.MultiheadAttention`` (eval mode).
+
+    That path runs on nested tensors and writes 0 at padded positions, while
+    torch.export (and every runtime) computes the regular path, which gives
+    those positions ordinary values (NaN for rows with every key masked). The
+    export and its parity reference both run the regular path, so they agree
+    on every position; a server should ignore padded positions either way.
+    """
+
+    def __enter__(self):
+        mha = getattr(torch.backends, "mha", None)
+        self._prev = mha.get_fastpath_enabled() if mha is not None else None
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        return self
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            torch.backends.mha.set_fastpath_enabled(self._prev)
+        return False
+
+
 def export_program(src: ExportSource, dims: Dict[Tuple[int, int], str]):
     """``torch.export.export`` of ``src.module`` with ``Dim.AUTO`` on the requested dims."""
     auto = torch.export.Dim.AUTO
@@ -128,7 +151,7 @@ def export_program(src: ExportSource, dims: Dict[Tuple[int, int], str]):
     was_training = module.training
     module.eval()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), no_mha_fastpath():
             warnings.simplefilter("ignore")
             return torch.export.export(module, src.args, dynamic_shapes=tuple(shapes), strict=False)
     finally:
@@ -212,7 +235,7 @@ def reference_outputs(module: nn.Module, args: tuple) -> List[torch.Tensor]:
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), no_mha_fastpath():
             out = module(*args)
     finally:
         module.train(was_training)
