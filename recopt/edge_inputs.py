@@ -59,13 +59,19 @@ class InputSet:
     """One named verification input set."""
 
     name: str
-    args: tuple
+    # Ways to build the set, tried in order until the original graph accepts
+    # one: e.g. the case at a small batch (cheap), then with 2-D float
+    # inputs' last dims kept fixed (they may be features), then at the
+    # example's batch (for models that hard-code it). Each is a callable
+    # returning the argument tuple.
+    tries: list
     # What the set varies ("batch", "seq:<size>", "rows"): a dim whose sets all
     # fail on the original graph is reported as kept fixed.
     varies: str = ""
-    # Tried when the original graph fails on ``args``: the same case with
-    # 2-D float inputs' last dims kept fixed (they may be features).
-    fallback: Optional[tuple] = None
+
+    @classmethod
+    def of(cls, name: str, args: tuple, varies: str = "") -> "InputSet":
+        return cls(name, [lambda: args], varies)
 
 
 def _is_offsets(t: torch.Tensor) -> bool:
@@ -302,21 +308,32 @@ def edge_input_sets(args: tuple, gm: Optional[fx.GraphModule] = None, names: Opt
         narrow = None
     sampler = _Sampler(torch.Generator().manual_seed(seed + 7919))
     sets: list = []
+
+    def tries(sizes: dict, rows: str = "", small_batch: Optional[int] = None) -> list:
+        out = []
+        batches = [small_batch, None] if small_batch is not None and small_batch != batch else [None]
+        for b in batches:
+            sz = dict(sizes, batch=b) if b is not None else dict(sizes)
+            for inf in (infos, narrow):
+                if inf is not None:
+                    out.append(lambda inf=inf, sz=sz: _build(args, inf, sampler, sz, rows))
+        return out
+
     has_rows = any(i.kind in (LENGTHS, MASK) and i.dims and i.dims[0] == "batch" for i in infos)
+    # Sets other than "batch B'" use a small batch where the model allows it,
+    # so that trying the edges costs a fraction of one example-sized run.
     if batch is not None:
-        sets.append(InputSet("batch 1", _build(args, infos, sampler, {"batch": 1}), "batch"))
+        sets.append(InputSet("batch 1", tries({"batch": 1}), "batch"))
         if has_rows:
             sets.append(InputSet("batch 1 with every length 0 and every mask row all False (cold start)",
-                                 _build(args, infos, sampler, {"batch": 1}, rows="empty"), "batch"))
-        new_b = batch - 1 if batch > 2 else batch + 1
-        if new_b == 1:
-            new_b = 3
-        sets.append(InputSet(f"batch {new_b}", _build(args, infos, sampler, {"batch": new_b}), "batch"))
+                                 tries({"batch": 1}, rows="empty"), "batch"))
+        new_b = 3 if batch != 3 else 5
+        sets.append(InputSet(f"batch {new_b}", tries({"batch": new_b}), "batch"))
+    small = None if batch is None else min(batch, 2)
     for s in seq_sizes:
         label = _seq_label(infos, s)
         for n in (1, _new_size(s)):
-            alt = _build(args, narrow, sampler, {s: n}) if narrow is not None else None
-            sets.append(InputSet(f"{label} at {n}", _build(args, infos, sampler, {s: n}), f"seq:{s}", alt))
+            sets.append(InputSet(f"{label} at {n}", tries({s: n}, small_batch=small), f"seq:{s}"))
     if has_rows:
         parts = []
         for i in infos:
@@ -324,7 +341,8 @@ def edge_input_sets(args: tuple, gm: Optional[fx.GraphModule] = None, names: Opt
                 parts.append(f"{i.name} has a 0 (and a 1 and a full row)")
             elif i.kind == MASK and i.dims and i.dims[0] == "batch":
                 parts.append(f"{i.name} has an all-False and an all-True row")
-        sets.append(InputSet("; ".join(parts), _build(args, infos, sampler, {}, rows="edge"), "rows"))
+        sets.append(InputSet("; ".join(parts), tries({}, rows="edge", small_batch=None if batch is None
+                                                     else min(batch, 3)), "rows"))
     return sets, infos, batch, seq_sizes
 
 

@@ -443,9 +443,10 @@ class Verifier:
         if cfg.n_random_inputs:
             infos = infer_input_kinds(args, gm if hasattr(gm, "graph") else None, names)[0]
             for k in range(cfg.n_random_inputs):
-                candidates.append(InputSet(f"random input set {k + 1}", fresh_values(args, infos, cfg.seed + 101 + k)))
+                candidates.append(InputSet.of(f"random input set {k + 1}",
+                                              fresh_values(args, infos, cfg.seed + 101 + k)))
         for k, extra in enumerate(cfg.inputs):
-            candidates.append(InputSet(f"verify input {k + 1}", tuple(extra)))
+            candidates.append(InputSet.of(f"verify input {k + 1}", tuple(extra)))
         self._add_sets(gm, candidates, input_filter)
         return example_output
 
@@ -453,13 +454,11 @@ class Verifier:
         failed: dict = {}
         passed: set = set()
         for cand in candidates:
-            if input_filter is not None and not input_filter(cand.args):
-                failed.setdefault(cand.varies or cand.name, []).append(
-                    (cand.name, "outside the captured graph's shape guards"))
-                continue
             err = None
-            for args in (cand.args, cand.fallback):
-                if args is None:
+            for make in cand.tries:
+                args = make()
+                if input_filter is not None and not input_filter(args):
+                    err = "outside the captured graph's shape guards"
                     continue
                 try:
                     out = run_deterministic(gm, args, self.config.seed)
