@@ -183,7 +183,13 @@ def infer_input_kinds(args: tuple, gm: Optional[fx.GraphModule] = None, names: O
         last = a.dim() - 1
         for d in range(1, a.dim()):
             s = int(a.shape[d])
-            if s <= 1 or s == batch:
+            if s == batch or s == 0:
+                continue
+            # A size-1 dim may be a length-1 example sequence ([B, 1, D]) or
+            # a broadcast dim; it is tried at a new length only where a
+            # sequence sits ([B, 1, D] floats, [B, 1] ids/masks).
+            if s == 1 and not ((kind == FLOAT and a.dim() >= 3 and d == 1)
+                               or (kind in (MASK, IDS, INT) and a.dim() == 2)):
                 continue
             if kind == FLOAT and d == last:
                 continue
@@ -198,7 +204,11 @@ def infer_input_kinds(args: tuple, gm: Optional[fx.GraphModule] = None, names: O
             s = int(a.shape[d])
             if d == 0 and s == batch:
                 dims.append("batch")
-            elif s in seq and (info.kind != FLOAT or d < a.dim() - 1
+            elif s == 1 and 1 in seq and d >= 1 and (
+                    (info.kind == FLOAT and a.dim() >= 3 and d == 1)
+                    or (info.kind in (MASK, IDS, INT) and a.dim() == 2)):
+                dims.append(s)
+            elif s in seq and s > 1 and (info.kind != FLOAT or d < a.dim() - 1
                                or (d >= 2 and int(a.shape[d - 1]) == s)
                                or (wide_floats and a.dim() == 2)):
                 dims.append(s)
@@ -332,7 +342,7 @@ def edge_input_sets(args: tuple, gm: Optional[fx.GraphModule] = None, names: Opt
     small = None if batch is None else min(batch, 2)
     for s in seq_sizes:
         label = _seq_label(infos, s)
-        for n in (1, _new_size(s)):
+        for n in ((1, _new_size(s)) if s > 1 else (_new_size(s),)):
             sets.append(InputSet(f"{label} at {n}", tries({s: n}, small_batch=small), f"seq:{s}"))
     if has_rows:
         parts = []
