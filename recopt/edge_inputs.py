@@ -258,6 +258,12 @@ class _Sampler:
             p = min(max(p, 0.25), 0.75)
             out = torch.rand(shape, generator=g) < p
             if len(shape) >= 1 and shape[0] >= 1 and info.dims and info.dims[0] == "batch":
+                flat = out.reshape(shape[0], -1)
+                if not rows and flat.shape[1] >= 2:
+                    # Outside the sets named for them, no row is all-False or
+                    # all-True, so a failure on those is named by its set.
+                    flat[:, 0], flat[:, -1] = True, False
+                    out = flat.reshape(shape)
                 if rows == "empty":
                     out[:] = False
                 elif rows == "edge":
@@ -267,7 +273,8 @@ class _Sampler:
             return out.to(device=x.device, dtype=x.dtype)
         if info.kind == LENGTHS:
             full = sizes.get(info.length_of, info.length_of)
-            out = torch.randint(0, full + 1, shape, generator=g)
+            # Lengths of 0 only in the sets named for them (cold start).
+            out = torch.randint(min(1, full), full + 1, shape, generator=g)
             if rows == "empty":
                 out[:] = 0
             elif rows == "edge" and out.numel():
