@@ -395,8 +395,15 @@ class Verifier:
     :meth:`accept` makes a checked graph the new reference.
     """
 
-    def __init__(self, config: Optional[VerifyConfig] = None):
+    def __init__(self, config: Optional[VerifyConfig] = None, training: Optional[bool] = None):
+        """``training``: the mode the graph is used in. ``None`` (a graph that
+        serves both modes): outputs are checked in eval mode on every set and,
+        where the graph has mode-dependent parts, in train mode on the
+        example. ``True``/``False`` (a graph for one mode): every run is in
+        that mode."""
         self.config = config or VerifyConfig()
+        self.training = training
+        self._run_training = bool(training)
         self.set_names: list = []
         self.sets: list = []
         self.outputs: list = []
@@ -421,11 +428,14 @@ class Verifier:
         args = tuple(example_inputs)
         self._graph = gm
         if example_output is None:
-            example_output = run_deterministic(lambda *a: propagate_shapes(gm, a), args, cfg.seed, module=gm)
+            example_output = run_deterministic(lambda *a: propagate_shapes(gm, a), args, cfg.seed, module=gm,
+                                               training=self._run_training)
         self.sets, self.set_names, self.outputs = [args], ["the example inputs"], [example_output]
         if not cfg.enabled:
             return example_output
-        if cfg.modes != ("eval",) and "train" in cfg.modes and has_mode_dependent_parts(gm):
+        if self.training is not None:
+            self._modes = ("train",) if self.training else ("eval",)
+        elif cfg.modes != ("eval",) and "train" in cfg.modes and has_mode_dependent_parts(gm):
             self._modes = ("eval", "train")
         candidates = []
         if names is None and hasattr(gm, "graph"):
@@ -461,7 +471,7 @@ class Verifier:
                     err = "outside the captured graph's shape guards"
                     continue
                 try:
-                    out = run_deterministic(gm, args, self.config.seed)
+                    out = run_deterministic(gm, args, self.config.seed, training=self._run_training)
                 except Exception as e:  # the original rejects this set: it is not one the model accepts
                     err = _first_line(e)
                     continue
@@ -517,9 +527,10 @@ class Verifier:
         for i, (name, args) in enumerate(zip(self.set_names, self.sets)):
             try:
                 if i == 0:
-                    out = run_deterministic(lambda *a: propagate_shapes(gm, a), args, cfg.seed, module=gm)
+                    out = run_deterministic(lambda *a: propagate_shapes(gm, a), args, cfg.seed, module=gm,
+                                            training=self._run_training)
                 else:
-                    out = run_deterministic(gm, args, cfg.seed)
+                    out = run_deterministic(gm, args, cfg.seed, training=self._run_training)
             except Exception as e:
                 return CheckResult(f"the rewritten graph fails to run: {_first_line(e)} (on {name})")
             outputs.append(out)
@@ -561,7 +572,7 @@ class Verifier:
                                             with_output=True)
         except Exception as e:
             return f"the rewritten graph's backward fails: {_first_line(e)} (on {where})", None
-        if mode == "train" and ref_out is not None:
+        if mode == "train" and not self._run_training and ref_out is not None:
             mismatch = compare_outputs(ref_out, out, tolerance=tolerance, prefix=prefix)
             if mismatch is not None:
                 return f"{mismatch} (on {where})", None

@@ -109,7 +109,7 @@ def test_verifier_owns_reference_outputs_and_rolls_back_naming_the_set():
     bad = fx.symbolic_trace(type("Bad", (nn.Module,), {
         "forward": lambda self, x, lengths: x * lengths.clamp_min(1)[:, None, None]})())
     res = v.check(bad)
-    assert res.failure is not None and "has a 0" in res.failure
+    assert res.failure is not None and ("cold start" in res.failure or "has a 0" in res.failure)
     good = v.check(fx.symbolic_trace(Scale()))
     assert good.failure is None and len(good.outputs) == len(v.sets)
 
@@ -179,3 +179,25 @@ def test_one_resolver_takes_names_default_classes_instances_and_configs():
         assert opt.report.passes[0].config == {"factor": 5.0}
     finally:
         unregister_pass("test_tag_pass")
+
+
+def test_a_graph_for_one_mode_is_verified_in_that_mode_only():
+    class Drop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop = nn.Linear(8, 8), nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(self.lin(x))
+
+    gm = fx.symbolic_trace(Drop())
+    no_drop = fx.symbolic_trace(nn.Sequential(gm.lin))
+    x = (torch.randn(4, 8),)
+    ev = Verifier(VerifyConfig(), training=False)
+    ev.prepare(gm, x)
+    assert ev.modes == ("eval",) and ev.check(no_drop).failure is None  # dropout is a no-op in eval
+    tr = Verifier(VerifyConfig(), training=True)
+    tr.prepare(gm, x)
+    assert tr.modes == ("train",)
+    res = tr.check(no_drop)
+    assert res.failure is not None and "(on the example inputs)" in res.failure

@@ -118,6 +118,7 @@ class PassManager:
         report: Optional[OptimizationReport] = None,
         reference: Optional[tuple] = None,
         input_filter: Optional[Any] = None,
+        training: Optional[bool] = None,
     ) -> tuple:
         """Run the pipeline on ``gm``; return ``(graph_module, report)``.
 
@@ -125,14 +126,15 @@ class PassManager:
         ``reference``: ``(output, flops)`` of ``gm`` on ``example_inputs``
         when the caller has them (capture does), saving one run of the model.
         ``input_filter(args) -> bool``: verification sets it refuses are not
-        tried (a Dynamo graph's shape guards).
+        tried (a Dynamo graph's shape guards). ``training``: the mode the
+        graph is used in (``None``: both; see :class:`~recopt.verify.Verifier`).
         """
         report = report or OptimizationReport(target=self.target.to_dict())
         if not report.target:
             report.target = self.target.to_dict()
         example_inputs = tuple(example_inputs)
         ctx = PassContext(target=self.target, example_inputs=example_inputs, options=self.options)
-        verifier = self.verifier = Verifier(self.verify_config)
+        verifier = self.verifier = Verifier(self.verify_config, training)
         out = verifier.prepare(gm, example_inputs, reference[0] if reference else None, input_filter)
         flops = reference[1] if reference else count_graph_flops(gm, example_inputs)
         report.notes.extend(verifier.notes)
