@@ -489,9 +489,8 @@ class Verifier:
                 self.notes.append(f"batch size kept fixed at {self._sizes.get('batch')} in verification: "
                                   f"the model fails at {name} ({why})")
             elif key.startswith("seq:") and key not in passed:
-                self.notes.append(f"sequence dim {key[4:]} kept fixed in verification: "
-                                  f"the model fails at {name.split(' of ')[0].replace('sequence dim ' + key[4:], 'length')}"
-                                  f" ({why})")
+                self.notes.append(f"sequence dim {key[4:]} kept fixed in verification: the model fails "
+                                  f"with {name} ({why})")
             else:
                 for name, why in cases:
                     self.notes.append(f"verification input set '{name}' dropped: the original graph fails on it ({why})")

@@ -1,17 +1,22 @@
 """PassManager: run passes in order, verify each rewrite, roll back bad ones.
 
-For every pass the manager:
+For every pass: **copy → run → check → accept or roll back → record**.
 
-1. hands the pass a deep copy of the current graph (so a failed or
-   rejected rewrite leaves nothing behind);
-2. times it; a pass that raises is reported as ``failed`` and skipped
-   (or re-raised as :class:`~recopt.errors.PassError` with ``strict=True``);
-3. runs the rewritten graph on the example inputs (re-propagating shapes
-   and counting FLOPs) and on fresh random inputs of the same spec, and
-   compares with the graph before the pass. An ``exact`` pass must match
-   within the dtype's tolerance; an ``architecture`` pass must keep output
-   structure, shapes, dtypes and finiteness. A failing pass is rolled back
-   and the report names the output and the size of the difference.
+1. copy: the pass gets a deep copy of the current graph (parameters and
+   buffers shared), so a failed or rejected rewrite leaves nothing behind;
+2. run: timed; a pass that raises or returns something other than a
+   :class:`~recopt.passes.base.PassResult` is reported as ``failed`` and
+   skipped (a :class:`~recopt.errors.PassError` naming it with ``strict=True``);
+3. check: the :class:`~recopt.verify.Verifier` runs the rewritten graph on
+   every verification input set (the example and the edge cases derived
+   from it) and compares with the graph before the pass; an ``exact`` pass
+   must match within the dtype's tolerance (and keep parameter gradients),
+   an ``architecture`` pass must keep output structure, shapes, dtypes and
+   finiteness;
+4. accept (the rewrite becomes the reference for the next pass) or roll
+   back (the copy is dropped, its sites become ``rejected``/``rolled_back``
+   with the output, the difference and the input set named);
+5. record: status, timings, FLOPs and activation bytes in the report.
 
 ``RECOPT_DUMP=dir`` (or ``dump_dir=``) writes each graph's code before and
 after each pass.
@@ -135,13 +140,12 @@ class PassManager:
         example_inputs = tuple(example_inputs)
         ctx = PassContext(target=self.target, example_inputs=example_inputs, options=self.options)
         verifier = self.verifier = Verifier(self.verify_config, training)
-        out = verifier.prepare(gm, example_inputs, reference[0] if reference else None, input_filter)
+        verifier.prepare(gm, example_inputs, reference[0] if reference else None, input_filter)
         flops = reference[1] if reference else count_graph_flops(gm, example_inputs)
         report.notes.extend(verifier.notes)
         if self.verify_config.enabled:
             report.verify_sets = list(verifier.set_names)
             report.verify_modes = list(verifier.modes)
-        del out
         report.flops_before = flops
         nbytes = report.bytes_before = graph_activation_bytes(gm)
         current = gm
