@@ -183,7 +183,10 @@ def infer_input_kinds(args: tuple, gm: Optional[fx.GraphModule] = None, names: O
         last = a.dim() - 1
         for d in range(1, a.dim()):
             s = int(a.shape[d])
-            if s == batch or s == 0:
+            # A size equal to the batch size at dim >= 1 is still a sequence
+            # dim ([B, T] with B == T, or a batch-1, length-1 example); it is
+            # labelled by position, so the two vary independently.
+            if s == 0:
                 continue
             # A size-1 dim may be a length-1 example sequence ([B, 1, D]) or
             # a broadcast dim; it is tried at a new length only where a
