@@ -9,6 +9,7 @@ The public surface (everything else is internal):
   running passes.
 - :class:`Target`, :func:`get_target` — hardware profiles.
 - :class:`OptimizationReport` — what was done and why.
+- :class:`VerifyConfig` — how every rewrite is verified (input sets, gradients, modes).
 - :func:`export`, :func:`load`, :func:`read_manifest` — ONNX / torch.export
   artifacts with a manifest and a parity check. ``recopt.export`` is the
   package, and calling it runs its :func:`~recopt.export.export` function,
@@ -24,6 +25,7 @@ from .passes.manager import PassManager
 from .passes.registry import available_passes, default_pipeline, register_pass
 from .report import OptimizationReport
 from .targets import Target, available_targets, get_target
+from .verify import VerifyConfig
 
 __version__ = "0.1.0"
 
@@ -33,5 +35,5 @@ __all__ = [
     "PassManager", "register_pass", "available_passes", "default_pipeline",
     "Target", "get_target", "available_targets", "OptimizationReport",
     "RecoptError", "InputError", "CaptureError", "PassError", "VerificationError",
-    "MissingDependencyError", "export", "load", "read_manifest", "__version__",
+    "MissingDependencyError", "export", "load", "read_manifest", "__version__", "VerifyConfig",
 ]

@@ -11,8 +11,7 @@ import torch.nn as nn
 from .capture import CapturedModel, capture, check_model_and_inputs
 from .errors import CaptureError, InputError
 from .lower import BACKENDS, default_backend, lower
-from .passes.manager import PassManager
-from .passes.registry import default_pipeline
+from .passes.manager import _LEGACY_VERIFY_KEYWORDS, PassManager, verify_config_with_legacy
 from .report import OptimizationReport
 from .targets import get_target
 
@@ -72,20 +71,6 @@ class OptimizedModel(nn.Module):
         return f"OptimizedModel(capture={cap}, passes={[p.name for p in self.report.passes]})"
 
 
-def _resolve_pipeline(passes: Optional[Sequence], target_name: str) -> list:
-    if passes is None:
-        return default_pipeline(target_name)
-    if isinstance(passes, (str, bytes)):
-        raise InputError(f"passes must be a list of pass names, got the string {passes!r}; use passes=[{passes!r}]")
-    out: list = []
-    for p in passes:
-        if p == "default":
-            out.extend(n for n in default_pipeline(target_name) if n not in out)
-        else:
-            out.append(p)
-    return out
-
-
 def optimize(
     model: nn.Module,
     example_inputs: Any,
@@ -94,14 +79,11 @@ def optimize(
     passes: Optional[Sequence] = None,
     configs: Optional[dict] = None,
     backend: Optional[str] = None,
-    on_untraceable: str = "raise",
+    verify: Any = True,
     strict: bool = False,
-    verify: bool = True,
+    on_untraceable: str = "raise",
     capture_method: str = "auto",
     leaf_modules: Sequence[type] = (),
-    n_random_inputs: int = 1,
-    verify_inputs: Sequence = (),
-    verify_gradients: bool = True,
     compile_options: Optional[dict] = None,
     progress: bool = False,
     **options: Any,
@@ -110,24 +92,34 @@ def optimize(
 
     - ``example_inputs``: a tuple of inputs (one per positional argument of
       ``forward``) shaped like a real batch; used for capture, shape
-      propagation and verification.
+      propagation and verification (the edge-case input sets are derived
+      from it).
     - ``target``: ``"b200"``, ``"h100"``, ``"h200"``, ``"a100"``, ``"cpu"``,
       ``"auto"`` (this machine) or a :class:`recopt.Target`.
-    - ``passes``: pass names / classes / instances in order; ``None`` is the
-      target's default pipeline (exact passes only); the name ``"default"``
-      inside the list stands for that pipeline, so
-      ``passes=["default", "compskip"]`` adds an architecture pass.
-    - ``configs``: ``{pass name: config dict}``.
+    - ``passes``: ``None`` (the target's default pipeline, exact passes
+      only) or a list of pass names, ``"default"`` (stands for that pipeline,
+      so ``passes=["default", "compskip"]`` adds an architecture pass), Pass
+      classes, Pass instances, or pass config instances (the pass taking that
+      config, configured with it).
+    - ``configs``: ``{pass name: config dict or PassConfig}``.
     - ``backend``: ``"inductor"`` (default for GPU targets) or ``"eager"``.
+    - ``verify``: ``True`` (default: every rewrite is checked on the example,
+      on edge-case sets and, for exact passes, on gradients, in eval and
+      train mode), ``False``, or a :class:`recopt.VerifyConfig` to choose
+      input sets, gradients and modes.
+    - ``strict``: raise when a pass fails or is rolled back instead of
+      skipping it.
     - ``on_untraceable``: ``"raise"`` (a :class:`~recopt.errors.CaptureError`
       naming the failing line) or ``"eager"`` (return the model unchanged,
       with the reason in the report).
-    - ``strict``: raise when a pass fails or is rolled back instead of
-      skipping it.
-    - ``verify_gradients``: also check that exact passes keep the gradients
-      of the model's parameters (on by default; one backward per rewrite).
+    - ``capture_method``: ``"auto"``, ``"symbolic_trace"`` or ``"dynamo"``.
+    - ``leaf_modules``: module types kept whole (not traced through).
+    - ``compile_options``: keyword arguments for ``torch.compile`` (inductor).
+    - ``progress``: show a progress bar over the passes.
     - ``**options``: data for passes (e.g. ``calibration_data=``), visible
-      to them as ``ctx.options``.
+      to them as ``ctx.options``. The legacy keywords ``n_random_inputs=``,
+      ``verify_inputs=`` and ``verify_gradients=`` set the matching
+      :class:`~recopt.VerifyConfig` field.
     """
     t_start = time.perf_counter()
     tgt = get_target(target)
@@ -136,19 +128,17 @@ def optimize(
     backend = backend or default_backend(tgt)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
-    pipeline = _resolve_pipeline(passes, tgt.name)
+    legacy = {k: options.pop(k) for k in _LEGACY_VERIFY_KEYWORDS if k in options}
+    verify = verify_config_with_legacy(verify, legacy)
     args = check_model_and_inputs(model, example_inputs)
     settings = dict(
         target=tgt, passes=passes, configs=configs, backend=backend, on_untraceable=on_untraceable,
         strict=strict, verify=verify, capture_method=capture_method, leaf_modules=leaf_modules,
-        n_random_inputs=n_random_inputs, verify_inputs=verify_inputs, verify_gradients=verify_gradients,
         compile_options=compile_options, progress=progress, **options,
     )
     # Build the manager before capture, so bad pass names or configs fail fast.
-    manager = PassManager(
-        pipeline, tgt, configs=configs, verify=verify, strict=strict, n_random_inputs=n_random_inputs,
-        verify_inputs=verify_inputs, options=options, progress=progress, verify_gradients=verify_gradients,
-    )
+    manager = PassManager(passes, tgt, configs=configs, verify=verify, strict=strict, options=options,
+                          progress=progress)
     report = OptimizationReport(target=tgt.to_dict(), backend=backend)
 
     t0 = time.perf_counter()
@@ -169,7 +159,8 @@ def optimize(
     report.guards = list(captured.guards)
 
     gm, report = manager.run(captured.graph_module, args, report,
-                             reference=(captured.example_output, captured.flops))
+                             reference=(captured.example_output, captured.flops),
+                             input_filter=captured.guards_hold if captured.guards else None)
     runner = lower(gm, backend, compile_options)
     report.total_s = time.perf_counter() - t_start
     return OptimizedModel(gm, report, captured, runner, model, settings)

@@ -64,16 +64,20 @@ def count_graph_flops(gm: torch.nn.Module, args: tuple) -> Optional[float]:
     import torch.fx as fx
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    # Counted with autograd enabled, as a training (or plain) forward runs:
+    # under no_grad, nn.TransformerEncoderLayer and nn.MultiheadAttention
+    # take fused fast paths (one op with no FLOP formula) and would count ~0.
+    # No backward is run; fake tensors make the autograd graph free.
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
-            with FlopCounter() as counter, torch.no_grad():
+            with FlopCounter() as counter, torch.enable_grad():
                 fx.Interpreter(gm).run(*fake_args) if isinstance(gm, fx.GraphModule) else gm(*fake_args)
         return float(counter.total)
     except Exception:
         pass
     try:
-        with FlopCounter() as counter, torch.no_grad():
+        with FlopCounter() as counter, torch.enable_grad():
             gm(*args)
         return float(counter.total)
     except Exception:

@@ -45,14 +45,13 @@ def recopt_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> C
 
     from .capture import propagate_shapes
     from .passes.manager import PassManager
-    from .passes.registry import default_pipeline
     from .targets import detect_target
 
     target = detect_target()
     args = tuple(example_inputs)
     try:
         propagate_shapes(gm, args)
-        manager = PassManager(default_pipeline(target.name), target)
+        manager = PassManager(None, target)  # the default pipeline, via the one resolver
         gm, report = manager.run(gm, args)
         report.capture_method = "dynamo (torch.compile backend)"
         report.backend = "inductor"

@@ -62,6 +62,10 @@ class OptimizationReport:
     capture_s: float = 0.0
     total_s: float = 0.0
     notes: list = field(default_factory=list)
+    # Names of the input sets every rewrite was verified on (example, batch 1,
+    # cold start, ...), and the modes ("eval", "train"). Empty when verify=False.
+    verify_sets: list = field(default_factory=list)
+    verify_modes: list = field(default_factory=list)
 
     # -- queries -------------------------------------------------------
     def sites_for(self, pass_name: str, status: Optional[str] = None) -> list:
@@ -138,41 +142,59 @@ class OptimizationReport:
                 f" ({_pct(self.bytes_before, self.bytes_after)})"
             )
         lines.append(f"  capture {self.capture_s * 1e3:.0f} ms, total {self.total_s * 1e3:.0f} ms")
+        if self.verify_sets:
+            lines.extend(_wrap(
+                f"verified each rewrite on {len(self.verify_sets)} input sets in "
+                f"{' and '.join(self.verify_modes or ['eval'])} mode: {', '.join(self.verify_sets)}",
+                100, "  ", "    "))
         lines.append("")
         rows = [("pass", "semantics", "status", "rewritten", "rejected", "time ms", "note")]
         for p in self.passes:
             rows.append(
                 (p.name, p.semantics, p.status, str(p.n_rewritten), str(p.n_rejected),
-                 f"{(p.duration_s + p.verify_s) * 1e3:.1f}", _clip(p.message, 70))
+                 f"{(p.duration_s + p.verify_s) * 1e3:.1f}", p.message)
             )
-        lines.extend(_table(rows))
+        lines.extend(_table(rows, wrap_last=60))
         if self.sites:
             lines.append("")
             rows = [("pass", "site", "module", "status", "reason")]
             for s in self.sites[:max_sites]:
                 reason = s.reason if s.status == REWRITTEN else f"[{s.reason_code}] {s.reason}"
-                rows.append((s.pass_name, s.node, s.module_path or "-", s.status, _clip(reason, 80)))
-            lines.extend(_table(rows))
+                rows.append((s.pass_name, s.node, s.module_path or "-", s.status, reason))
+            lines.extend(_table(rows, wrap_last=70))
             if len(self.sites) > max_sites:
                 lines.append(f"... {len(self.sites) - max_sites} more sites (report.to_json() has all)")
         for n in self.notes:
-            lines.append(f"note: {n}")
+            lines.extend(_wrap(f"note: {n}", 100, "", "      "))
         return "\n".join(lines)
 
 
-def _table(rows: list) -> list:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+def _wrap(text: str, width: int, first: str = "", rest: str = "") -> list:
+    """``text`` wrapped at word boundaries (never cut mid-word; a word longer
+    than the width gets a line of its own)."""
+    import textwrap
+
+    return textwrap.wrap(" ".join(str(text).split()), width=width, initial_indent=first, subsequent_indent=rest,
+                         break_long_words=False, break_on_hyphens=False) or [first.rstrip()]
+
+
+def _table(rows: list, wrap_last: int = 0) -> list:
+    """Rows as aligned columns; with ``wrap_last`` the last column is wrapped
+    at that width onto continuation lines (words are never cut)."""
+    cells = []
+    for r in rows:
+        last = " ".join(str(r[-1]).split())
+        parts = _wrap(last, wrap_last) if wrap_last and len(last) > wrap_last else [last]
+        cells.append((list(r[:-1]) + [parts[0]], parts[1:]))
+    widths = [max(len(c[0][i]) for c in cells) for i in range(len(rows[0]))]
     out = []
-    for j, r in enumerate(rows):
+    for j, (r, more) in enumerate(cells):
         out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        pad = sum(widths[:-1]) + 2 * (len(widths) - 1)
+        out.extend(" " * pad + m for m in more)
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return out
-
-
-def _clip(s: str, n: int) -> str:
-    s = " ".join(str(s).split())
-    return s if len(s) <= n else s[: n - 1] + "…"
 
 
 def _human(x: float) -> str:

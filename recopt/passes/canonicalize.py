@@ -1,7 +1,8 @@
 """remove_identity: drop operations that return their input unchanged.
 
 Matches ``nn.Identity`` modules, ``F.dropout(..., training=False)``,
-``x * 1``, ``x + 0``, ``x - 0``, ``x / 1`` and ``x.to(d)`` / ``x.type(d)``
+``x * 1``, ``x + 0`` (integer x only: on floats it turns -0.0 into +0.0),
+``x - 0``, ``x / 1`` and ``x.to(d)`` / ``x.type(d)``
 where ``x`` already has dtype ``d``. Arithmetic with a constant is removed
 only when the result has the input's shape and dtype (broadcasting or type
 promotion would change them), which ``tensor_meta`` tells.
@@ -25,6 +26,9 @@ _NEUTRAL = {
     operator.sub: 0, torch.sub: 0, "sub": 0,
 }
 _RIGHT_ONLY = {operator.truediv, torch.div, "div", operator.sub, torch.sub, "sub"}
+# x + 0 is not the identity on floats: -0.0 + 0 is +0.0 (and 1/x then flips
+# sign). It is removed only for integer and bool results; x - 0 keeps -0.0.
+_FLOAT_UNSAFE = {operator.add, torch.add, "add"}
 
 
 def _meta(n):
@@ -84,5 +88,8 @@ class RemoveIdentity(Pass):
                         if mx.shape != mo.shape or mx.dtype != mo.dtype:
                             return None, ("changes_dtype_or_shape",
                                           f"arithmetic with {c} changes dtype/shape ({mx.dtype}→{mo.dtype}); kept")
+                        if key in _FLOAT_UNSAFE and (mx.dtype.is_floating_point or mx.dtype.is_complex):
+                            return None, ("signed_zero",
+                                          "x + 0 turns -0.0 into +0.0 on floating types; kept")
                         return x, None
         return None, None

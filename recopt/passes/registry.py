@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import importlib
-from typing import Iterable
+from typing import Any, Iterable, Optional
 
-from .base import Pass, Semantics
+from .base import Pass, PassConfig, Semantics
 
 _REGISTRY: dict[str, type] = {}
 
@@ -121,3 +121,85 @@ def order_passes(names: Iterable[str]) -> list[str]:
         else:
             raise ValueError(f"pass ordering constraints form a cycle among {remaining}")
     return ordered
+
+
+def _pass_for_config(config: PassConfig) -> type:
+    """The registered pass whose ``config_cls`` is exactly ``type(config)``."""
+    from ..errors import InputError
+
+    owners = [c for c in available_passes().values() if c.config_cls is type(config)]
+    if len(owners) != 1:
+        which = "no registered pass takes" if not owners else \
+            f"several passes ({', '.join(c.name for c in owners)}) take"
+        raise InputError(f"{which} a {type(config).__name__}; name the pass instead, "
+                         f"e.g. passes=[\"name\"], configs={{\"name\": config}}")
+    return owners[0]
+
+
+def resolve_pipeline(spec: Any, target_name: str = "cpu", configs: Optional[dict] = None) -> list:
+    """The one pipeline resolver (``optimize``, ``PassManager`` and the
+    ``torch.compile(backend="recopt")`` backend all use it).
+
+    ``spec`` is ``None`` or ``"default"`` (the target's default pipeline of
+    exact passes) or a list of: pass names, ``"default"`` (stands for that
+    pipeline in place), :class:`Pass` subclasses, Pass instances, and
+    :class:`PassConfig` instances (the pass that takes that config class,
+    configured with it, as torchao's ``quantize_(model, config)``).
+    ``configs`` maps pass name → config (dict or PassConfig) for passes given
+    by name or class. Returns Pass instances in an order that satisfies
+    every ``after``/``before`` constraint; a pass twice is an error.
+    """
+    from ..errors import InputError
+
+    if spec is None or spec == "default":
+        spec = ["default"]
+    if isinstance(spec, (str, bytes)):
+        raise InputError(f"passes must be a list of pass names, got the string {spec!r}; use passes=[{spec!r}]")
+    if isinstance(spec, (Pass, PassConfig)) or (isinstance(spec, type) and issubclass(spec, Pass)):
+        spec = [spec]
+    configs = dict(configs or {})
+    instances: list = []
+    for item in spec:
+        if isinstance(item, str) and item == "default":
+            names = [p.name for p in instances]
+            for name in default_pipeline(target_name):
+                if name not in names:
+                    instances.append(get_pass(name)(configs.pop(name, None)))
+            continue
+        if isinstance(item, Pass):
+            inst = item
+        elif isinstance(item, type) and issubclass(item, Pass):
+            inst = item(configs.pop(item.name, None))
+        elif isinstance(item, PassConfig):
+            cls = _pass_for_config(item)
+            if cls.name in configs:
+                raise InputError(f"pass {cls.name!r} is configured twice: by a {type(item).__name__} "
+                                 f"in passes= and in configs=")
+            inst = cls(item)
+        elif isinstance(item, str):
+            try:
+                cls = get_pass(item)
+            except ValueError as e:
+                raise InputError(str(e)) from None
+            inst = cls(configs.pop(item, None))
+        else:
+            raise InputError(
+                f"passes must be names, \"default\", recopt.Pass subclasses or instances, or pass config "
+                f"instances; got {item!r}"
+            )
+        instances.append(inst)
+    if configs:
+        raise InputError(
+            f"configs given for pass(es) not in the pipeline: {sorted(configs)}; "
+            f"pipeline: {[p.name for p in instances]}"
+        )
+    by_name: dict = {}
+    for p in instances:
+        if p.name in by_name:
+            raise InputError(f"pass {p.name!r} appears twice in the pipeline")
+        by_name[p.name] = p
+    registered = available_passes()
+    is_reg = [registered.get(p.name) is type(p) for p in instances]
+    # order_passes consults the registry; unregistered instances keep their place.
+    ordered = iter(order_passes([p.name for p, r in zip(instances, is_reg) if r]))
+    return [by_name[next(ordered)] if r else p for p, r in zip(instances, is_reg)]
