@@ -201,11 +201,16 @@ def run_deterministic(fn: Callable, args: tuple, seed: int = 0, module: Optional
     mode for the call and its buffers restored afterwards
     (:func:`eval_mode_restored`).
     """
+    from .state import clone_inputs, rng_devices
+
     if module is None and isinstance(fn, torch.nn.Module):
         module = fn
-    with eval_mode_restored(module, training), torch.no_grad(), torch.random.fork_rng(devices=[]):
+    # On copies of the inputs: a forward that mutates an input (x.mul_(2))
+    # sees the same values on every run, and the caller's stay untouched.
+    with eval_mode_restored(module, training), torch.no_grad(), \
+            torch.random.fork_rng(devices=rng_devices(args)):
         torch.manual_seed(seed)
-        return fn(*args)
+        return fn(*clone_inputs(args))
 
 
 # Relative tolerance on the gradient vector: a re-associated sum moves fp32
@@ -229,10 +234,12 @@ def parameter_gradients(module: torch.nn.Module, args: tuple, seed: int = 0, tra
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         return (None, None) if with_output else None
+    from .state import clone_inputs, rng_devices
+
     with eval_mode_restored(module, training):
-        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        with torch.enable_grad(), torch.random.fork_rng(devices=rng_devices(args)):
             torch.manual_seed(seed)
-            out = module(*args)
+            out = module(*clone_inputs(args))  # copies: the caller's inputs stay untouched
         leaves = [t for _, t in flatten_outputs(out)
                   if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
         if not leaves:

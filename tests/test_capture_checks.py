@@ -77,7 +77,13 @@ class InPlaceBufferCounter(BufferCounter):
         return self.lin(x)
 
 
-@pytest.mark.parametrize("cls", [PythonCounter, BufferCounter])
+class RebindingBufferCounter(BufferCounter):
+    def forward(self, x):
+        self.calls = self.calls + 1
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("cls", [PythonCounter, RebindingBufferCounter])
 def test_python_side_state_change_is_refused_naming_the_attribute(cls):
     model = cls().eval()
     x = torch.randn(3, 8)
@@ -92,8 +98,10 @@ def test_python_side_state_change_is_refused_naming_the_attribute(cls):
         assert torch.equal(model.calls, before)
 
 
-def test_in_place_buffer_update_is_kept_as_a_real_mutation():
-    model = InPlaceBufferCounter().eval()
+@pytest.mark.parametrize("cls", [BufferCounter, InPlaceBufferCounter])
+def test_in_place_buffer_update_is_kept_as_a_real_mutation(cls):
+    """``self.calls += 1`` on a tensor buffer is an in-place add: the graph keeps it."""
+    model = cls().eval()
     x = torch.randn(3, 8)
     opt = recopt.optimize(model, (x,), target="cpu", backend="eager")
     assert int(model.calls) == 0, "optimize must not move the caller's buffer"
