@@ -224,3 +224,35 @@ def first_change(changes: list, kinds: Optional[tuple] = None) -> Optional[Chang
         if kinds is None or c.kind in kinds:
             return c
     return None
+
+
+class TensorValues:
+    """Copies of a module's parameter and buffer values, keyed by tensor identity.
+
+    The pass manager takes one before the passes run; after each pass,
+    :meth:`edited` lists the tensors whose values changed in place (a pass
+    must make new parameters instead: the graph shares the caller's) and
+    :meth:`restore` puts their values back.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.entries: dict = {}
+        with torch.no_grad():
+            for name, t in list(module.named_parameters(remove_duplicate=False)) + \
+                    list(module.named_buffers(remove_duplicate=False)):
+                if id(t) not in self.entries:
+                    self.entries[id(t)] = (name, t, t.detach().clone())
+
+    def edited(self) -> list:
+        """Names (as first seen) of the tensors whose values differ from the copy."""
+        return [name for name, t, copy in self.entries.values() if not bits_equal(t.detach(), copy)]
+
+    def restore(self) -> list:
+        """Copy the saved values back into edited tensors; return their names."""
+        names = []
+        with torch.no_grad():
+            for name, t, copy in self.entries.values():
+                if not bits_equal(t.detach(), copy):
+                    t.copy_(copy)
+                    names.append(name)
+        return names

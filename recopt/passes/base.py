@@ -146,11 +146,16 @@ class PassContext:
     sample inputs (a tuple of tensors; do not mutate them); ``options`` holds
     the extra keyword arguments given to ``recopt.optimize`` (for example
     ``calibration_data``), so passes can take inputs that are not config.
+    ``training``: the mode of the graph being optimized (recopt optimizes
+    one graph per mode); a rewrite that cannot keep train-mode semantics
+    (dropout, batch statistics) must reject the site with a reason when it
+    is True.
     """
 
     target: Any
     example_inputs: tuple = ()
     options: dict = field(default_factory=dict)
+    training: bool = False
 
 
 def module_path_of(node: fx.Node) -> str:

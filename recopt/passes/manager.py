@@ -34,8 +34,9 @@ import torch.fx as fx
 from ..costs import count_graph_flops, graph_activation_bytes
 from ..errors import InputError, PassError, VerificationError
 from ..report import APPLIED, FAILED, NO_CHANGE, ROLLED_BACK, OptimizationReport, PassRun
+from ..state import TensorValues
 from ..targets import Target, get_target
-from ..verify import VerifyConfig, Verifier
+from ..verify import CheckResult, VerifyConfig, Verifier, run_deterministic
 from .base import REJECTED, REWRITTEN, Pass, PassContext, PassResult, Semantics
 from .registry import resolve_pipeline
 
@@ -138,9 +139,17 @@ class PassManager:
         if not report.target:
             report.target = self.target.to_dict()
         example_inputs = tuple(example_inputs)
-        ctx = PassContext(target=self.target, example_inputs=example_inputs, options=self.options)
+        ctx = PassContext(target=self.target, example_inputs=example_inputs, options=self.options,
+                          training=bool(training))
+        values = TensorValues(gm)
         verifier = self.verifier = Verifier(self.verify_config, training)
         verifier.prepare(gm, example_inputs, reference[0] if reference else None, input_filter)
+        # What the graph's own forward edits in place (an embedding with
+        # max_norm renormalises its rows) is restored after every run, not
+        # blamed on a pass.
+        if len(verifier.sets) == 1:
+            run_deterministic(gm, example_inputs, self.seed, training=bool(training))
+        values.expected = set(values.restore())
         flops = reference[1] if reference else count_graph_flops(gm, example_inputs)
         report.notes.extend(verifier.notes)
         if self.verify_config.enabled:
@@ -175,16 +184,22 @@ class PassManager:
                 run.duration_s = time.perf_counter() - t0
                 run.status = FAILED
                 run.message = str(e) if isinstance(e, PassError) else f"{type(e).__name__}: {e}"
+                edited = values.restore()
+                if edited:
+                    run.message += f" (it had edited {', '.join(edited[:3])} in place; values restored)"
                 if self.strict:
                     if isinstance(e, PassError):
                         raise
                     raise PassError(f"pass {p.name!r} raised {type(e).__name__}: {e}") from e
                 continue
             run.duration_s = time.perf_counter() - t0
+            # A pass must never edit a shared parameter/buffer in place (the
+            # graph shares the caller's): restore, and roll the pass back.
+            edited = values.restore()
             report.sites.extend(result.sites)
             run.n_rewritten = sum(s.status == REWRITTEN for s in result.sites)
             run.n_rejected = sum(s.status == REJECTED for s in result.sites)
-            if not result.modified:
+            if not result.modified and not edited:
                 continue
             new_gm = result.graph_module
             # check
@@ -192,8 +207,18 @@ class PassManager:
             exact = p.semantics is Semantics.EXACT
             prefix = p.output_contract == "prefix"
             grad_rtol = p.gradient_rtol if p.gradient_rtol is not None else (p.tolerance[0] if p.tolerance else None)
-            check = verifier.check(new_gm, exact=exact or prefix, tolerance=p.tolerance, prefix=prefix,
-                                   gradients=exact and not result.inference_only, grad_rtol=grad_rtol)
+            if edited:
+                check = CheckResult(
+                    f"the pass edited {', '.join(edited[:3])}{' ...' if len(edited) > 3 else ''} in place; "
+                    "the graph shares the caller's parameters and buffers, so a pass must make new ones "
+                    "instead (values restored)")
+            else:
+                check = verifier.check(new_gm, exact=exact or prefix, tolerance=p.tolerance, prefix=prefix,
+                                       gradients=exact and not result.inference_only, grad_rtol=grad_rtol)
+                edited = values.restore()
+                if edited and check.failure is None:
+                    check = CheckResult(f"running the rewritten graph left {', '.join(edited[:3])} changed; "
+                                        "values restored")
             new_flops = count_graph_flops(new_gm, example_inputs) if check.failure is None else None
             run.verify_s = time.perf_counter() - t1
             if check.failure is not None:
