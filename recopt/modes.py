@@ -1,0 +1,55 @@
+"""Which parts of a model behave differently in train and eval mode.
+
+``optimize`` captures a separate train-mode graph only where the model has
+such parts, so models without them pay for one capture and one pass run.
+A module counts as mode-dependent when it is one of torch's layers that
+read ``self.training`` (dropout, batch/instance norm, attention and
+transformer layers, RNNs) or when its class's source mentions
+``.training`` (``F.dropout(x, training=self.training)``, hand-written
+batch statistics). A class whose source cannot be read counts as
+mode-dependent: when unsure, capture both.
+"""
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+import torch.nn as nn
+
+_TORCH_MODE_DEPENDENT = (
+    nn.modules.dropout._DropoutNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.Transformer,
+    nn.RNNBase,
+)
+# torch.nn containers and layers whose behaviour never depends on the mode.
+_SAFE_PACKAGES = ("torch.nn.modules.", "torch.fx.")
+
+
+@lru_cache(maxsize=None)
+def _class_reads_training(cls: type) -> bool:
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        if klass.__module__.startswith(_SAFE_PACKAGES):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            return True
+        if ".training" in source or "training=" in source:
+            return True
+    return False
+
+
+def mode_dependent_modules(model: nn.Module) -> list:
+    """``"path (Class)"`` for each module whose output or state depends on train/eval mode."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, _TORCH_MODE_DEPENDENT) or _class_reads_training(type(m)):
+            out.append(f"{name or '(root)'} ({type(m).__name__})")
+    return out
