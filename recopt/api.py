@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from typing import Any, Optional, Sequence
@@ -279,6 +280,14 @@ def _shared_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy.deepcopy(gm, memo)
 
 
+def _with_pass_guards(cap: CapturedModel, guards: list, report: OptimizationReport) -> CapturedModel:
+    """``cap`` with the shape guards that applied passes recorded added to its own."""
+    if not guards:
+        return cap
+    report.guards = list(report.guards) + [g.describe() for g in guards]
+    return dataclasses.replace(cap, guards=list(cap.guards) + [g.code for g in guards])
+
+
 def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report: OptimizationReport,
                     settings: dict, t_start: float) -> OptimizedModel:
     """Capture and optimize the eval graph and, where the model depends on the mode, the train graph."""
@@ -314,6 +323,7 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
     gm, report = manager.run(_shared_copy(cap_eval.graph_module), args, report,
                              reference=(cap_eval.example_output, cap_eval.flops), training=False,
                              input_filter=cap_eval.guards_hold if cap_eval.guards else None)
+    cap_eval = _with_pass_guards(cap_eval, manager.guards, report)
     graphs["eval"], captured["eval"], runners["eval"] = gm, cap_eval, lower(gm, backend, settings["compile_options"])
     train_report = None
     shown = ", ".join(dependent[:3]) + (" ..." if len(dependent) > 3 else "")
@@ -329,7 +339,7 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
         gm_t, train_report = manager.run(_shared_copy(cap_train.graph_module), args, train_report,
                                          reference=(cap_train.example_output, cap_train.flops), training=True,
                                          input_filter=cap_train.guards_hold if cap_train.guards else None)
-        graphs["train"], captured["train"] = gm_t, cap_train
+        graphs["train"], captured["train"] = gm_t, _with_pass_guards(cap_train, manager.guards, train_report)
         runners["train"] = lower(gm_t, backend, settings["compile_options"])
         applied = [p.name for p in train_report.passes if p.status == "applied"]
         report.modes = ["eval", "train"]

@@ -141,17 +141,22 @@ class CapturedModel:
     training: bool = False
 
     def guards_hold(self, args: tuple) -> bool:
-        """Whether Dynamo's shape guards hold for these call arguments."""
+        """Whether every shape guard (Dynamo's and the passes') holds for these call arguments.
+
+        The guards are compiled once into one function
+        (:func:`recopt.guards.compile_guards`) and recompiled only when the
+        list changes.
+        """
         if not self.guards:
             return True
-        env = {"L": dict(zip(self.input_names, args))}
-        for g in self.guards:
-            try:
-                if not eval(g, {"__builtins__": {"str": str, "len": len}}, env):  # noqa: S307 - guard text from Dynamo
-                    return False
-            except Exception:
-                return False
-        return True
+        key = tuple(self.guards)
+        cached = self.__dict__.get("_guard_check")
+        if cached is None or cached[0] != key:
+            from .guards import compile_guards
+
+            cached = (key, compile_guards(self.guards, self.input_names))
+            self.__dict__["_guard_check"] = cached
+        return cached[1](args)
 
 
 def _normalise_inputs(example_inputs: Any) -> tuple:

@@ -212,3 +212,14 @@ def test_capture_check_refuses_a_graph_that_differs_from_the_model():
     # Either the graph keeps the random op (Dynamo) or capture refused: never a constant.
     a = _same_seed(cap.graph_module, 5, torch.zeros(2, 3))
     torch.testing.assert_close(a, _same_seed(model, 5, torch.zeros(2, 3)))
+
+
+def test_optimize_leaves_no_fake_tensors_cached_in_keyed_jagged_inputs():
+    """FLOP counting runs on fake tensors; a KJT input must not keep fake caches after optimize."""
+    pytest.importorskip("torchrec")
+    from test_public_models import _torchrec_dlrm
+
+    model, inputs = _torchrec_dlrm()
+    recopt.optimize(model, inputs, target="cpu", backend="eager")
+    out = model(*inputs)
+    assert type(out) is torch.Tensor

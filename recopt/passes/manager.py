@@ -63,6 +63,11 @@ def resolve_passes(spec: Any, configs: Optional[dict] = None, target_name: str =
     return resolve_pipeline(spec, target_name, configs)
 
 
+def _input_names(gm: fx.GraphModule) -> tuple:
+    """The graph's input names (its placeholders' targets: ``forward``'s parameter names)."""
+    return tuple(str(n.target).lstrip("*") for n in gm.graph.nodes if n.op == "placeholder")
+
+
 def _shared_tensors(gm: torch.nn.Module) -> dict:
     """A deepcopy memo that keeps parameters and buffers shared, not copied.
 
@@ -112,6 +117,7 @@ class PassManager:
         self.options = dict(options or {})
         self.progress = progress
         self.verifier: Optional[Verifier] = None
+        self.guards: list = []
 
     @property
     def seed(self) -> int:
@@ -140,7 +146,8 @@ class PassManager:
             report.target = self.target.to_dict()
         example_inputs = tuple(example_inputs)
         ctx = PassContext(target=self.target, example_inputs=example_inputs, options=self.options,
-                          training=bool(training))
+                          training=bool(training), input_names=_input_names(gm))
+        self.guards = ctx.guards  # the guards of applied passes (see PassContext.add_guard)
         values = TensorValues(gm)
         verifier = self.verifier = Verifier(self.verify_config, training)
         verifier.prepare(gm, example_inputs, reference[0] if reference else None, input_filter)
@@ -171,6 +178,8 @@ class PassManager:
             report.passes.append(run)
             # copy
             candidate = copy.deepcopy(current, _shared_tensors(current))
+            ctx.pass_name = p.name
+            n_guards = len(ctx.guards)
             # run
             t0 = time.perf_counter()
             try:
@@ -184,6 +193,7 @@ class PassManager:
                 run.duration_s = time.perf_counter() - t0
                 run.status = FAILED
                 run.message = str(e) if isinstance(e, PassError) else f"{type(e).__name__}: {e}"
+                del ctx.guards[n_guards:]
                 edited = values.restore()
                 if edited:
                     run.message += f" (it had edited {', '.join(edited[:3])} in place; values restored)"
@@ -200,6 +210,7 @@ class PassManager:
             run.n_rewritten = sum(s.status == REWRITTEN for s in result.sites)
             run.n_rejected = sum(s.status == REJECTED for s in result.sites)
             if not result.modified and not edited:
+                del ctx.guards[n_guards:]
                 continue
             new_gm = result.graph_module
             # check
@@ -224,6 +235,7 @@ class PassManager:
             if check.failure is not None:
                 # roll back (the candidate is dropped) and record
                 self._roll_back(run, result, check.failure)
+                del ctx.guards[n_guards:]
                 if self.strict:
                     raise VerificationError(f"pass {p.name!r} changed the model's outputs: {check.failure}")
                 continue
