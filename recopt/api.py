@@ -270,14 +270,16 @@ def optimize(
         inputs_state.restore()
 
 
-def _shared_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with its own modules but the same parameter and buffer tensors.
+def _shared_copy(gm: fx.GraphModule, training: bool) -> fx.GraphModule:
+    """A copy of ``gm`` in mode ``training``, with its own modules but the same
+    parameter and buffer tensors.
 
     Switching the optimized model's mode then never flips the caller's
-    modules, while training it still trains the caller's weights.
+    modules, while training it still trains the caller's weights. Passes see
+    the graph's modules in the graph's mode (``mha.training``).
     """
     memo = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
-    return copy.deepcopy(gm, memo)
+    return copy.deepcopy(gm, memo).train(training)
 
 
 def _with_pass_guards(cap: CapturedModel, guards: list, report: OptimizationReport) -> CapturedModel:
@@ -320,7 +322,7 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
     report.guards = list(cap_eval.guards)
 
     graphs, captured, runners = {}, {}, {}
-    gm, report = manager.run(_shared_copy(cap_eval.graph_module), args, report,
+    gm, report = manager.run(_shared_copy(cap_eval.graph_module, False), args, report,
                              reference=(cap_eval.example_output, cap_eval.flops), training=False,
                              input_filter=cap_eval.guards_hold if cap_eval.guards else None)
     cap_eval = _with_pass_guards(cap_eval, manager.guards, report)
@@ -336,7 +338,7 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
                                           capture_method=cap_train.method,
                                           capture_diagnostics=list(cap_train.diagnostics),
                                           guards=list(cap_train.guards), modes=["train"])
-        gm_t, train_report = manager.run(_shared_copy(cap_train.graph_module), args, train_report,
+        gm_t, train_report = manager.run(_shared_copy(cap_train.graph_module, True), args, train_report,
                                          reference=(cap_train.example_output, cap_train.flops), training=True,
                                          input_filter=cap_train.guards_hold if cap_train.guards else None)
         graphs["train"], captured["train"] = gm_t, _with_pass_guards(cap_train, manager.guards, train_report)

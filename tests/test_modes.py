@@ -157,3 +157,44 @@ def test_state_dict_keys_equal_the_models_and_load_both_ways(cls):
     opt.load_state_dict(fresh.state_dict())
     torch.testing.assert_close(opt(*args), fresh(*args))
     assert torch.equal(model.lin.weight, fresh.lin.weight)
+
+
+def test_train_graph_rejects_fusing_attention_with_live_dropout():
+    """GDPA fuses MHA in the eval graph; in the train graph attention dropout is live, so it must not."""
+    torch.manual_seed(0)
+    model = MHADropout().train()
+    opt = recopt.optimize(model, _inputs(MHADropout), target="cpu", backend="eager")
+    assert opt.report.sites_for("gdpa", "rewritten"), "eval graph: MHA fused"
+    assert opt.train_report is not None
+    assert not opt.train_report.sites_for("gdpa", "rewritten")
+    assert [s.reason_code for s in opt.train_report.sites_for("gdpa", "rejected")] == ["mha_options"]
+    assert "separate graphs" in opt.report.modes_note
+
+
+def test_model_without_mode_dependent_layers_gets_one_graph():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = recopt.optimize(model, (torch.randn(3, 4),), target="cpu", backend="eager")
+    assert opt.graph_for(True) is opt.graph_for(False)
+    assert opt.train_report is None and "one graph" in opt.report.modes_note
+
+
+class BNOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(x)
+
+
+def test_train_mode_that_cannot_be_captured_runs_the_model_eagerly_and_says_so():
+    """BatchNorm cannot run in train mode on a batch of 1: eval is optimized, train runs eagerly, named."""
+    model = BNOnly().eval()
+    opt = recopt.optimize(model, (torch.randn(1, 4),), target="cpu", backend="eager")
+    assert opt.report.modes == ["eval"] and "eagerly" in opt.report.modes_note
+    opt.train()
+    x = torch.randn(5, 4)
+    with pytest.warns(UserWarning, match="train mode was not captured"):
+        got = opt(x)
+    ref = BNOnly().train()
+    torch.testing.assert_close(got, ref(x))
