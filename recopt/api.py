@@ -84,6 +84,10 @@ class OptimizedModel(nn.Module):
         """The graph that runs in train (``True``) or eval (``False``) mode; None if that mode runs eagerly."""
         return self._graphs.get("train" if training else "eval")
 
+    def captured_for(self, training: bool):
+        """The :class:`~recopt.capture.CapturedModel` of train (``True``) or eval (``False``) mode, or None."""
+        return self._captured.get("train" if training else "eval")
+
     @property
     def graph_module(self) -> Optional[fx.GraphModule]:
         return self._graphs.get(self._mode())

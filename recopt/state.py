@@ -47,6 +47,8 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _python_value(v: Any) -> Any:
     """A comparable picture of a plain Python attribute, or a marker to skip it."""
+    if isinstance(v, float) and v != v:
+        return ("scalar", "nan")
     if isinstance(v, _SCALARS):
         return ("scalar", v)
     if isinstance(v, tuple) and all(isinstance(x, _SCALARS) for x in v):
@@ -104,9 +106,11 @@ class ModuleState:
         self.tensors: dict = {}   # qualified name -> (owner module, local name, kind, tensor object, data copy)
         self.modes: dict = {}     # qualified module name -> (module, training)
         self.attrs: dict = {}     # qualified name -> (owner module, local name, raw value, picture)
+        self.keys: dict = {}      # qualified module name -> (module, the names in its __dict__)
         for mname, m in module.named_modules(remove_duplicate=True):
             prefix = f"{mname}." if mname else ""
             self.modes[mname] = (m, m.training)
+            self.keys[mname] = (m, set(vars(m)))
             for kind, table in (("parameter", m._parameters), ("buffer", m._buffers)):
                 for local, t in table.items():
                     copy = None
@@ -148,6 +152,11 @@ class ModuleState:
                 out.append(Change("attribute", name, _describe(v), "deleted"))
             elif _python_value(cur) != picture:
                 out.append(Change("attribute", name, _describe(v), _describe(cur)))
+        for mname, (m, keys) in self.keys.items():
+            prefix = f"{mname}." if mname else ""
+            for local in vars(m).keys() - keys:
+                if not local.startswith("_"):
+                    out.append(Change("attribute", prefix + local, "unset", _describe(vars(m)[local])))
         for mname, (m, training) in self.modes.items():
             if m.training != training:
                 out.append(Change("mode", mname or "(root)"))
@@ -167,6 +176,11 @@ class ModuleState:
             if copy is not None and t is not None and not bits_equal(t.detach(), copy):
                 with torch.no_grad():
                     t.copy_(copy)
+        # Attributes added since (a forward's cache, fx's _tensor_constant
+        # attributes set on the traced root) are removed again.
+        for mname, (m, keys) in self.keys.items():
+            for local in list(vars(m).keys() - keys):
+                del vars(m)[local]
         # Parameters/buffers a forward added are removed again.
         for mname, m in self.module.named_modules(remove_duplicate=True):
             prefix = f"{mname}." if mname else ""

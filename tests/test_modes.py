@@ -198,3 +198,17 @@ def test_train_mode_that_cannot_be_captured_runs_the_model_eagerly_and_says_so()
         got = opt(x)
     ref = BNOnly().train()
     torch.testing.assert_close(got, ref(x))
+
+
+def test_export_takes_the_eval_graph_even_from_a_model_in_train_mode():
+    from recopt.export.program import resolve_source
+
+    torch.manual_seed(0)
+    model = FunctionalDropout().train()
+    args = _inputs(FunctionalDropout)
+    opt = recopt.optimize(model, args, target="cpu", backend="eager")
+    assert opt.training
+    src = resolve_source(opt, args)
+    assert src.module is opt.graph_for(False) and src.module is not opt.graph_for(True)
+    src.module.eval()
+    torch.testing.assert_close(_seeded(src.module, 1, *args), _seeded(src.module, 2, *args))
