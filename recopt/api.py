@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .capture import CapturedModel, capture, check_model_and_inputs
+from .capture import CapturedModel, capture, check_model_and_inputs, graph_differs_in_mode
 from .modes import mode_dependent_modules
 from .state import InputsState, ModuleState, rng_devices
 from .errors import CaptureError, InputError
@@ -313,6 +313,12 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
         report.total_s = time.perf_counter() - t_start
         return OptimizedModel({}, report, {}, {}, model, settings, training=model.training)
     dependent = mode_dependent_modules(model)
+    if not dependent:
+        # The scan found nothing; still check that the eval graph does what
+        # the model does in train mode before it serves both modes.
+        why = graph_differs_in_mode(model, cap_eval.graph_module, args, training=True)
+        if why is not None:
+            dependent = [f"(the model in train mode differs from the eval graph: {why})"]
     cap_train, train_failure = None, None
     if dependent:
         try:

@@ -349,7 +349,31 @@ def _check_sets(args: tuple) -> list:
     return [tuple(args)] + [random_like_inputs(tuple(args), gen) for _ in range(CHECK_INPUT_SETS)]
 
 
-def _model_references(model: nn.Module, args: tuple, training: bool, snapshot) -> list:
+def graph_differs_in_mode(model: nn.Module, gm: fx.GraphModule, args: tuple, training: bool) -> Optional[str]:
+    """Why ``gm`` differs from ``model`` in mode ``training`` on the example (same seed), or None.
+
+    ``optimize`` asks this of an eval-mode graph before letting it serve
+    train mode too, so a mode dependence the class-level scan
+    (:func:`recopt.modes.mode_dependent_modules`) missed is still caught.
+    Leaves the model and ``gm`` as they were.
+    """
+    from .state import ModuleState
+
+    snapshot = ModuleState(model)
+    was = gm.training
+    try:
+        refs = _model_references(model, args, training, snapshot, n_fresh=0)
+        gm.train(training)
+        return _graph_differs(model, gm, refs, training, snapshot)
+    except (InputError, CaptureError) as e:
+        return str(e)
+    finally:
+        gm.train(was)
+        snapshot.restore()
+
+
+def _model_references(model: nn.Module, args: tuple, training: bool, snapshot,
+                      n_fresh: int = CHECK_INPUT_SETS) -> list:
     """Run the model on the example and on fresh inputs; refuse state a graph cannot repeat.
 
     Raises :class:`InputError` when the model fails on the example itself,
@@ -358,7 +382,7 @@ def _model_references(model: nn.Module, args: tuple, training: bool, snapshot) -
     """
     refs = []
     mode = "train" if training else "eval"
-    for i, a in enumerate(_check_sets(args)):
+    for i, a in enumerate(_check_sets(args)[:1 + n_fresh]):
         try:
             out, changes, moved, after = _run_and_observe(model, model, a, _CHECK_SEED + i, training, snapshot)
         except Exception as e:

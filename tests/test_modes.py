@@ -212,3 +212,31 @@ def test_export_takes_the_eval_graph_even_from_a_model_in_train_mode():
     assert src.module is opt.graph_for(False) and src.module is not opt.graph_for(True)
     src.module.eval()
     torch.testing.assert_close(_seeded(src.module, 1, *args), _seeded(src.module, 2, *args))
+
+
+def _helper_dropout(module, x):
+    return F.dropout(x, 0.5, module.training)
+
+
+class HiddenModeDependence(nn.Module):
+    """Reads the mode through a helper outside the class: the class scan cannot see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return _helper_dropout(self, self.lin(x))
+
+
+def test_a_mode_dependence_the_scan_misses_is_caught_by_the_train_mode_check():
+    from recopt.modes import mode_dependent_modules
+
+    model = HiddenModeDependence().eval()
+    assert mode_dependent_modules(model) == []
+    args = _inputs(FunctionalDropout)
+    opt = recopt.optimize(model, args, target="cpu", backend="eager")
+    assert opt.graph_for(True) is not opt.graph_for(False)
+    opt.train()
+    model.train()
+    torch.testing.assert_close(_seeded(opt, 4, *args), _seeded(model, 4, *args))
