@@ -27,6 +27,25 @@ _MAX_SPECIALISATIONS = 8
 MODES = ("eval", "train")
 
 
+def _tensor_bindings(model: nn.Module, graphs) -> list:
+    """``(owner module, local name, kind, model's qualified name or None)`` for every
+    parameter/buffer slot of the graphs; None marks a tensor the model does not have."""
+    names = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), n)
+    out, seen = [], set()
+    for gm in graphs:
+        if gm is None or id(gm) in seen:
+            continue
+        seen.add(id(gm))
+        for m in gm.modules():
+            for kind, table in (("parameter", m._parameters), ("buffer", m._buffers)):
+                for local, t in table.items():
+                    if t is not None:
+                        out.append((m, local, kind, names.get(id(t))))
+    return out
+
+
 class OptimizedModel(nn.Module):
     """The result of :func:`optimize`: callable like the model it came from.
 
@@ -74,7 +93,45 @@ class OptimizedModel(nn.Module):
         object.__setattr__(self, "_settings", settings)
         object.__setattr__(self, "_specialisations", [])
         object.__setattr__(self, "_warned_eager", set())
+        object.__setattr__(self, "_bindings", _tensor_bindings(original, graphs.values()))
         self.train(training)
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()``...: convert the model's tensors once and rebind every
+        graph to them, so the graphs (one per mode) and the model keep sharing one set of
+        parameters and buffers (BatchNorm statistics updated in train mode are those eval reads)."""
+        self._original._apply(fn, recurse)
+        self._rebind(fn)
+        for spec in self._specialisations:
+            spec._rebind(fn)
+        return self
+
+    def _rebind(self, fn) -> None:
+        model_tensors = dict(self._original.named_parameters(remove_duplicate=False))
+        model_tensors.update(self._original.named_buffers(remove_duplicate=False))
+        converted: dict = {}
+        for owner, local, kind, model_name in self._bindings:
+            table = owner._parameters if kind == "parameter" else owner._buffers
+            t = table.get(local)
+            if t is None:
+                continue
+            if model_name is not None:
+                table[local] = model_tensors[model_name]
+            else:  # made by a pass or by tracing: convert it once, even if two graphs hold it
+                if id(t) not in converted:
+                    with torch.no_grad():
+                        new = fn(t)
+                    converted[id(t)] = nn.Parameter(new, t.requires_grad) if kind == "parameter" else new
+                table[local] = converted[id(t)]
+
+    def _run_original(self, *args, **kwargs):
+        """Run the original model in this model's mode, leaving its own mode as it was."""
+        was = self._original.training
+        self._original.train(self.training)
+        try:
+            return self._original(*args, **kwargs)
+        finally:
+            self._original.train(was)
 
     # -- modes ----------------------------------------------------------
     def _mode(self) -> str:
@@ -111,8 +168,6 @@ class OptimizedModel(nn.Module):
             gm = self._graphs.get(m)
             if gm is not None:
                 gm.train(mode if shared else m == "train")
-        if self._runners.get(self._mode()) is None:
-            self._original.train(mode)
         for spec in self._specialisations:
             spec.train(mode)
         return self
@@ -128,8 +183,7 @@ class OptimizedModel(nn.Module):
                 self._warned_eager.add(mode)
                 warnings.warn(f"recopt: {mode} mode was not captured ({self.report.modes_note}); "
                               "running the original model eagerly", stacklevel=2)
-            self._original.train(self.training)
-            return self._original(*args, **kwargs)
+            return self._run_original(*args, **kwargs)
         if cap is None or cap.guards_hold(args):
             return runner(*args, **kwargs)
         for spec in self._specialisations:
@@ -142,8 +196,7 @@ class OptimizedModel(nn.Module):
                 "specialisations exist already; running the original model eagerly",
                 stacklevel=2,
             )
-            self._original.train(self.training)
-            return self._original(*args, **kwargs)
+            return self._run_original(*args, **kwargs)
         spec = optimize(self._original, args, **self._settings)
         spec.train(self.training)
         self._specialisations.append(spec)

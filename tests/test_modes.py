@@ -240,3 +240,26 @@ def test_a_mode_dependence_the_scan_misses_is_caught_by_the_train_mode_check():
     opt.train()
     model.train()
     torch.testing.assert_close(_seeded(opt, 4, *args), _seeded(model, 4, *args))
+
+
+def test_converting_the_optimized_model_keeps_one_set_of_tensors_for_both_graphs():
+    """opt.double() (like .to/.cuda) converts the model's tensors and rebinds both graphs to them,
+    so the statistics train mode updates are those eval mode reads."""
+    torch.manual_seed(0)
+    model = DropoutBN().eval()
+    args = _inputs(DropoutBN)
+    opt = recopt.optimize(model, args, target="cpu", backend="eager")
+    assert opt.graph_for(True) is not opt.graph_for(False)
+    opt.double()
+    assert model.lin.weight.dtype == torch.float64
+    x = args[0].double()
+    opt.train()
+    opt(x)
+    ref = DropoutBN().double()
+    ref.load_state_dict(model.state_dict())
+    opt.eval()
+    ref.eval()
+    torch.testing.assert_close(opt(x), ref(x))
+    for gm in (opt.graph_for(True), opt.graph_for(False)):
+        shared = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+        assert {id(t) for t in list(gm.parameters()) + list(gm.buffers())} <= shared
