@@ -385,8 +385,13 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
     report.guards = list(cap_eval.guards)
 
     graphs, captured, runners = {}, {}, {}
-    gm, report = manager.run(_shared_copy(cap_eval.graph_module, False), args, report,
-                             reference=(cap_eval.example_output, cap_eval.flops), training=False,
+    # A graph that serves both modes is optimized in the mode the model came
+    # in (an FP8 pass then plans the backward of a model handed over for
+    # training) and verified in both; a separate eval graph in eval mode.
+    first_mode = model.training if not dependent else False
+    gm, report = manager.run(_shared_copy(cap_eval.graph_module, first_mode), args, report,
+                             reference=(cap_eval.example_output, cap_eval.flops),
+                             training=None if not dependent else False,
                              input_filter=cap_eval.guards_hold if cap_eval.guards else None)
     cap_eval = _with_pass_guards(cap_eval, manager.guards, report)
     graphs["eval"], captured["eval"], runners["eval"] = gm, cap_eval, lower(gm, backend, settings["compile_options"])

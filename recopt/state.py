@@ -257,16 +257,20 @@ class TensorValues:
                 if id(t) not in self.entries:
                     self.entries[id(t)] = (name, t, t.detach().clone())
 
+        self.expected: set = set()  # names a forward of the graph itself edits (max_norm embeddings)
+
     def edited(self) -> list:
         """Names (as first seen) of the tensors whose values differ from the copy."""
         return [name for name, t, copy in self.entries.values() if not bits_equal(t.detach(), copy)]
 
     def restore(self) -> list:
-        """Copy the saved values back into edited tensors; return their names."""
+        """Copy the saved values back into edited tensors; return the names of those
+        not in :attr:`expected` (an edit no forward explains)."""
         names = []
         with torch.no_grad():
             for name, t, copy in self.entries.values():
                 if not bits_equal(t.detach(), copy):
                     t.copy_(copy)
-                    names.append(name)
+                    if name not in self.expected:
+                        names.append(name)
         return names
