@@ -263,3 +263,15 @@ def test_converting_the_optimized_model_keeps_one_set_of_tensors_for_both_graphs
     for gm in (opt.graph_for(True), opt.graph_for(False)):
         shared = {id(t) for t in list(model.parameters()) + list(model.buffers())}
         assert {id(t) for t in list(gm.parameters()) + list(gm.buffers())} <= shared
+
+
+def test_mode_scan_ignores_zero_probability_dropout_and_sees_the_rest():
+    from recopt.modes import mode_dependent_modules
+
+    assert mode_dependent_modules(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0))) == []
+    enc0 = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    assert mode_dependent_modules(enc0) == []
+    enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
+    assert any("MultiheadAttention" in m for m in mode_dependent_modules(enc))
+    assert mode_dependent_modules(nn.Sequential(nn.BatchNorm1d(3))) == ["0 (BatchNorm1d)"]
+    assert mode_dependent_modules(FunctionalDropout()) == ["(root) (FunctionalDropout)"]
