@@ -34,6 +34,7 @@ import torch.fx as fx
 from ..costs import count_graph_flops, graph_activation_bytes
 from ..errors import InputError, PassError, VerificationError
 from ..report import APPLIED, FAILED, NO_CHANGE, ROLLED_BACK, OptimizationReport, PassRun
+from ..guards import compile_guards
 from ..state import TensorValues
 from ..targets import Target, get_target
 from ..verify import CheckResult, VerifyConfig, Verifier, run_deterministic
@@ -224,8 +225,12 @@ class PassManager:
                     "the graph shares the caller's parameters and buffers, so a pass must make new ones "
                     "instead (values restored)")
             else:
+                # Sets that break the shape guards recorded so far (this pass's
+                # included) are not tried: such calls re-specialise.
+                holds = compile_guards([g.code for g in ctx.guards], ctx.input_names) if ctx.guards else None
                 check = verifier.check(new_gm, exact=exact or prefix, tolerance=p.tolerance, prefix=prefix,
-                                       gradients=exact and not result.inference_only, grad_rtol=grad_rtol)
+                                       gradients=exact and not result.inference_only, grad_rtol=grad_rtol,
+                                       input_filter=holds)
                 edited = values.restore()
                 if edited and check.failure is None:
                     check = CheckResult(f"running the rewritten graph left {', '.join(edited[:3])} changed; "
