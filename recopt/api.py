@@ -1,14 +1,19 @@
 """recopt.optimize: capture → passes with verify-each → lowering, in one call."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 import warnings
 from typing import Any, Optional, Sequence
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
-from .capture import CapturedModel, capture, check_model_and_inputs
+from .capture import CapturedModel, capture, check_model_and_inputs, graph_differs_in_mode
+from .modes import mode_dependent_modules
+from .state import InputsState, ModuleState, rng_devices
 from .errors import CaptureError, InputError
 from .lower import BACKENDS, default_backend, lower
 from .passes.manager import _LEGACY_VERIFY_KEYWORDS, PassManager, verify_config_with_legacy
@@ -19,13 +24,49 @@ ON_UNTRACEABLE = ("raise", "eager")
 _MAX_SPECIALISATIONS = 8
 
 
+MODES = ("eval", "train")
+
+
+def _tensor_bindings(model: nn.Module, graphs) -> list:
+    """``(owner module, local name, kind, model's qualified name or None)`` for every
+    parameter/buffer slot of the graphs; None marks a tensor the model does not have."""
+    names = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), n)
+    out, seen = [], set()
+    for gm in graphs:
+        if gm is None or id(gm) in seen:
+            continue
+        seen.add(id(gm))
+        for m in gm.modules():
+            for kind, table in (("parameter", m._parameters), ("buffer", m._buffers)):
+                for local, t in table.items():
+                    if t is not None:
+                        out.append((m, local, kind, names.get(id(t))))
+    return out
+
+
 class OptimizedModel(nn.Module):
     """The result of :func:`optimize`: callable like the model it came from.
 
-    Attributes: ``graph_module`` (the rewritten torch.fx GraphModule),
-    ``report`` (:class:`~recopt.report.OptimizationReport`), ``captured``
-    (:class:`~recopt.capture.CapturedModel`, None if the model runs eagerly
-    because it could not be captured).
+    **Modes.** recopt captures and optimizes one graph per mode where the
+    model behaves differently in train and eval mode (dropout, BatchNorm,
+    code reading ``self.training``), and one graph for both otherwise. The
+    optimized model starts in the mode the model was handed over in;
+    ``opt.train()`` / ``opt.eval()`` switch, and each call runs the graph of
+    the current mode. ``report.modes_note`` says which graphs exist.
+
+    **State.** The graphs hold the user's own parameters and buffers (as
+    torch.compile does): training the optimized model trains the model.
+    :meth:`state_dict` / :meth:`load_state_dict` use the model's keys, so a
+    checkpoint of either loads into the other.
+
+    Attributes: ``graph_module`` (the rewritten torch.fx GraphModule of the
+    current mode), ``report`` (:class:`~recopt.report.OptimizationReport`;
+    its passes and sites are the eval graph's, ``train_report`` the train
+    graph's when it is a separate graph), ``captured``
+    (:class:`~recopt.capture.CapturedModel` of the current mode, None if the
+    model runs eagerly because it could not be captured).
 
     A graph captured by Dynamo is specialised on the example inputs' shapes
     where the model branches on them; a call whose inputs break those guards
@@ -33,23 +74,121 @@ class OptimizedModel(nn.Module):
     original model runs eagerly, with a warning).
     """
 
-    def __init__(self, graph_module, report, captured, runner, original, settings):
+    def __init__(self, graphs: dict, report, captured: dict, runners: dict, original, settings,
+                 training: bool = False, train_report=None):
         super().__init__()
-        self.graph_module = graph_module
+        seen: dict = {}
+        for mode in MODES:
+            gm = graphs.get(mode)
+            if gm is not None and id(gm) not in seen:
+                seen[id(gm)] = mode
+                self.add_module(f"{mode}_graph", gm)
         self.report: OptimizationReport = report
-        # Not registered as submodules: the graph module owns the parameters.
-        object.__setattr__(self, "captured", captured)
-        object.__setattr__(self, "_runner", runner)
+        self.train_report: Optional[OptimizationReport] = train_report
+        # Not registered as submodules: the graph modules own the parameters.
+        object.__setattr__(self, "_graphs", dict(graphs))
+        object.__setattr__(self, "_captured", dict(captured))
+        object.__setattr__(self, "_runners", dict(runners))
         object.__setattr__(self, "_original", original)
         object.__setattr__(self, "_settings", settings)
         object.__setattr__(self, "_specialisations", [])
+        object.__setattr__(self, "_warned_eager", set())
+        object.__setattr__(self, "_bindings", _tensor_bindings(original, graphs.values()))
+        self.train(training)
 
-    def forward(self, *args, **kwargs):
-        cap = self.captured
-        if cap is None or cap.guards_hold(args):
-            return self._runner(*args, **kwargs)
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()``...: convert the model's tensors once and rebind every
+        graph to them, so the graphs (one per mode) and the model keep sharing one set of
+        parameters and buffers (BatchNorm statistics updated in train mode are those eval reads)."""
+        self._original._apply(fn, recurse)
+        self._rebind(fn)
         for spec in self._specialisations:
-            if spec.captured.guards_hold(args):
+            spec._rebind(fn)
+        return self
+
+    def _rebind(self, fn) -> None:
+        model_tensors = dict(self._original.named_parameters(remove_duplicate=False))
+        model_tensors.update(self._original.named_buffers(remove_duplicate=False))
+        converted: dict = {}
+        for owner, local, kind, model_name in self._bindings:
+            table = owner._parameters if kind == "parameter" else owner._buffers
+            t = table.get(local)
+            if t is None:
+                continue
+            if model_name is not None:
+                table[local] = model_tensors[model_name]
+            else:  # made by a pass or by tracing: convert it once, even if two graphs hold it
+                if id(t) not in converted:
+                    with torch.no_grad():
+                        new = fn(t)
+                    converted[id(t)] = nn.Parameter(new, t.requires_grad) if kind == "parameter" else new
+                table[local] = converted[id(t)]
+
+    def _run_original(self, *args, **kwargs):
+        """Run the original model in this model's mode, leaving its own mode as it was."""
+        was = self._original.training
+        self._original.train(self.training)
+        try:
+            return self._original(*args, **kwargs)
+        finally:
+            self._original.train(was)
+
+    # -- modes ----------------------------------------------------------
+    def _mode(self) -> str:
+        return "train" if self.training else "eval"
+
+    def graph_for(self, training: bool) -> Optional[fx.GraphModule]:
+        """The graph that runs in train (``True``) or eval (``False``) mode; None if that mode runs eagerly."""
+        return self._graphs.get("train" if training else "eval")
+
+    def captured_for(self, training: bool):
+        """The :class:`~recopt.capture.CapturedModel` of train (``True``) or eval (``False``) mode, or None."""
+        return self._captured.get("train" if training else "eval")
+
+    @property
+    def graph_module(self) -> Optional[fx.GraphModule]:
+        return self._graphs.get(self._mode())
+
+    @property
+    def captured(self):
+        return self._captured.get(self._mode())
+
+    def train(self, mode: bool = True) -> "OptimizedModel":
+        """Switch mode: the next calls run the graph captured in that mode.
+
+        A graph made for one mode is kept in that mode (its dropout and
+        BatchNorm modules follow it); a graph serving both modes follows
+        ``mode``.
+        """
+        if not isinstance(mode, bool):
+            raise InputError(f"train(mode) expects a bool, got {type(mode).__name__}")
+        self.training = mode
+        shared = self._graphs.get("train") is self._graphs.get("eval")
+        for m in MODES:
+            gm = self._graphs.get(m)
+            if gm is not None:
+                gm.train(mode if shared else m == "train")
+        for spec in self._specialisations:
+            spec.train(mode)
+        return self
+
+    # -- calls ----------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        mode = self._mode()
+        runner = self._runners.get(mode)
+        cap = self._captured.get(mode)
+        if runner is None:
+            if mode not in self._warned_eager and cap is None and self._graphs.get(mode) is None \
+                    and any(self._graphs.values()):
+                self._warned_eager.add(mode)
+                warnings.warn(f"recopt: {mode} mode was not captured ({self.report.modes_note}); "
+                              "running the original model eagerly", stacklevel=2)
+            return self._run_original(*args, **kwargs)
+        if cap is None or cap.guards_hold(args):
+            return runner(*args, **kwargs)
+        for spec in self._specialisations:
+            spec_cap = spec._captured.get(mode)
+            if spec_cap is not None and spec_cap.guards_hold(args):
                 return spec(*args, **kwargs)
         if len(self._specialisations) >= _MAX_SPECIALISATIONS:
             warnings.warn(
@@ -57,10 +196,46 @@ class OptimizedModel(nn.Module):
                 "specialisations exist already; running the original model eagerly",
                 stacklevel=2,
             )
-            return self._original(*args, **kwargs)
+            return self._run_original(*args, **kwargs)
         spec = optimize(self._original, args, **self._settings)
+        spec.train(self.training)
         self._specialisations.append(spec)
         return spec(*args, **kwargs)
+
+    # -- checkpoints ----------------------------------------------------
+    def _created_parameters(self) -> list:
+        """Graph parameters that are not the model's (made by passes), by graph name."""
+        own = {id(t) for t in self._original.parameters()}
+        out = []
+        for gm in {id(g): g for g in self._graphs.values() if g is not None}.values():
+            out += [n for n, p in gm.named_parameters() if id(p) not in own]
+        return out
+
+    def _check_checkpointable(self, what: str) -> None:
+        created = self._created_parameters()
+        if created:
+            raise InputError(
+                f"{what}: the optimized graph trains parameters that passes created ({created[:3]}), "
+                "which the model's checkpoint does not hold. Use opt.graph_module.state_dict() for the "
+                "graph's own checkpoint, or optimize without the pass that made them (see the report)."
+            )
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The model's state dict: same keys as ``model.state_dict()`` (for Dynamo captures too).
+
+        The graphs share the model's parameters and buffers, so the values
+        are the optimized model's.
+        """
+        self._check_checkpointable("state_dict")
+        return self._original.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a checkpoint of the model (or of this optimized model) in place."""
+        if assign:
+            raise InputError("load_state_dict(assign=True) would replace the tensors the optimized graphs "
+                             "share with the model; load with assign=False (values are copied in place)")
+        self._check_checkpointable("load_state_dict")
+        return self._original.load_state_dict(state_dict, strict=strict)
 
     @property
     def original(self) -> nn.Module:
@@ -68,7 +243,7 @@ class OptimizedModel(nn.Module):
 
     def __repr__(self) -> str:
         cap = self.captured.method if self.captured else "none (eager)"
-        return f"OptimizedModel(capture={cap}, passes={[p.name for p in self.report.passes]})"
+        return f"OptimizedModel(capture={cap}, mode={self._mode()}, passes={[p.name for p in self.report.passes]})"
 
 
 def optimize(
@@ -140,27 +315,111 @@ def optimize(
     manager = PassManager(passes, tgt, configs=configs, verify=verify, strict=strict, options=options,
                           progress=progress)
     report = OptimizationReport(target=tgt.to_dict(), backend=backend)
+    # The caller's model, inputs and RNG come back bit-identical whatever
+    # capture, FLOP counting, verification or a misbehaving pass did.
+    model_state = ModuleState(model)
+    inputs_state = InputsState(args)
+    try:
+        with torch.random.fork_rng(devices=rng_devices(args, list(model.parameters()))):
+            return _optimize_modes(model, args, manager, report, settings, t_start)
+    finally:
+        model_state.restore()
+        inputs_state.restore()
 
+
+def _shared_copy(gm: fx.GraphModule, training: bool) -> fx.GraphModule:
+    """A copy of ``gm`` in mode ``training``, with its own modules but the same
+    parameter and buffer tensors.
+
+    Switching the optimized model's mode then never flips the caller's
+    modules, while training it still trains the caller's weights. Passes see
+    the graph's modules in the graph's mode (``mha.training``).
+    """
+    memo = {id(t): t for t in list(gm.parameters()) + list(gm.buffers())}
+    return copy.deepcopy(gm, memo).train(training)
+
+
+def _with_pass_guards(cap: CapturedModel, guards: list, report: OptimizationReport) -> CapturedModel:
+    """``cap`` with the shape guards that applied passes recorded added to its own."""
+    if not guards:
+        return cap
+    report.guards = list(report.guards) + [g.describe() for g in guards]
+    return dataclasses.replace(cap, guards=list(cap.guards) + [g.code for g in guards])
+
+
+def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report: OptimizationReport,
+                    settings: dict, t_start: float) -> OptimizedModel:
+    """Capture and optimize the eval graph and, where the model depends on the mode, the train graph."""
+    backend = settings["backend"]
     t0 = time.perf_counter()
     try:
-        captured: CapturedModel = capture(model, args, method=capture_method, leaf_modules=leaf_modules)
+        cap_eval: CapturedModel = capture(model, args, method=settings["capture_method"],
+                                          leaf_modules=settings["leaf_modules"], training=False)
     except CaptureError as e:
-        if on_untraceable == "raise":
+        if settings["on_untraceable"] == "raise":
             raise
         report.capture_method = "none"
         report.backend = "eager (original model)"
         report.capture_diagnostics = [str(e)]
         report.notes.append("the model could not be captured and runs unchanged (on_untraceable='eager')")
+        report.modes_note = "none captured: the original model runs in both modes"
         report.total_s = time.perf_counter() - t_start
-        return OptimizedModel(None, report, None, model, model, settings)
+        return OptimizedModel({}, report, {}, {}, model, settings, training=model.training)
+    dependent = mode_dependent_modules(model)
+    if not dependent:
+        # The scan found nothing; still check that the eval graph does what
+        # the model does in train mode before it serves both modes.
+        why = graph_differs_in_mode(model, cap_eval.graph_module, args, training=True)
+        if why is not None:
+            dependent = [f"(the model in train mode differs from the eval graph: {why})"]
+    cap_train, train_failure = None, None
+    if dependent:
+        try:
+            cap_train = capture(model, args, method=settings["capture_method"],
+                                leaf_modules=settings["leaf_modules"], training=True)
+        except (CaptureError, InputError) as e:
+            train_failure = str(e)
     report.capture_s = time.perf_counter() - t0
-    report.capture_method = captured.method
-    report.capture_diagnostics = list(captured.diagnostics)
-    report.guards = list(captured.guards)
+    report.capture_method = cap_eval.method
+    report.capture_diagnostics = list(cap_eval.diagnostics)
+    report.guards = list(cap_eval.guards)
 
-    gm, report = manager.run(captured.graph_module, args, report,
-                             reference=(captured.example_output, captured.flops),
-                             input_filter=captured.guards_hold if captured.guards else None)
-    runner = lower(gm, backend, compile_options)
+    graphs, captured, runners = {}, {}, {}
+    # A graph that serves both modes is optimized in the mode the model came
+    # in (an FP8 pass then plans the backward of a model handed over for
+    # training) and verified in both; a separate eval graph in eval mode.
+    first_mode = model.training if not dependent else False
+    gm, report = manager.run(_shared_copy(cap_eval.graph_module, first_mode), args, report,
+                             reference=(cap_eval.example_output, cap_eval.flops),
+                             training=None if not dependent else False,
+                             input_filter=cap_eval.guards_hold if cap_eval.guards else None)
+    cap_eval = _with_pass_guards(cap_eval, manager.guards, report)
+    graphs["eval"], captured["eval"], runners["eval"] = gm, cap_eval, lower(gm, backend, settings["compile_options"])
+    train_report = None
+    shown = ", ".join(dependent[:3]) + (" ..." if len(dependent) > 3 else "")
+    if not dependent:
+        graphs["train"], captured["train"], runners["train"] = gm, cap_eval, runners["eval"]
+        report.modes = ["eval", "train"]
+        report.modes_note = "one graph serves train and eval (no layer depends on the mode)"
+    elif cap_train is not None:
+        train_report = OptimizationReport(target=report.target, backend=backend,
+                                          capture_method=cap_train.method,
+                                          capture_diagnostics=list(cap_train.diagnostics),
+                                          guards=list(cap_train.guards), modes=["train"])
+        gm_t, train_report = manager.run(_shared_copy(cap_train.graph_module, True), args, train_report,
+                                         reference=(cap_train.example_output, cap_train.flops), training=True,
+                                         input_filter=cap_train.guards_hold if cap_train.guards else None)
+        graphs["train"], captured["train"] = gm_t, _with_pass_guards(cap_train, manager.guards, train_report)
+        runners["train"] = lower(gm_t, backend, settings["compile_options"])
+        applied = [p.name for p in train_report.passes if p.status == "applied"]
+        report.modes = ["eval", "train"]
+        report.modes_note = (f"eval and train captured as separate graphs (mode-dependent: {shown}); "
+                             f"passes applied to the train graph: {', '.join(applied) or 'none'}")
+    else:
+        report.modes = ["eval"]
+        report.modes_note = (f"eval only; train mode runs the original model eagerly (mode-dependent: {shown}), "
+                             f"because the train-mode capture failed: {train_failure}")
+        report.notes.append(report.modes_note)
     report.total_s = time.perf_counter() - t_start
-    return OptimizedModel(gm, report, captured, runner, model, settings)
+    return OptimizedModel(graphs, report, captured, runners, model, settings, training=model.training,
+                          train_report=train_report)

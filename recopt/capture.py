@@ -54,6 +54,15 @@ def _is_torchrec_leaf(m: nn.Module) -> bool:
     return mod.startswith("torchrec.") and mod.startswith(_TORCHREC_LEAF_PACKAGES)
 
 
+# Random functions whose draws must stay in the graph (see RecTracer.trace).
+RANDOM_FUNCTIONS = tuple(
+    (torch, name) for name in (
+        "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like",
+        "bernoulli", "multinomial", "normal", "poisson",
+    )
+)
+
+
 class RecTracer(fx.Tracer):
     """A symbolic tracer that treats TorchRec modules, listed types and
     classes marked ``__recopt_leaf__ = True`` as leaves.
@@ -67,6 +76,36 @@ class RecTracer(fx.Tracer):
     def __init__(self, leaf_modules: Sequence[type] = ()):
         super().__init__()
         self.extra_leaf_types = tuple(leaf_modules)
+
+    def trace(self, root, concrete_args=None):
+        """Trace with the random factories patched, so random draws stay graph nodes.
+
+        ``torch.randn(4, 8)`` has no traced argument, so plain symbolic
+        tracing would call it once and freeze the draw as a constant. While
+        tracing, the functions in :data:`RANDOM_FUNCTIONS` record a node
+        whatever their arguments.
+        """
+        saved = {}
+        for owner, name in RANDOM_FUNCTIONS:
+            orig = getattr(owner, name, None)
+            if orig is None:
+                continue
+            saved[(owner, name)] = orig
+            setattr(owner, name, self._recording(orig))
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for (owner, name), orig in saved.items():
+                setattr(owner, name, orig)
+
+    def _recording(self, orig):
+        tracer = self
+
+        def random_op(*args, **kwargs):
+            return tracer.create_proxy("call_function", orig, args, kwargs)
+
+        random_op.__name__ = getattr(orig, "__name__", "random_op")
+        return random_op
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.extra_leaf_types and isinstance(m, self.extra_leaf_types):
@@ -84,9 +123,10 @@ class RecTracer(fx.Tracer):
 class CapturedModel:
     """The result of :func:`capture`.
 
-    ``graph_module`` computes the same function as the model on inputs that
-    satisfy ``guards`` (always, for symbolic tracing). ``method`` says which
-    capture produced it; ``diagnostics`` holds why earlier methods failed.
+    ``graph_module`` computes the same function as the model in the mode
+    ``training`` says, on inputs that satisfy ``guards`` (always, for
+    symbolic tracing). ``method`` says which capture produced it;
+    ``diagnostics`` holds why earlier methods failed.
     """
 
     graph_module: fx.GraphModule
@@ -98,19 +138,25 @@ class CapturedModel:
     source_module: Optional[str] = None
     example_output: Any = None
     flops: Optional[float] = None
+    training: bool = False
 
     def guards_hold(self, args: tuple) -> bool:
-        """Whether Dynamo's shape guards hold for these call arguments."""
+        """Whether every shape guard (Dynamo's and the passes') holds for these call arguments.
+
+        The guards are compiled once into one function
+        (:func:`recopt.guards.compile_guards`) and recompiled only when the
+        list changes.
+        """
         if not self.guards:
             return True
-        env = {"L": dict(zip(self.input_names, args))}
-        for g in self.guards:
-            try:
-                if not eval(g, {"__builtins__": {"str": str, "len": len}}, env):  # noqa: S307 - guard text from Dynamo
-                    return False
-            except Exception:
-                return False
-        return True
+        key = tuple(self.guards)
+        cached = self.__dict__.get("_guard_check")
+        if cached is None or cached[0] != key:
+            from .guards import compile_guards
+
+            cached = (key, compile_guards(self.guards, self.input_names))
+            self.__dict__["_guard_check"] = cached
+        return cached[1](args)
 
 
 def _normalise_inputs(example_inputs: Any) -> tuple:
@@ -255,37 +301,159 @@ def propagate_shapes(gm: fx.GraphModule, args: tuple) -> Any:
         return ShapeRecorder(gm).run(*args)
 
 
-def _raise_if_inputs_are_bad(model: nn.Module, args: tuple, was_training: bool) -> None:
-    """Run the model eagerly (eval mode, no grad); raise InputError if it fails.
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
-    Called when a capture fails, to tell bad inputs (the user's fix) from
-    an untraceable model (ours to work around).
-    """
+
+# How many fresh input sets (besides the example) capture checks the graph on.
+CHECK_INPUT_SETS = 1
+_CHECK_SEED = 1234
+
+
+@dataclass
+class _Reference:
+    """What the model did on one input set: its output, the buffers it moved, the inputs it mutated."""
+
+    args: tuple
+    seed: int
+    output: Any
+    buffers: dict      # qualified name -> value after the call, for buffers changed in place
+    inputs_after: list  # the input tensors' values after the call
+
+
+def _run_and_observe(fn, module: nn.Module, args: tuple, seed: int, training: bool, snapshot) -> tuple:
+    """Run ``fn`` on a copy of ``args`` in ``training`` mode with a fixed seed;
+    return ``(output, changes, changed buffer values, input values after)``
+    and put ``module``'s state back as ``snapshot`` recorded it."""
+    from .state import clone_inputs, rng_devices
+
+    work = clone_inputs(args)
     try:
-        model.eval()
-        with torch.no_grad():
-            model(*args)
-    except Exception as e:
-        where = _user_frame(e, model)
-        raise InputError(
-            f"{type(model).__name__} fails on example_inputs before any capture: "
-            f"{type(e).__name__}: {e}" + (f" at {where}" if where else "")
-            + ". Check the inputs' shapes and dtypes against what forward expects."
-        ) from None
+        module.train(training)
+        with torch.no_grad(), torch.random.fork_rng(devices=rng_devices(args)):
+            torch.manual_seed(seed)
+            out = fn(*work)
+        changes = snapshot.changes()
+        moved = {c.name: snapshot.tensors[c.name][3].detach().clone() for c in changes if c.kind == "data"}
+        leaves = [x.detach() for x in torch.utils._pytree.tree_leaves(work) if isinstance(x, torch.Tensor)]
+        return out, [c for c in changes if c.kind != "mode"], moved, leaves
     finally:
-        model.train(was_training)
+        snapshot.restore()
 
 
-def _propagate_in_eval(gm: fx.GraphModule, args: tuple) -> tuple:
-    """propagate_shapes in eval mode with a fixed seed, counting FLOPs.
+def _check_sets(args: tuple) -> list:
+    from .verify import random_like_inputs
+
+    gen = torch.Generator().manual_seed(_CHECK_SEED)
+    return [tuple(args)] + [random_like_inputs(tuple(args), gen) for _ in range(CHECK_INPUT_SETS)]
+
+
+def graph_differs_in_mode(model: nn.Module, gm: fx.GraphModule, args: tuple, training: bool) -> Optional[str]:
+    """Why ``gm`` differs from ``model`` in mode ``training`` on the example (same seed), or None.
+
+    ``optimize`` asks this of an eval-mode graph before letting it serve
+    train mode too, so a mode dependence the class-level scan
+    (:func:`recopt.modes.mode_dependent_modules`) missed is still caught.
+    Leaves the model and ``gm`` as they were.
+    """
+    from .state import ModuleState
+
+    snapshot = ModuleState(model)
+    was = gm.training
+    try:
+        refs = _model_references(model, args, training, snapshot, n_fresh=0)
+        gm.train(training)
+        return _graph_differs(model, gm, refs, training, snapshot)
+    except (InputError, CaptureError) as e:
+        return str(e)
+    finally:
+        gm.train(was)
+        snapshot.restore()
+
+
+def _model_references(model: nn.Module, args: tuple, training: bool, snapshot,
+                      n_fresh: int = CHECK_INPUT_SETS) -> list:
+    """Run the model on the example and on fresh inputs; refuse state a graph cannot repeat.
+
+    Raises :class:`InputError` when the model fails on the example itself,
+    :class:`CaptureError` when forward changes Python-side state (a plain
+    attribute, or a parameter/buffer rebound to a new tensor).
+    """
+    refs = []
+    mode = "train" if training else "eval"
+    for i, a in enumerate(_check_sets(args)[:1 + n_fresh]):
+        try:
+            out, changes, moved, after = _run_and_observe(model, model, a, _CHECK_SEED + i, training, snapshot)
+        except Exception as e:
+            if i > 0:
+                continue  # a fresh set the model itself rejects is no evidence either way
+            where = _user_frame(e, model)
+            raise InputError(
+                f"{type(model).__name__} fails on example_inputs in {mode} mode before any capture: "
+                f"{type(e).__name__}: {_first_line(e)}" + (f" at {where}" if where else "")
+                + ". Check the inputs' shapes and dtypes against what forward expects."
+            ) from None
+        python_side = [c for c in changes if c.kind != "data"]
+        if python_side:
+            c = python_side[0]
+            if c.kind == "attribute":
+                what = f"changes the Python attribute self.{c.name} ({c.before} -> {c.after})"
+                fix = (f"keep it in a buffer updated in place (register_buffer({c.name.rsplit('.', 1)[-1]!r}, ...) "
+                       f"and .add_(1)/.copy_(...)), or move the bookkeeping out of forward")
+            else:
+                what = f"{'assigns a new tensor to' if c.kind == 'rebound' else c.kind + ' '} self.{c.name}"
+                fix = (f"update the tensor in place instead (self.{c.name.rsplit('.', 1)[-1]}.add_(1) or "
+                       f".copy_(new_value)), which the graph keeps, or move the update out of forward")
+            raise CaptureError(
+                f"{type(model).__name__}.forward {what} in {mode} mode: a captured graph runs the Python "
+                f"around it once, at capture, so the optimized model would never do it again. Fix: {fix}."
+                + (f" ({len(python_side) - 1} more such change(s).)" if len(python_side) > 1 else "")
+            )
+        refs.append(_Reference(a, _CHECK_SEED + i, out, moved, after))
+    return refs
+
+
+def _graph_differs(model: nn.Module, gm: fx.GraphModule, refs: list, training: bool, snapshot) -> Optional[str]:
+    """Why ``gm`` does not do what the model did on the reference runs, or None."""
+    from .verify import compare_outputs
+
+    for i, ref in enumerate(refs):
+        which = "the example inputs" if i == 0 else f"fresh input set {i}"
+        try:
+            out, changes, moved, after = _run_and_observe(gm, model, ref.args, ref.seed, training, snapshot)
+        except Exception as e:
+            return f"the graph fails on {which}: {type(e).__name__}: {_first_line(e)}"
+        mismatch = compare_outputs(ref.output, out)
+        if mismatch is not None:
+            return f"{mismatch} (on {which}, same RNG seed)"
+        for name in sorted(set(ref.buffers) | set(moved)):
+            if name not in moved:
+                return f"forward updates {name} in place but the graph does not (on {which})"
+            if name not in ref.buffers:
+                return f"the graph updates {name} but forward does not (on {which})"
+            mismatch = compare_outputs(ref.buffers[name], moved[name])
+            if mismatch is not None:
+                return f"{name} after the call: {mismatch.message} (on {which})"
+        for k, (x, y) in enumerate(zip(ref.inputs_after, after)):
+            mismatch = compare_outputs(x, y)
+            if mismatch is not None:
+                return f"input {k} after the call (forward mutates it): {mismatch.message} (on {which})"
+    return None
+
+
+def _propagate(gm: fx.GraphModule, args: tuple, training: bool) -> tuple:
+    """propagate_shapes in the capture's mode with a fixed seed, counting FLOPs.
 
     Returns ``(output, flops or None)``; restores the mode and every buffer.
     """
     from .costs import count_graph_flops
-    from .verify import run_deterministic
+    from .verify import eval_mode_restored, run_deterministic
 
-    out = run_deterministic(lambda *a: propagate_shapes(gm, a), args, 0, module=gm)
-    return out, count_graph_flops(gm, args)
+    out = run_deterministic(lambda *a: propagate_shapes(gm, a), args, 0, module=gm, training=training)
+    with eval_mode_restored(gm, training):
+        flops = count_graph_flops(gm, args)
+    return out, flops
 
 
 def capture(
@@ -294,58 +462,81 @@ def capture(
     *,
     method: str = "auto",
     leaf_modules: Sequence[type] = (),
+    training: Optional[bool] = None,
 ) -> CapturedModel:
     """Capture ``model`` as an fx GraphModule with shapes from ``example_inputs``.
 
     ``method``: ``"auto"`` (symbolic tracing, then Dynamo), ``"symbolic_trace"``
-    or ``"dynamo"``. Raises :class:`CaptureError` naming the failing source
-    line and what to do when every method fails.
+    or ``"dynamo"``. ``training``: the mode to capture in (default: the
+    model's current mode); the graph computes what the model computes in
+    that mode (``F.dropout(x, training=self.training)`` and Dynamo's inlined
+    BatchNorm read the flag at capture).
+
+    Capture checks itself before returning: the model and the graph run on
+    the example and on a fresh input set with the same RNG seed, and must
+    agree on the outputs, the buffers updated in place and the inputs
+    mutated. A graph that differs is refused (``"auto"`` then tries the next
+    method). A forward that changes Python-side state (``self.calls += 1``,
+    ``self.buf = self.buf + 1``) is refused with a :class:`CaptureError`
+    naming the attribute and the fix. The model's parameters, buffers,
+    Python attributes, modes, the example inputs and the global RNG are left
+    as they were.
+
+    Raises :class:`CaptureError` naming the failing source line and what to
+    do when every method fails.
     """
+    from .state import ModuleState, rng_devices
+
     if method not in CAPTURE_METHODS:
         raise InputError(f"unknown capture method {method!r}; valid: {', '.join(CAPTURE_METHODS)}")
     args = check_model_and_inputs(model, example_inputs)
     input_names = _input_names(model, args)
-    diagnostics = []
-    was_training = model.training
-    try:
-        if method in ("auto", "symbolic_trace"):
-            try:
-                gm = _symbolic_trace(model, leaf_modules)
-                out, flops = _propagate_in_eval(gm, args)
-                return CapturedModel(gm, "symbolic_trace", args, input_names, diagnostics=diagnostics,
-                                     source_module=type(model).__name__, example_output=out, flops=flops)
-            except Exception as e:
-                _raise_if_inputs_are_bad(model, args, was_training)
-                where = _user_frame(e, model)
-                diagnostics.append(
-                    f"symbolic_trace failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                    + (f" at {where}" if where else "")
-                )
-                if method == "symbolic_trace":
-                    raise CaptureError(
-                        f"torch.fx symbolic tracing of {type(model).__name__} failed: {diagnostics[-1]}. "
-                        "Use method='auto' to fall back to Dynamo capture, or mark the offending "
-                        "submodule as a leaf (leaf_modules=[...])."
-                    ) from None
-        else:
-            _raise_if_inputs_are_bad(model, args, was_training)
-
+    training = model.training if training is None else bool(training)
+    mode = "train" if training else "eval"
+    diagnostics: list = []
+    snapshot = ModuleState(model)
+    with torch.random.fork_rng(devices=rng_devices(args, list(model.parameters()))):
         try:
-            gm, guards = _dynamo_capture(model, args, input_names)
-            gm.train(was_training)
-            out, flops = _propagate_in_eval(gm, args)
-            return CapturedModel(gm, "dynamo", args, input_names, guards=guards, diagnostics=diagnostics,
-                                 source_module=type(model).__name__, example_output=out, flops=flops)
-        except Exception as e:
-            where = _user_frame(e, model)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            diagnostics.append(f"dynamo capture failed: {type(e).__name__}: {first}" + (f" at {where}" if where else ""))
-            raise CaptureError(
-                f"could not capture {type(model).__name__} as one graph. "
-                + " | ".join(diagnostics)
-                + ". Fix: remove data-dependent Python control flow at that line (use torch.where), "
-                "mark the submodule as a leaf with leaf_modules=[...], or call "
-                "recopt.optimize(..., on_untraceable='eager') to run the model unchanged."
-            ) from None
-    finally:
-        model.train(was_training)
+            refs = _model_references(model, args, training, snapshot)
+            methods = ("symbolic_trace", "dynamo") if method == "auto" else (method,)
+            for m in methods:
+                try:
+                    model.train(training)
+                    if m == "symbolic_trace":
+                        gm, guards = _symbolic_trace(model, leaf_modules), []
+                    else:
+                        gm, guards = _dynamo_capture(model, args, input_names)
+                except Exception as e:
+                    where = _user_frame(e, model)
+                    diagnostics.append(f"{m} failed: {type(e).__name__}: {_first_line(e)}"
+                                       + (f" at {where}" if where else ""))
+                    continue
+                finally:
+                    snapshot.restore()  # tracing ran forward's Python once
+                gm.train(training)
+                why = _graph_differs(model, gm, refs, training, snapshot)
+                if why is not None:
+                    diagnostics.append(f"{m} produced a graph that differs from the model in {mode} mode: {why}")
+                    continue
+                try:
+                    out, flops = _propagate(gm, args, training)
+                finally:
+                    snapshot.restore()
+                return CapturedModel(gm, m, args, input_names, guards=guards, diagnostics=diagnostics,
+                                     source_module=type(model).__name__, example_output=out, flops=flops,
+                                     training=training)
+        finally:
+            snapshot.restore()
+    if method == "symbolic_trace":
+        raise CaptureError(
+            f"torch.fx symbolic tracing of {type(model).__name__} failed: {diagnostics[-1]}. "
+            "Use method='auto' to fall back to Dynamo capture, or mark the offending "
+            "submodule as a leaf (leaf_modules=[...])."
+        )
+    raise CaptureError(
+        f"could not capture {type(model).__name__} as one graph in {mode} mode. "
+        + " | ".join(diagnostics)
+        + ". Fix: remove data-dependent Python control flow at that line (use torch.where), "
+        "mark the submodule as a leaf with leaf_modules=[...], or call "
+        "recopt.optimize(..., on_untraceable='eager') to run the model unchanged."
+    )

@@ -64,6 +64,12 @@ def count_graph_flops(gm: torch.nn.Module, args: tuple) -> Optional[float]:
     import torch.fx as fx
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from .state import clone_inputs
+
+    # Copies: a KeyedJaggedTensor caches lengths/offsets on itself, and a
+    # fake run must not leave fake tensors in the caller's inputs.
+    args = clone_inputs(tuple(args))
+
     # Counted with autograd enabled, as a training (or plain) forward runs:
     # under no_grad, nn.TransformerEncoderLayer and nn.MultiheadAttention
     # take fused fast paths (one op with no FLOP formula) and would count ~0.

@@ -52,6 +52,8 @@ class OptimizationReport:
     capture_method: str = ""
     capture_diagnostics: list = field(default_factory=list)
     guards: list = field(default_factory=list)
+    modes: list = field(default_factory=list)
+    modes_note: str = ""
     backend: str = ""
     passes: list = field(default_factory=list)
     sites: list = field(default_factory=list)
@@ -129,6 +131,8 @@ class OptimizationReport:
         if self.capture_diagnostics:
             for d in self.capture_diagnostics:
                 lines.append(f"  capture note: {d}")
+        if self.modes_note:
+            lines.append(f"  modes: {self.modes_note}")
         if self.guards:
             lines.append(f"  specialised on {len(self.guards)} shape guard(s), e.g. {self.guards[0]}")
         if self.flops_before is not None and self.flops_after is not None:

@@ -50,14 +50,16 @@ def resolve_source(opt_or_module: Any, example_inputs: Any) -> ExportSource:
     if isinstance(opt_or_module, OptimizedModel):
         report = opt_or_module.report
         original = opt_or_module.original
-        if opt_or_module.graph_module is None:
+        # Exported artifacts serve inference: the eval-mode graph, whatever
+        # mode the optimized model is in (a train graph has live dropout).
+        if opt_or_module.graph_for(False) is None:
             module = original
             notes.append("the model was not captured by recopt.optimize (eager fallback): the original "
                          "module is exported, without recopt rewrites")
             names = _forward_names(original, args)
         else:
-            module = opt_or_module.graph_module
-            cap = opt_or_module.captured
+            module = opt_or_module.graph_for(False)
+            cap = opt_or_module.captured_for(False)
             names = list(cap.input_names) if cap is not None else _forward_names(original, args)
             if cap is not None and not cap.guards_hold(args):
                 raise InputError(

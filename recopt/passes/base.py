@@ -146,11 +146,45 @@ class PassContext:
     sample inputs (a tuple of tensors; do not mutate them); ``options`` holds
     the extra keyword arguments given to ``recopt.optimize`` (for example
     ``calibration_data``), so passes can take inputs that are not config.
+    ``training``: the mode of the graph being optimized (recopt optimizes
+    one graph per mode); a rewrite that cannot keep train-mode semantics
+    (dropout, batch statistics) must reject the site with a reason when it
+    is True.
     """
 
     target: Any
     example_inputs: tuple = ()
     options: dict = field(default_factory=dict)
+    training: bool = False
+    input_names: tuple = ()
+    guards: list = field(default_factory=list)
+    pass_name: str = ""
+
+    def add_guard(self, input_index: int, dim: int, value: int, reason: str, op: str = "==") -> None:
+        """Record that this rewrite holds only while ``input[input_index].size(dim) <op> value``.
+
+        Call it when a decision reads a concrete size of the example (a mask
+        width, a dimension that is 1 only in the example). The guard is kept
+        with the optimized graph if the pass is applied (dropped on
+        rollback); a call that breaks it re-optimizes for the new shapes. A
+        decision that holds for every size records nothing.
+        """
+        from ..guards import Guard
+
+        if not 0 <= input_index < len(self.example_inputs):
+            raise IndexError(f"add_guard: input_index {input_index} out of range for "
+                             f"{len(self.example_inputs)} example inputs")
+        x = self.example_inputs[input_index]
+        if not isinstance(x, torch.Tensor) or not -x.dim() <= dim < x.dim():
+            raise IndexError(f"add_guard: input {input_index} has no dimension {dim}")
+        names = self.input_names or tuple(f"arg{i}" for i in range(len(self.example_inputs)))
+        self.guards.append(Guard(names[input_index], dim % x.dim(), int(value), op, reason, self.pass_name))
+
+    def input_index(self, node: fx.Node) -> int:
+        """The position among the graph's inputs of a ``placeholder`` node."""
+        if node.op != "placeholder":
+            raise ValueError(f"input_index expects a placeholder node, got {node.op} {node.name}")
+        return [n for n in node.graph.nodes if n.op == "placeholder"].index(node)
 
 
 def module_path_of(node: fx.Node) -> str:

@@ -34,8 +34,10 @@ import torch.fx as fx
 from ..costs import count_graph_flops, graph_activation_bytes
 from ..errors import InputError, PassError, VerificationError
 from ..report import APPLIED, FAILED, NO_CHANGE, ROLLED_BACK, OptimizationReport, PassRun
+from ..guards import compile_guards
+from ..state import TensorValues
 from ..targets import Target, get_target
-from ..verify import VerifyConfig, Verifier
+from ..verify import CheckResult, VerifyConfig, Verifier, run_deterministic
 from .base import REJECTED, REWRITTEN, Pass, PassContext, PassResult, Semantics
 from .registry import resolve_pipeline
 
@@ -60,6 +62,11 @@ def verify_config_with_legacy(verify: Any, legacy: dict) -> VerifyConfig:
 def resolve_passes(spec: Any, configs: Optional[dict] = None, target_name: str = "cpu") -> list:
     """Ordered Pass instances for ``spec``: see :func:`recopt.passes.registry.resolve_pipeline`."""
     return resolve_pipeline(spec, target_name, configs)
+
+
+def _input_names(gm: fx.GraphModule) -> tuple:
+    """The graph's input names (its placeholders' targets: ``forward``'s parameter names)."""
+    return tuple(str(n.target).lstrip("*") for n in gm.graph.nodes if n.op == "placeholder")
 
 
 def _shared_tensors(gm: torch.nn.Module) -> dict:
@@ -111,6 +118,7 @@ class PassManager:
         self.options = dict(options or {})
         self.progress = progress
         self.verifier: Optional[Verifier] = None
+        self.guards: list = []
 
     @property
     def seed(self) -> int:
@@ -138,9 +146,18 @@ class PassManager:
         if not report.target:
             report.target = self.target.to_dict()
         example_inputs = tuple(example_inputs)
-        ctx = PassContext(target=self.target, example_inputs=example_inputs, options=self.options)
+        ctx = PassContext(target=self.target, example_inputs=example_inputs, options=self.options,
+                          training=bool(training), input_names=_input_names(gm))
+        self.guards = ctx.guards  # the guards of applied passes (see PassContext.add_guard)
+        values = TensorValues(gm)
         verifier = self.verifier = Verifier(self.verify_config, training)
         verifier.prepare(gm, example_inputs, reference[0] if reference else None, input_filter)
+        # What the graph's own forward edits in place (an embedding with
+        # max_norm renormalises its rows) is restored after every run, not
+        # blamed on a pass.
+        if len(verifier.sets) == 1:
+            run_deterministic(gm, example_inputs, self.seed, training=bool(training))
+        values.expected = set(values.restore())
         flops = reference[1] if reference else count_graph_flops(gm, example_inputs)
         report.notes.extend(verifier.notes)
         if self.verify_config.enabled:
@@ -162,6 +179,8 @@ class PassManager:
             report.passes.append(run)
             # copy
             candidate = copy.deepcopy(current, _shared_tensors(current))
+            ctx.pass_name = p.name
+            n_guards = len(ctx.guards)
             # run
             t0 = time.perf_counter()
             try:
@@ -175,16 +194,24 @@ class PassManager:
                 run.duration_s = time.perf_counter() - t0
                 run.status = FAILED
                 run.message = str(e) if isinstance(e, PassError) else f"{type(e).__name__}: {e}"
+                del ctx.guards[n_guards:]
+                edited = values.restore()
+                if edited:
+                    run.message += f" (it had edited {', '.join(edited[:3])} in place; values restored)"
                 if self.strict:
                     if isinstance(e, PassError):
                         raise
                     raise PassError(f"pass {p.name!r} raised {type(e).__name__}: {e}") from e
                 continue
             run.duration_s = time.perf_counter() - t0
+            # A pass must never edit a shared parameter/buffer in place (the
+            # graph shares the caller's): restore, and roll the pass back.
+            edited = values.restore()
             report.sites.extend(result.sites)
             run.n_rewritten = sum(s.status == REWRITTEN for s in result.sites)
             run.n_rejected = sum(s.status == REJECTED for s in result.sites)
-            if not result.modified:
+            if not result.modified and not edited:
+                del ctx.guards[n_guards:]
                 continue
             new_gm = result.graph_module
             # check
@@ -192,13 +219,28 @@ class PassManager:
             exact = p.semantics is Semantics.EXACT
             prefix = p.output_contract == "prefix"
             grad_rtol = p.gradient_rtol if p.gradient_rtol is not None else (p.tolerance[0] if p.tolerance else None)
-            check = verifier.check(new_gm, exact=exact or prefix, tolerance=p.tolerance, prefix=prefix,
-                                   gradients=exact and not result.inference_only, grad_rtol=grad_rtol)
+            if edited:
+                check = CheckResult(
+                    f"the pass edited {', '.join(edited[:3])}{' ...' if len(edited) > 3 else ''} in place; "
+                    "the graph shares the caller's parameters and buffers, so a pass must make new ones "
+                    "instead (values restored)")
+            else:
+                # Sets that break the shape guards recorded so far (this pass's
+                # included) are not tried: such calls re-specialise.
+                holds = compile_guards([g.code for g in ctx.guards], ctx.input_names) if ctx.guards else None
+                check = verifier.check(new_gm, exact=exact or prefix, tolerance=p.tolerance, prefix=prefix,
+                                       gradients=exact and not result.inference_only, grad_rtol=grad_rtol,
+                                       input_filter=holds)
+                edited = values.restore()
+                if edited and check.failure is None:
+                    check = CheckResult(f"running the rewritten graph left {', '.join(edited[:3])} changed; "
+                                        "values restored")
             new_flops = count_graph_flops(new_gm, example_inputs) if check.failure is None else None
             run.verify_s = time.perf_counter() - t1
             if check.failure is not None:
                 # roll back (the candidate is dropped) and record
                 self._roll_back(run, result, check.failure)
+                del ctx.guards[n_guards:]
                 if self.strict:
                     raise VerificationError(f"pass {p.name!r} changed the model's outputs: {check.failure}")
                 continue
