@@ -26,9 +26,15 @@ def default_backend(target) -> str:
 
 
 def lower(gm: fx.GraphModule, backend: str, compile_options: dict = None) -> Callable:
-    """Return a callable running ``gm`` with ``backend`` ("inductor" or "eager")."""
+    """Return a callable running ``gm`` with ``backend`` ("inductor" or "eager").
+
+    Eager runs ``gm``'s graph through :class:`recopt.lean.LeanForward`
+    (submodules bound once; parameters still read from their modules).
+    """
     if backend == "eager":
-        return gm
+        from .lean import lean_forward
+
+        return lean_forward(gm)
     if backend == "inductor":
         return torch.compile(gm, backend="inductor", **(compile_options or {}))
     raise InputError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
