@@ -86,6 +86,7 @@ def optimize(
     leaf_modules: Sequence[type] = (),
     compile_options: Optional[dict] = None,
     progress: bool = False,
+    measure: bool = False,
     **options: Any,
 ) -> OptimizedModel:
     """Optimize a plain PyTorch model for ``target``.
@@ -116,6 +117,9 @@ def optimize(
     - ``leaf_modules``: module types kept whole (not traced through).
     - ``compile_options``: keyword arguments for ``torch.compile`` (inductor).
     - ``progress``: show a progress bar over the passes.
+    - ``measure``: time the original and the optimized model on the example
+      inputs here, interleaved, and record the measured speed-up in
+      ``report.measured_speedup`` (:func:`recopt.measure.measure_speedup`).
     - ``**options``: data for passes (e.g. ``calibration_data=``), visible
       to them as ``ctx.options``. The legacy keywords ``n_random_inputs=``,
       ``verify_inputs=`` and ``verify_gradients=`` set the matching
@@ -163,4 +167,9 @@ def optimize(
                              input_filter=captured.guards_hold if captured.guards else None)
     runner = lower(gm, backend, compile_options)
     report.total_s = time.perf_counter() - t_start
-    return OptimizedModel(gm, report, captured, runner, model, settings)
+    result = OptimizedModel(gm, report, captured, runner, model, settings)
+    if measure:
+        from .measure import measure_speedup
+
+        measure_speedup(result, args)
+    return result
