@@ -10,7 +10,8 @@ thread count (``--threads``, default 1), and compared by the median:
 
 - ``model``: the plain model, ``torch.no_grad()``, eval mode;
 - ``model again``: the same model as a second variant — its ratio to
-  ``model`` is the run-to-run noise band of that row;
+  ``model`` is the run-to-run noise band of that row (the order of the
+  variants is shuffled every round, so no variant always runs first);
 - ``<pass> only``: ``optimize(target="cpu", passes=[<pass>], backend="eager")``
   for each pass of the CPU target's default pipeline;
 - ``default``: ``optimize(model, x, target="cpu")`` exactly as a user calls it
@@ -32,9 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -183,12 +184,21 @@ CLOCKS = {
 
 
 def _interleaved(fns: dict, min_rounds: int, max_rounds: int, seconds: float, clock=time.perf_counter) -> tuple:
-    """Round-robin timing until ``seconds`` have passed (at least ``min_rounds``); medians in ms."""
+    """Round-robin timing until ``seconds`` have passed (at least ``min_rounds``); medians in ms.
+
+    The order within each round is shuffled (fixed seed): in a fixed order the
+    first variant of a round pays for whatever the last one left in the caches
+    (seen as a 0.8 "noise" ratio between two timings of one model).
+    """
     samples = {k: [] for k in fns}
+    order = list(fns)
+    rng = random.Random(0)
     t_end = time.perf_counter() + seconds
     rounds = 0
     while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() < t_end):
-        for k, f in fns.items():
+        rng.shuffle(order)
+        for k in order:
+            f = fns[k]
             t0 = clock()
             f()
             samples[k].append(clock() - t0)

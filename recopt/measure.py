@@ -3,7 +3,7 @@
 A report that says a pass was *applied* does not say the model got faster
 here: on the CPU a fused op can cost more than the ops it replaced. This
 module times both, the way benchmarks/cpu_speed.py does — one process,
-interleaved (original, optimized, original again, …), after warm-up, same
+interleaved in a shuffled order each round, after warm-up, same
 threads, medians, eval mode under ``torch.no_grad()`` with buffers restored
 afterwards — and writes the result into the report beside the speed-up the
 target's roofline predicts:
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import time
 from typing import Any, Optional
@@ -68,8 +69,12 @@ def measure_speedup(optimized, inputs: Any, *, repeats: int = 30, warmup: int = 
                 f()
         t_end = time.perf_counter() + min_seconds
         rounds = 0
+        order = list(fns)
+        rng = random.Random(0)
         while rounds < repeats or time.perf_counter() < t_end:
-            for k, f in fns.items():
+            rng.shuffle(order)  # no variant always runs first (cache effects bias the first)
+            for k in order:
+                f = fns[k]
                 if cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
