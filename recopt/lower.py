@@ -21,7 +21,10 @@ log = logging.getLogger("recopt")
 
 
 def default_backend(target) -> str:
-    """Inductor where the target is a GPU, eager otherwise."""
+    """The target's ``default_backend`` if it names one; else Inductor on a GPU, eager otherwise."""
+    chosen = getattr(target, "default_backend", None)
+    if chosen:
+        return chosen
     return "inductor" if getattr(target, "device", "cpu") == "cuda" else "eager"
 
 
