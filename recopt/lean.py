@@ -19,7 +19,9 @@ the CPU. :class:`LeanForward` runs the same graph with
 The code is fx's own code generator run on a copy of the graph whose
 ``call_module`` / ``get_attr`` targets were re-pointed, so every other node
 (call_function, call_method, pytree in/out specs) is emitted exactly as fx
-would. If the graph module is recompiled (its graph edited), the lean
+would — except calls with a registered per-site specialiser
+(:func:`_specialisers`: ``recopt.ops.gdpa`` sites become thin functions with
+their constant options bound, see :func:`recopt.ops.gdpa_cpu.specialize`). If the graph module is recompiled (its graph edited), the lean
 forward rebuilds itself on the next call. What it does not see: a
 submodule *replaced* after it was built (``gm.layers[0] = other``) — build
 a new one with :func:`lean_forward` — and hooks registered on the
@@ -69,6 +71,7 @@ class LeanForward:
                 ns[name] = obj
             return name
 
+        specialisers = _specialisers()
         graph = fx.Graph(owning_module=None, tracer_cls=gm.graph._tracer_cls)
         graph._codegen = gm.graph._codegen
         env: dict = {}
@@ -79,6 +82,8 @@ class LeanForward:
                                         fx.map_arg(node.kwargs, env.__getitem__))
             elif node.op == "get_attr":
                 new = self._lean_get_attr(graph, gm, node.target, alias)
+            elif node.op == "call_function" and node.target in specialisers:
+                new = self._specialised(graph, node, specialisers[node.target], env)
             else:
                 new = graph.node_copy(node, env.__getitem__)
             new.meta = node.meta
@@ -97,6 +102,21 @@ class LeanForward:
         ns["_fn"] = glb["forward"]
         ns["_code_seen"] = gm._code
         ns["src"] = code.src
+
+    @staticmethod
+    def _specialised(graph: fx.Graph, node: fx.Node, specialise, env: dict) -> fx.Node:
+        """``node`` re-pointed at a per-site function when ``specialise`` offers one.
+
+        Keyword arguments that are graph values stay arguments; the constant
+        ones are given to ``specialise``, which returns the site function or
+        ``None`` (then the node is copied unchanged).
+        """
+        consts = {k: v for k, v in node.kwargs.items() if not isinstance(v, fx.Node)}
+        site = specialise(consts) if not any(isinstance(a, (list, tuple, dict)) for a in consts.values()) else None
+        if site is None:
+            return graph.node_copy(node, env.__getitem__)
+        dyn = {k: env[v] for k, v in node.kwargs.items() if isinstance(v, fx.Node)}
+        return graph.call_function(site, fx.map_arg(node.args, env.__getitem__), dyn)
 
     @staticmethod
     def _lean_get_attr(graph: fx.Graph, gm: fx.GraphModule, target: str, alias) -> fx.Node:
@@ -124,6 +144,19 @@ class LeanForward:
 
     def __repr__(self) -> str:
         return f"LeanForward({type(self.graph_module).__name__}, {len(self.graph_module.graph.nodes)} nodes)"
+
+
+def _specialisers() -> dict:
+    """call_function target -> factory of a per-site function (see :meth:`LeanForward._specialised`).
+
+    GDPA: on the CPU each call site gets a thin function with its activation
+    and scales baked in (:func:`recopt.ops.gdpa_cpu.specialize`), which falls
+    back to the generic ``gdpa`` off the CPU or on layouts it does not handle.
+    """
+    from .ops import gdpa_cpu
+    from .ops.gdpa import gdpa
+
+    return {gdpa: gdpa_cpu.specialize}
 
 
 def lean_forward(gm: fx.GraphModule) -> LeanForward:

@@ -118,3 +118,61 @@ def test_export_keeps_the_custom_op(monkeypatch):
     ep = torch.export.export(M(), args)
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert "recopt.gdpa.default" in targets, targets
+
+
+SITE_CASES = {
+    # name: (const kwargs, q/k/v shapes, tensor kwargs factory)
+    "pointwise": (dict(activation="gelu_tanh", pre_scale=0.5), ((3, 2, 5, 4), (3, 2, 7, 4), (3, 2, 7, 3)), dict),
+    "pointwise_lengths_window": (dict(activation="swish", window=1, qk_scale=0.3),
+                                 ((3, 2, 5, 4), (3, 2, 5, 4), (3, 2, 5, 3)),
+                                 lambda: dict(q_lengths=torch.tensor([0, 1, 5]), kv_lengths=torch.tensor([2, 0, 5]))),
+    "pointwise_gqa": (dict(activation="relu"), ((2, 4, 3, 4), (2, 2, 6, 4), (2, 2, 6, 5)), dict),
+    "pointwise_q_one_head": (dict(activation="raw"), ((2, 1, 3, 4), (2, 2, 6, 4), (2, 2, 6, 5)), dict),
+    "pointwise_batch_broadcast": (dict(activation="silu"), ((1, 2, 3, 4), (4, 2, 6, 4), (4, 2, 6, 5)), dict),
+    "softmax_float_mask": (dict(activation="softmax", pre_scale=0.25, qk_scale=2.0),
+                           ((3, 2, 5, 4), (3, 2, 7, 4), (3, 2, 7, 4)),
+                           lambda: dict(attn_mask=torch.zeros(3, 1, 1, 7).masked_fill(torch.arange(7) >= 3, -1e9))),
+    "softmax_bool_mask": (dict(activation="softmax"), ((3, 2, 5, 4), (3, 2, 7, 4), (3, 2, 7, 4)),
+                          lambda: dict(attn_mask=(torch.arange(7) < 3)[None, None, None])),
+    "softmax_lengths": (dict(activation="softmax", window=2), ((3, 2, 5, 4), (3, 2, 5, 4), (3, 2, 5, 4)),
+                        lambda: dict(kv_lengths=torch.tensor([0, 1, 4]))),
+    "softmax_no_mask": (dict(activation="softmax"), ((2, 2, 1, 4), (2, 2, 1, 4), (2, 2, 1, 4)), dict),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SITE_CASES))
+def test_specialised_site_equals_generic_gdpa(name, monkeypatch):
+    """The per-site function of the lean forward gives gdpa()'s values and gradients, on the
+    shapes it serves itself and on those it hands back to the generic call."""
+    monkeypatch.delenv(C.BACKEND_ENV, raising=False)
+    const, shapes, tensors = SITE_CASES[name]
+    site = C.specialize(const)
+    assert site is not None
+    q, k, v = (_rand(*s, seed=i) for i, s in enumerate(shapes))
+    tk = tensors()
+    go = None
+    want, want_g = None, None
+    for fn in (lambda a, b, c: gdpa(a, b, c, **const, **tk), lambda a, b, c: site(a, b, c, **tk)):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        go = _rand(*out.shape, seed=9) if go is None else go
+        out.backward(go)
+        if want is None:
+            want, want_g = out.detach(), [t.grad for t in leaves]
+        else:
+            torch.testing.assert_close(out.detach(), want, rtol=1e-12, atol=1e-12)
+            for g, w in zip((t.grad for t in leaves), want_g):
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_specialise_declines_non_constant_options_and_respects_forced_backend(monkeypatch):
+    assert C.specialize(dict(activation="silu", broadcast_q=True)) is None
+    assert C.specialize(dict(activation="silu", qk_scale=torch.tensor(2.0))) is None
+    with pytest.raises(ValueError, match="unknown GDPA activation"):
+        C.specialize(dict(activation="nope"))
+    site = C.specialize(dict(activation="gelu"))
+    q, k, v = (_rand(2, 2, 4, 4, seed=s).requires_grad_() for s in range(3))
+    monkeypatch.setenv(C.BACKEND_ENV, "reference")
+    assert _uses_custom_op(site(q, k, v))  # a forced backend goes through the generic op
+    monkeypatch.delenv(C.BACKEND_ENV)
+    assert not _uses_custom_op(site(q, k, v))
