@@ -17,15 +17,21 @@ thread count (``--threads``, default 1), and compared by the median:
 - ``default``: ``optimize(model, x, target="cpu")`` exactly as a user calls it
   (the target's default passes and backend);
 - ``all eager`` / ``all inductor``: the default passes with ``backend="eager"`` /
-  ``"inductor"`` (``--inductor all``, the default; ``--inductor each`` also
-  times every pass alone under Inductor; ``--inductor none`` skips Inductor);
-- ``model inductor``: ``torch.compile(model)`` for context.
+  ``"inductor"`` (``--inductor all``, the default; ``--inductor none`` skips
+  Inductor);
+- ``--inductor each`` adds every pass alone under Inductor and
+  ``model inductor`` (``torch.compile(model)``) for context; Inductor compiles
+  once per batch size (tens of seconds each on 2 cores), hence not the default.
+
+Inductor variants compile during their warm-up call; the compile seconds are
+printed per model and kept in the JSON (``compile_s``), not in the timings.
 
 Speed-ups are ``median(model) / median(variant)``; > 1 is faster. Every
 variant's output is checked against the model's. Prints a markdown table
 (paste into docs/benchmarks.md) and writes JSON with ``--json``.
 
-    python benchmarks/cpu_speed.py                 # full: ~5 min on 2 idle cores
+    python benchmarks/cpu_speed.py                 # full (Inductor compiles dominate the time)
+    python benchmarks/cpu_speed.py --clock cpu     # on a shared machine: this thread's CPU time
     python benchmarks/cpu_speed.py --quick         # CI smoke: DLRM-style + InterFormer, batch 1 and 8, no Inductor
     python benchmarks/cpu_speed.py --models kunlun --batches 1 --inductor none --threads 2
 """
@@ -226,8 +232,8 @@ def bench_model(case: ModelCase, batches, threads: int, inductor: str, seconds: 
     variants["all eager"] = recopt.optimize(model, example, backend="eager", **opt_kw)
     if inductor in ("all", "each"):
         variants["all inductor"] = recopt.optimize(model, example, backend="inductor", **opt_kw)
-        variants["model inductor"] = torch.compile(model)
     if inductor == "each":
+        variants["model inductor"] = torch.compile(model)
         for p in passes:
             variants[f"{p} only inductor"] = recopt.optimize(model, example, passes=[p], backend="inductor",
                                                              **opt_kw)
@@ -253,6 +259,9 @@ def bench_model(case: ModelCase, batches, threads: int, inductor: str, seconds: 
         row.ms = ms
         row.speedup = {k: ms["model"] / v for k, v in ms.items() if k not in ("model", "model again")}
         rows.append(row)
+        slow_first = {k: round(v, 1) for k, v in row.compile_s.items() if v > 1.0}
+        if slow_first:
+            log(f"  {case.name} b={b}: first call (compile) seconds: {slow_first}")
         log(f"  {case.name} b={b}: model {ms['model']:.3f} ms, noise {row.noise:.2f}, "
             + ", ".join(f"{k} {v:.2f}x" for k, v in row.speedup.items())
             + f"  ({rounds} rounds, default backend {default_backend})")
