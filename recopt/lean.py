@@ -112,7 +112,9 @@ class LeanForward:
         ``None`` (then the node is copied unchanged).
         """
         consts = {k: v for k, v in node.kwargs.items() if not isinstance(v, fx.Node)}
-        site = specialise(consts) if not any(isinstance(a, (list, tuple, dict)) for a in consts.values()) else None
+        dynamic = [k for k, v in node.kwargs.items() if isinstance(v, fx.Node)]
+        nested = any(isinstance(a, (list, tuple, dict, slice)) for a in consts.values())
+        site = None if nested else specialise(consts, dynamic)
         if site is None:
             return graph.node_copy(node, env.__getitem__)
         dyn = {k: env[v] for k, v in node.kwargs.items() if isinstance(v, fx.Node)}

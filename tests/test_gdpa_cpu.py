@@ -167,6 +167,7 @@ def test_specialised_site_equals_generic_gdpa(name, monkeypatch):
 
 def test_specialise_declines_non_constant_options_and_respects_forced_backend(monkeypatch):
     assert C.specialize(dict(activation="silu", broadcast_q=True)) is None
+    assert C.specialize(dict(activation="silu"), dynamic=["bias"]) is None  # an option it does not serve
     assert C.specialize(dict(activation="silu", qk_scale=torch.tensor(2.0))) is None
     with pytest.raises(ValueError, match="unknown GDPA activation"):
         C.specialize(dict(activation="nope"))

@@ -112,11 +112,13 @@ _TENSOR_KWARGS = ("q_lengths", "kv_lengths", "attn_mask")
 _CONST_KWARGS = ("activation", "qk_scale", "pre_scale", "window")
 
 
-def specialize(kwargs: dict):
+def specialize(kwargs: dict, dynamic=()):
     """A thin function for one ``gdpa(q, k, v, **kwargs)`` call site, or ``None``.
 
-    ``kwargs`` are the site's keyword arguments with the tensor ones
-    (``q_lengths``, ``kv_lengths``, ``attn_mask``) left out; the returned
+    ``kwargs`` are the site's constant keyword arguments; ``dynamic`` names
+    the keyword arguments that are graph values (only ``q_lengths``,
+    ``kv_lengths`` and ``attn_mask`` are accepted — any other option, constant
+    or not, keeps the generic call). The returned
     ``site(q, k, v, **tensors)`` has the site's activation and scales baked
     in, so a call does no name canonicalisation or option parsing. On the
     lean path's common shapes it goes straight to the math; anything else
@@ -127,7 +129,7 @@ def specialize(kwargs: dict):
     """
     from .gdpa import gdpa as generic
 
-    if set(kwargs) - set(_CONST_KWARGS):
+    if set(kwargs) - set(_CONST_KWARGS) or set(dynamic) - set(_TENSOR_KWARGS):
         return None  # broadcast_q and options this function does not know: keep the generic call
     act = R.canonical_activation(kwargs.get("activation", "raw"))
     qk_scale, pre_scale = kwargs.get("qk_scale", 1.0), kwargs.get("pre_scale", 1.0)
