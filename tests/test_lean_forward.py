@@ -129,3 +129,29 @@ def test_optimize_eager_runs_the_lean_forward_and_follows_to():
     torch.testing.assert_close(opt(x), model(x))
     opt.to(torch.float64)
     assert opt(x.double()).dtype == torch.float64
+
+
+def test_gdpa_sites_with_graph_value_scales_keep_the_generic_call():
+    """A scale computed from a shape is a graph value, not a constant: the site keeps gdpa()."""
+    import math
+
+    import torch.nn.functional as F
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            q, k, v = self.q(x), self.k(x), self.v(x)
+            a = F.silu(q @ k.transpose(-2, -1) / math.sqrt(x.shape[-1])) @ v
+            return a + torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(x.shape[-1]), -1) @ v
+
+    torch.manual_seed(0)
+    model = Attn().eval()
+    x = torch.randn(3, 5, 8)
+    opt = recopt.optimize(model, (x,), target="cpu")
+    assert opt.report.sites_for("gdpa", "rewritten")
+    for b in (1, 4):
+        xb = torch.randn(b, 7, 8)
+        torch.testing.assert_close(opt(xb), model(xb))
