@@ -261,6 +261,7 @@ def optimize(
     leaf_modules: Sequence[type] = (),
     compile_options: Optional[dict] = None,
     progress: bool = False,
+    measure: bool = False,
     **options: Any,
 ) -> OptimizedModel:
     """Optimize a plain PyTorch model for ``target``.
@@ -291,6 +292,9 @@ def optimize(
     - ``leaf_modules``: module types kept whole (not traced through).
     - ``compile_options``: keyword arguments for ``torch.compile`` (inductor).
     - ``progress``: show a progress bar over the passes.
+    - ``measure``: time the original and the optimized model on the example
+      inputs here, interleaved, and record the measured speed-up in
+      ``report.measured_speedup`` (:func:`recopt.measure.measure_speedup`).
     - ``**options``: data for passes (e.g. ``calibration_data=``), visible
       to them as ``ctx.options``. The legacy keywords ``n_random_inputs=``,
       ``verify_inputs=`` and ``verify_gradients=`` set the matching
@@ -321,10 +325,15 @@ def optimize(
     inputs_state = InputsState(args)
     try:
         with torch.random.fork_rng(devices=rng_devices(args, list(model.parameters()))):
-            return _optimize_modes(model, args, manager, report, settings, t_start)
+            result = _optimize_modes(model, args, manager, report, settings, t_start)
     finally:
         model_state.restore()
         inputs_state.restore()
+    if measure:
+        from .measure import measure_speedup
+
+        measure_speedup(result, args)
+    return result
 
 
 def _shared_copy(gm: fx.GraphModule, training: bool) -> fx.GraphModule:

@@ -214,11 +214,15 @@ def cmd_bench(args) -> int:
         recopt_compiled = torch.compile(opt.graph_module)
         variants += [Variant("torch.compile", lambda: compiled(*inputs)),
                      Variant("recopt+inductor", lambda: recopt_compiled(*inputs))]
-    variants.append(Variant("recopt eager", lambda: opt.graph_module(*inputs)))
+    variants.append(Variant("recopt eager", lambda: opt(*inputs)))  # what optimize() returns
     with torch.no_grad():
         res = compare(variants, repeats=args.repeats, warmup=args.warmup, flops=opt.report.flops_before,
                       target=args.target, progress=not args.quiet)
     print(res.table())
+    from .measure import measure_speedup  # measured beside predicted, with a noise band (issue 18)
+
+    measure_speedup(opt, inputs, repeats=args.repeats, warmup=args.warmup)
+    print(opt.report.speedup_line())
     if args.json:
         res.to_json(args.json)
     return EXIT_OK

@@ -21,14 +21,23 @@ log = logging.getLogger("recopt")
 
 
 def default_backend(target) -> str:
-    """Inductor where the target is a GPU, eager otherwise."""
+    """The target's ``default_backend`` if it names one; else Inductor on a GPU, eager otherwise."""
+    chosen = getattr(target, "default_backend", None)
+    if chosen:
+        return chosen
     return "inductor" if getattr(target, "device", "cpu") == "cuda" else "eager"
 
 
 def lower(gm: fx.GraphModule, backend: str, compile_options: dict = None) -> Callable:
-    """Return a callable running ``gm`` with ``backend`` ("inductor" or "eager")."""
+    """Return a callable running ``gm`` with ``backend`` ("inductor" or "eager").
+
+    Eager runs ``gm``'s graph through :class:`recopt.lean.LeanForward`
+    (submodules bound once; parameters still read from their modules).
+    """
     if backend == "eager":
-        return gm
+        from .lean import lean_forward
+
+        return lean_forward(gm)
     if backend == "inductor":
         return torch.compile(gm, backend="inductor", **(compile_options or {}))
     raise InputError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")

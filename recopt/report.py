@@ -68,6 +68,10 @@ class OptimizationReport:
     # cold start, ...), and the modes ("eval", "train"). Empty when verify=False.
     verify_sets: list = field(default_factory=list)
     verify_modes: list = field(default_factory=list)
+    # Filled by recopt.measure.measure_speedup (optimize(measure=True), `recopt bench`):
+    # median original / median optimized time on the machine that ran it.
+    measured_speedup: Optional[float] = None
+    measured: dict = field(default_factory=dict)
 
     # -- queries -------------------------------------------------------
     def sites_for(self, pass_name: str, status: Optional[str] = None) -> list:
@@ -80,6 +84,42 @@ class OptimizationReport:
     @property
     def rejected(self) -> list:
         return [s for s in self.sites if s.status == REJECTED]
+
+    @property
+    def predicted_speedup(self) -> Optional[float]:
+        """Roofline time before / after for the target (FLOPs and activation traffic at
+        its peaks); ``None`` where the target has no peaks (the CPU) or the figures are missing."""
+        from .targets import Target
+
+        if not self.target or self.flops_before is None or self.flops_after is None:
+            return None
+        try:
+            tgt = Target.from_dict(self.target)
+        except (TypeError, ValueError):
+            return None
+        before = tgt.roofline_seconds(self.flops_before, self.bytes_before or 0.0)
+        after = tgt.roofline_seconds(self.flops_after, self.bytes_after or 0.0)
+        if not before or not after:
+            return None
+        return before / after
+
+    def speedup_line(self) -> str:
+        """One line: the measured speed-up on this machine beside the target's predicted one."""
+        pred = self.predicted_speedup
+        tname = self.target.get("name", "?")
+        pred_s = (f"predicted for {tname}: {pred:.2f}x (roofline of FLOPs and traffic)" if pred is not None
+                  else f"predicted for {tname}: none (no peak figures for this target)")
+        m = self.measured
+        if self.measured_speedup is None:
+            return (f"speed-up: not measured (optimize(..., measure=True) or `recopt bench` measure it); "
+                    f"{pred_s}. 'applied' does not mean faster.")
+        band = abs(1.0 - m.get("noise", 1.0))
+        where = f"{m.get('device', '?')}, batch {m.get('batch')}, {m.get('threads')} thread(s)"
+        verdict = "faster" if self.measured_speedup > 1.0 + band else (
+            "slower" if self.measured_speedup < 1.0 - band else "no difference beyond noise")
+        return (f"speed-up: measured {self.measured_speedup:.2f}x on this machine ({where}; "
+                f"{m.get('original_ms', float('nan')):.3f} -> {m.get('optimized_ms', float('nan')):.3f} ms; "
+                f"noise +/-{band:.2f}: {verdict}); {pred_s}")
 
     def pass_run(self, name: str) -> Optional[PassRun]:
         for p in self.passes:
@@ -145,6 +185,7 @@ class OptimizationReport:
                 f"  activation traffic (estimate): {_human(self.bytes_before)}B → {_human(self.bytes_after)}B"
                 f" ({_pct(self.bytes_before, self.bytes_after)})"
             )
+        lines.append("  " + self.speedup_line())
         lines.append(f"  capture {self.capture_s * 1e3:.0f} ms, total {self.total_s * 1e3:.0f} ms")
         if self.verify_sets:
             lines.extend(_wrap(

@@ -47,6 +47,9 @@ class Target:
     features: frozenset = field(default_factory=frozenset)
     source: str = ""
     version: int = TARGET_SCHEMA_VERSION
+    # The backend optimize() uses when none is given ("eager" or "inductor");
+    # None: Inductor on GPUs, eager on CPUs (recopt.lower.default_backend).
+    default_backend: Optional[str] = None
 
     def has(self, feature: str) -> bool:
         return feature in self.features
@@ -116,7 +119,14 @@ PROFILES: dict[str, Target] = {
     ),
     # A generic CPU: no tensor-core peaks are assumed, so roofline decisions
     # for GPU features (FP8, Triton kernels) are never taken for it.
-    "cpu": Target(name="cpu", device="cpu", features=frozenset(), source="generic CPU (no peaks assumed)"),
+    # Default backend eager, chosen by benchmarks/cpu_speed.py (docs/benchmarks.md,
+    # "CPU: optimize(target='cpu') vs the model"): with the default passes, eager
+    # (lean generated forward) was >= 1.0x the model at batch 1/64/512 for every
+    # benchmarked model, while backend="inductor" ranged from 0.55x (DLRM-style,
+    # batch 1) to 1.55x (InterFormer, batch 1) and costs tens of seconds of
+    # compilation (and a C++ compiler) per shape: opt in with backend="inductor".
+    "cpu": Target(name="cpu", device="cpu", features=frozenset(), source="generic CPU (no peaks assumed)",
+                  default_backend="eager"),
 }
 
 

@@ -123,7 +123,10 @@ def test_jagged_matches_per_sample_loop_with_grads():
         assert rel(g, t.grad) < 1e-10
 
 
-def test_fake_impl_and_flops():
+def test_fake_impl_and_flops(monkeypatch):
+    # The custom op's FLOP formula: force the op (on the CPU, gdpa() otherwise
+    # runs the lean plain-aten path of recopt.ops.gdpa_cpu, counted op by op).
+    monkeypatch.setenv("RECOPT_GDPA_BACKEND", "reference")
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
     with FakeTensorMode():

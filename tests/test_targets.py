@@ -48,3 +48,14 @@ def test_target_from_dict_rejects_unknown_fields():
     d["tensor_cores_per_sm"] = 4
     with pytest.raises(ValueError, match="tensor_cores_per_sm"):
         recopt.Target.from_dict(d)
+
+
+def test_cpu_default_backend_is_data_and_round_trips():
+    from recopt.lower import default_backend
+    from recopt.targets import Target
+
+    cpu = get_target("cpu")
+    assert cpu.default_backend == "eager" and default_backend(cpu) == "eager"
+    assert default_backend(get_target("h100")) == "inductor"
+    custom = Target.from_json(Target(name="mycpu", device="cpu", default_backend="inductor").to_json())
+    assert default_backend(custom) == "inductor"

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import gdpa_ref as R
+from .gdpa_cpu import gdpa_cpu, gdpa_jagged_cpu, use_lean
 
 try:  # triton is optional: the reference works with torch alone
     import triton  # noqa: F401
@@ -333,6 +334,8 @@ def gdpa(
         raise ValueError(
             "attn_mask is only supported with activation='softmax'; pointwise GDPA supports "
             "q_lengths/kv_lengths and window masks (zero masking)")
+    if use_lean(q):  # CPU: plain aten ops, no custom-op dispatch (recopt.ops.gdpa_cpu)
+        return gdpa_cpu(q, k, v, q_lengths, kv_lengths, act, float(qk_scale), float(pre_scale), w)
     return torch.ops.recopt.gdpa(q, k, v, q_lengths, kv_lengths, act, float(qk_scale),
                                  float(pre_scale), w)
 
@@ -402,6 +405,9 @@ def gdpa_jagged(
     if act == R.SOFTMAX:
         return R.gdpa_jagged_ref(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv,
                                  act, qk_scale, pre_scale, w)
+    if use_lean(q):  # CPU: plain aten ops, no custom-op dispatch (recopt.ops.gdpa_cpu)
+        return gdpa_jagged_cpu(q, k, v, q_offsets, kv_offsets, int(max_seq_len_q), int(max_seq_len_kv),
+                               act, float(qk_scale), float(pre_scale), w)
     return torch.ops.recopt.gdpa_jagged(q, k, v, q_offsets, kv_offsets, int(max_seq_len_q),
                                         int(max_seq_len_kv), act, float(qk_scale),
                                         float(pre_scale), w)

@@ -1,0 +1,60 @@
+"""Measured speed-up beside the predicted one (recopt.measure, report.speedup_line)."""
+import torch
+import torch.nn as nn
+
+import recopt
+from recopt.measure import measure_speedup
+from recopt.report import OptimizationReport
+from recopt.targets import get_target
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.norm = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.norm(self.lin(x)).relu()
+
+
+def test_optimize_measure_fills_report_and_leaves_no_trace():
+    torch.manual_seed(0)
+    model = Small().train()
+    x = torch.randn(4, 8)
+    before = model.norm.running_mean.clone()
+    opt = recopt.optimize(model, (x,), target="cpu", measure=True)
+    m = opt.report.measured
+    assert opt.report.measured_speedup == m["speedup"] > 0
+    assert m["original_ms"] > 0 and m["optimized_ms"] > 0 and m["noise"] > 0
+    assert m["batch"] == 4 and m["threads"] == torch.get_num_threads() and m["repeats"] >= 30
+    assert model.training and torch.equal(model.norm.running_mean, before)  # mode and buffers restored
+    line = opt.report.speedup_line()
+    assert "measured" in line and "predicted for cpu: none" in line
+    assert "speed-up: measured" in opt.report.to_text()
+    again = OptimizationReport.from_dict(opt.report.to_dict())
+    assert again.measured_speedup == opt.report.measured_speedup
+
+
+def test_not_measured_says_so_and_gpu_target_predicts():
+    torch.manual_seed(0)
+    opt = recopt.optimize(Small().eval(), (torch.randn(2, 8),), target="cpu")
+    assert opt.report.measured_speedup is None
+    assert "not measured" in opt.report.speedup_line()
+    rep = OptimizationReport(target=get_target("h100").to_dict(), flops_before=4e12, flops_after=2e12,
+                             bytes_before=1e6, bytes_after=1e6)
+    assert abs(rep.predicted_speedup - 2.0) < 1e-9
+    assert "predicted for h100: 2.00x" in rep.speedup_line()
+
+
+def test_measure_speedup_validates_and_counts_rounds():
+    torch.manual_seed(0)
+    opt = recopt.optimize(Small().eval(), (torch.randn(2, 8),), target="cpu")
+    res = measure_speedup(opt, torch.randn(3, 8), repeats=5, warmup=1)
+    assert res["repeats"] == 5 and res["batch"] == 3
+    try:
+        measure_speedup(opt, torch.randn(3, 8), repeats=0)
+    except ValueError as e:
+        assert "repeats" in str(e)
+    else:
+        raise AssertionError("repeats=0 must be rejected")
