@@ -125,7 +125,7 @@ def test_optimize_eager_runs_the_lean_forward_and_follows_to():
     model = Net().eval()
     x = torch.randn(4, 6)
     opt = recopt.optimize(model, (x,), target="cpu", backend="eager")
-    assert isinstance(opt._runner, LeanForward)
+    assert isinstance(opt._runners["eval"], LeanForward)
     torch.testing.assert_close(opt(x), model(x))
     opt.to(torch.float64)
     assert opt(x.double()).dtype == torch.float64
