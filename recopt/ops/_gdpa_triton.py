@@ -55,24 +55,92 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
-def _fwd_config(d: int, dv: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward."""
+# ----------------------------------------------------------------------------- configs
+#
+# A config is (BLOCK_M, BLOCK_N, num_warps, num_stages). The choice is keyed on
+# (T_Q, T_K, head dims, dtype, arch) and pruned by a shared-memory estimate so
+# every head size from 16 to 256 fits; tests/test_kernel_compile.py compiles
+# every config these functions can return for sm_90 and sm_100 and fails on
+# spills or shared memory over the limit.
+
+SMEM_LIMIT = 232448  # bytes per block, sm_90 and sm_100 (227 KB)
+
+
+def _smem_estimate(bm: int, bn: int, bd: int, bdv: int, stages: int, elt: int) -> int:
+    """Conservative shared-memory bytes of one program: Q (or K) tile resident, K/V
+    (or Q/dO) tiles per pipeline stage, one score tile staged for the second GEMM."""
+    return elt * (bm * bd + stages * bn * (bd + bdv) + bm * bn)
+
+
+def _prune(configs, bd: int, bdv: int, elt: int):
+    """Keep configs that fit shared memory (first one wins); the last resort always fits."""
+    for bm, bn, w, st in configs:
+        if _smem_estimate(bm, bn, bd, bdv, st, elt) <= SMEM_LIMIT:
+            return bm, bn, w, st
+    return configs[-1]
+
+
+def _arch(device) -> int:
+    """Compute capability as an int (90 for sm_90); 90 for CPU tensors."""
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
+def fwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: int = 90):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward for this shape."""
     if interpreting():
         return 16, 16, 1, 1
-    big = max(d, dv) >= 128
-    return 128, (64 if big else 64), (8 if big else 4), 3
+    bd, bdv = _pow2(d), _pow2(dv)
+    big = max(bd, bdv)
+    elt = 4 if dtype == torch.float32 else 2
+    bm = 128 if t_q > 64 else 64
+    if big >= 256:
+        # 128 x 256 fp32 accumulator is 128 registers/thread at 8 warps; keep the K/V tiles narrow
+        cands = [(bm, 32, 8, 2), (64, 32, 4, 2)]
+    elif big >= 128:
+        cands = [(bm, 64, 8, 3), (bm, 64, 8, 2), (64, 64, 4, 2)]
+    else:
+        cands = [(bm, 64, 4, 3), (bm, 32, 4, 3), (64, 32, 4, 2)]
+    if elt == 4:
+        cands = [(min(c[0], 64), min(c[1], 32), c[2], 2) for c in cands]
+    if t_k <= 32:
+        cands = [(c[0], min(c[1], 32), c[2], c[3]) for c in cands]
+    return _prune(cands, bd, bdv, elt)
 
 
-def _bwd_config(d: int, dv: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for both backward kernels.
+def bwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: int = 90):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of both backward kernels.
 
-    dK/dV keeps a BLOCK_N x d tile of K, V, dK, dV in registers and walks
-    queries in BLOCK_M steps; dQ keeps BLOCK_M x d and walks keys.
+    dK/dV keeps a BLOCK_N x d tile of K, V, dK, dV and walks queries in BLOCK_M
+    steps; dQ keeps BLOCK_M x d and walks keys. BLOCK_N = 16 * num_warps... no:
+    the tile that is the A operand of the score GEMM has 64 rows per warpgroup
+    (num_warps = 4 * rows / 64), so the warpgroups split rows and never compute
+    the same score tile twice.
     """
     if interpreting():
         return 16, 16, 1, 1
-    big = max(d, dv) >= 128
-    return (64, 64, 8, 2) if big else (64, 64, 4, 3)
+    bd, bdv = _pow2(d), _pow2(dv)
+    big = max(bd, bdv)
+    elt = 4 if dtype == torch.float32 else 2
+    if big >= 256:
+        cands = [(32, 64, 4, 1)]
+    elif big >= 128:
+        cands = [(64, 64, 4, 2), (32, 64, 4, 1)]
+    else:
+        cands = [(64, 64, 4, 3), (32, 64, 4, 2)]
+    if elt == 4:
+        cands = [(min(c[0], 32), c[1], c[2], 1) for c in cands]
+    return _prune(cands, bd, bdv, elt)
+
+
+def fast_math(dtype: torch.dtype) -> int:
+    """FAST constexpr: 0 exact fp32 math (fp32 inputs), 2 fast math with tanh.approx on a
+    GPU, 1 the same fast formulas without inline asm under the CPU interpreter."""
+    if dtype == torch.float32:
+        return 0
+    return 1 if interpreting() else 2
 
 
 def _strides(t: torch.Tensor, jagged: bool):
@@ -80,6 +148,15 @@ def _strides(t: torch.Tensor, jagged: bool):
     if jagged:
         return 0, t.stride(0), t.stride(1), t.stride(2)
     return t.stride(0), t.stride(2), t.stride(1), t.stride(3)
+
+
+def _bias_strides(bias: Optional[torch.Tensor]):
+    """(stride_b, stride_h, stride_q, stride_k) of a bias broadcastable to [B, H, Tq, Tk]."""
+    if bias is None:
+        return 0, 0, 0, 0
+    if bias.dim() != 4:
+        raise ValueError(f"GDPA bias must be 4-D [B|1, H|1, Tq, Tk], got shape {tuple(bias.shape)}")
+    return tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4))
 
 
 def _geometry(q, k, v, jagged, max_q, max_k):
@@ -96,31 +173,58 @@ def _geometry(q, k, v, jagged, max_q, max_k):
     return B, H, Hkv, T_Q, T_K, D, DV
 
 
-def _common(q, q_off, k_off, q_len, k_len, window, T_Q, T_K, activation):
+def _common(q, q_off, k_off, q_len, k_len, window, T_Q, T_K, activation, causal, causal_offset, bias,
+            nb, H):
     dummy = q
     win = -1 if window is None or window < 0 else min(int(window), max(T_Q, T_K) + 1)
+    if bias is not None:
+        want = (nb, H, T_Q, T_K)
+        if any(bs not in (1, w) for bs, w in zip(bias.shape, want)) or bias.dim() != 4:
+            raise ValueError(f"GDPA bias of shape {tuple(bias.shape)} does not broadcast to "
+                             f"[B, H, Tq, Tk] = {list(want)}")
+        if bias.device != q.device:
+            raise ValueError(f"GDPA bias is on {bias.device}, q on {q.device}")
+    off = int(causal_offset)
+    off = max(min(off, T_K + 1), -(T_Q + 1))  # beyond this every (or no) score is kept
     return dict(
         QOFF=q_off if q_off is not None else dummy,
         KOFF=k_off if k_off is not None else dummy,
         QLEN=q_len if q_len is not None else dummy,
         KLEN=k_len if k_len is not None else dummy,
+        BIAS=bias if bias is not None else dummy,
+        bias_strides=_bias_strides(bias),
         window=max(win, 0),
+        causal_off=off,
         ACT=ACTIVATIONS[activation],
         JAGGED=q_off is not None,
         HAS_QLEN=q_len is not None,
         HAS_KLEN=k_len is not None,
         HAS_WINDOW=win >= 0,
+        CAUSAL=bool(causal),
+        HAS_BIAS=bias is not None,
+        FAST=fast_math(q.dtype),
         DOT_FP32=interpreting() or q.dtype == torch.float32,
     )
+
+
+_FLAGS = ("ACT", "JAGGED", "HAS_QLEN", "HAS_KLEN", "HAS_WINDOW", "CAUSAL", "HAS_BIAS", "FAST", "DOT_FP32")
 
 
 def gdpa_fwd(
     q, k, v, *, activation: str, qk_scale: float, pre_scale: float, window: int,
     q_lengths=None, kv_lengths=None, q_offsets=None, kv_offsets=None,
     max_seq_len_q: Optional[int] = None, max_seq_len_kv: Optional[int] = None,
+    causal: bool = False, causal_offset: int = 0, bias: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Forward. Dense when offsets are None (lengths optional), jagged otherwise."""
+    """Forward. Dense when offsets are None (lengths optional), jagged otherwise.
+
+    ``causal``: score (i, j) kept only if ``j <= i + causal_offset`` (positions
+    within the sample; 0 = top-left aligned like SDPA's ``is_causal``). ``bias``:
+    added to ``pre_scale * q.k`` before masking and the activation; any tensor
+    broadcastable to ``[B, H, Tq, Tk]`` (jagged: padded positions, Tq/Tk the max
+    lengths); no gradient is computed for it.
+    """
     jagged = q_offsets is not None
     B, H, Hkv, T_Q, T_K, D, DV = _geometry(q, k, v, jagged, max_seq_len_q, max_seq_len_kv)
     nb = q_offsets.shape[0] - 1 if jagged else B
@@ -129,16 +233,17 @@ def gdpa_fwd(
         out = torch.empty(shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0 or nb == 0 or T_Q == 0:
         return out.zero_() if not jagged else out
-    BLOCK_M, BLOCK_N, warps, stages = _fwd_config(D, DV)
-    grid = (triton.cdiv(T_Q, BLOCK_M), nb * H)
-    c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation)
+    BLOCK_M, BLOCK_N, warps, stages = fwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device))
+    grid = (triton.cdiv(T_Q, BLOCK_M) * nb * H,)
+    c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation,
+                causal, causal_offset, bias, nb, H)
     wrap_triton(gdpa_fwd_kernel)[grid](
-        q, k, v, out, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"],
+        q, k, v, out, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
         *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(out, jagged),
+        *c["bias_strides"],
         H, H // Hkv, T_Q, T_K, D, DV,
-        float(qk_scale), float(pre_scale), c["window"],
-        ACT=c["ACT"], JAGGED=c["JAGGED"], HAS_QLEN=c["HAS_QLEN"], HAS_KLEN=c["HAS_KLEN"],
-        HAS_WINDOW=c["HAS_WINDOW"], DOT_FP32=c["DOT_FP32"],
+        float(qk_scale), float(pre_scale), c["window"], c["causal_off"],
+        **{f: c[f] for f in _FLAGS},
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
         num_warps=warps, num_stages=stages,
     )
@@ -149,9 +254,14 @@ def gdpa_bwd(
     grad_out, q, k, v, *, activation: str, qk_scale: float, pre_scale: float, window: int,
     q_lengths=None, kv_lengths=None, q_offsets=None, kv_offsets=None,
     max_seq_len_q: Optional[int] = None, max_seq_len_kv: Optional[int] = None,
+    causal: bool = False, causal_offset: int = 0, bias: Optional[torch.Tensor] = None,
     out: Optional[tuple] = None,
 ):
-    """Backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed, no atomics)."""
+    """Backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed, no atomics).
+
+    ``causal``, ``causal_offset`` and ``bias`` as in :func:`gdpa_fwd` (the bias
+    gets no gradient here).
+    """
     jagged = q_offsets is not None
     B, H, Hkv, T_Q, T_K, D, DV = _geometry(q, k, v, jagged, max_seq_len_q, max_seq_len_kv)
     nb = q_offsets.shape[0] - 1 if jagged else B
@@ -165,29 +275,29 @@ def gdpa_bwd(
     if nb == 0 or (T_Q == 0 and T_K == 0):
         return dq.zero_(), dk.zero_(), dv.zero_()
     go = grad_out
-    BLOCK_M, BLOCK_N, warps, stages = _bwd_config(D, DV)
-    c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation)
+    BLOCK_M, BLOCK_N, warps, stages = bwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device))
+    c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation,
+                causal, causal_offset, bias, nb, H)
     meta = dict(
-        ACT=c["ACT"], JAGGED=c["JAGGED"], HAS_QLEN=c["HAS_QLEN"], HAS_KLEN=c["HAS_KLEN"],
-        HAS_WINDOW=c["HAS_WINDOW"], DOT_FP32=c["DOT_FP32"],
+        **{f: c[f] for f in _FLAGS},
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
         num_warps=warps, num_stages=stages,
     )
-    scal = (H, H // Hkv, T_Q, T_K, D, DV, float(qk_scale), float(pre_scale), c["window"])
+    scal = (H, H // Hkv, T_Q, T_K, D, DV, float(qk_scale), float(pre_scale), c["window"], c["causal_off"])
     if T_K > 0 and dk.numel() > 0:
-        wrap_triton(gdpa_bwd_dkdv_kernel)[(triton.cdiv(T_K, BLOCK_N), nb * Hkv)](
-            q, k, v, go, dk, dv, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"],
+        wrap_triton(gdpa_bwd_dkdv_kernel)[(triton.cdiv(T_K, BLOCK_N) * nb * Hkv,)](
+            q, k, v, go, dk, dv, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
             *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(go, jagged),
-            *_strides(dk, jagged), *_strides(dv, jagged),
+            *_strides(dk, jagged), *_strides(dv, jagged), *c["bias_strides"],
             *scal, **meta,
         )
     else:
         dk.zero_(), dv.zero_()
     if T_Q > 0 and dq.numel() > 0:
-        wrap_triton(gdpa_bwd_dq_kernel)[(triton.cdiv(T_Q, BLOCK_M), nb * H)](
-            q, k, v, go, dq, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"],
+        wrap_triton(gdpa_bwd_dq_kernel)[(triton.cdiv(T_Q, BLOCK_M) * nb * H,)](
+            q, k, v, go, dq, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
             *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(go, jagged),
-            *_strides(dq, jagged),
+            *_strides(dq, jagged), *c["bias_strides"],
             *scal, **meta,
         )
     else:
