@@ -163,6 +163,7 @@ def _compile_one(spec: KernelSpec, arch: int, keep_dir: Optional[str]) -> Compil
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                            options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
         d = keep_dir or tempfile.mkdtemp(prefix="recopt_cubin_")
+        os.makedirs(d, exist_ok=True)
         path = os.path.join(d, f"{re.sub(r'[^A-Za-z0-9_.-]', '_', spec.name)}.sm{arch}.cubin")
         with open(path, "wb") as f:
             f.write(k.asm["cubin"])

@@ -9,10 +9,19 @@ dense) and ``stride_b`` is 0 when jagged. Strides may be 0 (broadcast query,
 expanded K/V) or arbitrary (transposed views): nothing is copied.
 
 Semantics are those of :func:`recopt.ops.gdpa_ref.gdpa_ref`: scores
-``pre_scale * q·k`` in fp32, masked scores (key past its length, outside the
-window ``|i-j| <= WINDOW``) set to 0, ``p = act(s) * qk_scale`` cast to the
-value dtype, fp32 accumulation. Nothing O(T²) is stored: the backward
-recomputes the scores.
+``pre_scale * q·k (+ bias)`` in fp32, masked scores (outside the window
+``|i-j| <= WINDOW``, causal ``j > i + causal_off``) set to 0, ``act(s)`` cast
+to the value dtype, fp32 accumulation, ``qk_scale`` applied to the fp32
+accumulators at the end (the reference casts ``act(s) * qk_scale``: the two
+differ by at most one rounding of p, and this saves a multiply per score
+element). Keys and queries past their lengths are loaded as 0, which needs
+no mask since act(0) == 0. Nothing O(T²) is stored: the backward recomputes
+the scores.
+
+Grids are flattened to axis 0 (``cdiv(T, BLOCK) * B * H`` programs; CUDA's y
+axis stops at 65,535). ``FAST`` (0/1/2) selects exact fp32 math or fast
+activations (tanh.approx, a fitted exp2-polynomial GELU) whose error is below
+bf16 rounding; tile loops are split so interior tiles carry no mask.
 
 Dense outputs are written in full, including rows past a sample's length
 (zeros), so callers may allocate them with ``torch.empty``. Jagged outputs
@@ -36,16 +45,21 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
-# Abramowitz & Stegun 7.1.26: erfc(z) ~ t*(a1 + t*(a2 + ... t*a5)) * exp(-z^2),
-# t = 1 / (1 + p*z), z >= 0; absolute error <= 1.5e-7 on erf. Used for the fast
-# exact-GELU: the error of gelu is <= 2^-9 * |gelu(x)| + 2^-24 (below bf16 rounding;
-# tests/test_kernel_math.py checks it on a dense grid).
-_AS_P = tl.constexpr(0.3275911)
-_AS_A1 = tl.constexpr(0.254829592)
-_AS_A2 = tl.constexpr(-0.284496736)
-_AS_A3 = tl.constexpr(1.421413741)
-_AS_A4 = tl.constexpr(-1.453152027)
-_AS_A5 = tl.constexpr(1.061405429)
+# Fast exact-GELU: Phi(-a) = 0.5 * erfc(a / sqrt 2) = exp2(P(a)) for a = min(|x|, 6), P a
+# degree-5 polynomial fitted (weighted least squares toward minimax) to log2 of it on
+# [0, 6]. Then gelu(x) = relu(x) - |x| * Phi(-|x|): no division, one MUFU.EX2. Its error
+# is <= 2^-9 * |gelu(x)| + 2^-24 (below bf16 rounding) on all of R (max relative error
+# 3.7e-4); tests/test_kernel_math.py checks that on a dense grid.
+_GP0 = tl.constexpr(-1.000540326)
+_GP1 = tl.constexpr(-1.14437247)
+_GP2 = tl.constexpr(-0.472807929)
+_GP3 = tl.constexpr(-0.042825842)
+_GP4 = tl.constexpr(0.004466754)
+_GP5 = tl.constexpr(-0.000201652)
+_GP_MAX = tl.constexpr(6.0)
+_NEG_HALF_LOG2E = tl.constexpr(-0.7213475204444817)
+_GT_C0 = tl.constexpr(0.7978845608028654)               # sqrt(2 / pi)
+_GT_C1 = tl.constexpr(0.7978845608028654 * 0.044715)
 
 
 @triton.jit
@@ -69,13 +83,26 @@ def _tanh(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _phi_fast(s):
-    """Normal CDF Phi(s) = 0.5 * erfc(-s / sqrt 2) by A&S 7.1.26 (fast reciprocal and exp)."""
-    z = tl.abs(s) * _SQRT1_2
-    t = tl.fdiv(1.0, 1.0 + _AS_P * z, ieee_rounding=False)
-    poly = t * (_AS_A1 + t * (_AS_A2 + t * (_AS_A3 + t * (_AS_A4 + t * _AS_A5))))
-    half_erfc = 0.5 * poly * tl.exp(-z * z)
-    return tl.where(s >= 0.0, 1.0 - half_erfc, half_erfc)
+def _exp2(x, FAST: tl.constexpr):
+    """2^x; FAST == 2: ex2.approx.ftz.f32 (one MUFU.EX2, no denormal fix-up)."""
+    if FAST == 2:
+        out = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+    else:
+        out = tl.exp2(x)
+    return out
+
+
+@triton.jit
+def _phi_neg_abs(s, FAST: tl.constexpr):
+    """Phi(-|s|) (normal CDF) by the fitted exp2-polynomial above."""
+    a = tl.minimum(tl.abs(s), _GP_MAX)
+    p = _GP4 + a * _GP5
+    p = _GP3 + a * p
+    p = _GP2 + a * p
+    p = _GP1 + a * p
+    p = _GP0 + a * p
+    return _exp2(p, FAST)
 
 
 @triton.jit
@@ -87,12 +114,12 @@ def _act(s, ACT: tl.constexpr, FAST: tl.constexpr):
     """
     if ACT == 1:
         if FAST != 0:
-            out = s * _phi_fast(s)
+            out = tl.maximum(s, 0.0) - tl.abs(s) * _phi_neg_abs(s, FAST)
         else:
             out = 0.5 * s * (1.0 + tl.erf(s * _SQRT1_2))
     elif ACT == 2:
         hs = 0.5 * s
-        out = hs + hs * _tanh(_SQRT_2_OVER_PI * (s + 0.044715 * s * s * s), FAST)
+        out = hs + hs * _tanh((_GT_C0 + _GT_C1 * (s * s)) * s, FAST)
     elif ACT == 3:
         if FAST != 0:
             hs = 0.5 * s
@@ -118,11 +145,13 @@ def _act_grad(s, ACT: tl.constexpr, FAST: tl.constexpr):
     """d act(s) / ds."""
     if ACT == 1:
         if FAST != 0:
-            out = _phi_fast(s) + s * tl.exp(-0.5 * s * s) * _INV_SQRT_2PI
+            h = _phi_neg_abs(s, FAST)
+            phi = tl.where(s >= 0.0, 1.0 - h, h)
+            out = phi + s * _exp2(_NEG_HALF_LOG2E * (s * s), FAST) * _INV_SQRT_2PI
         else:
             out = 0.5 * (1.0 + tl.erf(s * _SQRT1_2)) + s * tl.exp(-0.5 * s * s) * _INV_SQRT_2PI
     elif ACT == 2:
-        t = _tanh(_SQRT_2_OVER_PI * (s + 0.044715 * s * s * s), FAST)
+        t = _tanh((_GT_C0 + _GT_C1 * (s * s)) * s, FAST)
         out = 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 0.134145 * s * s)
     elif ACT == 3:
         if FAST != 0:
@@ -198,24 +227,39 @@ def _split_pid(T_Q, H, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptrs, bound_ok, d_ok, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a K/V/Q/dO tile; out-of-range elements read as 0. Interior tiles (not MASKED)
+    of an even head size (EVEN_D: d == BLOCK_D) load without any predicate."""
+    if MASKED:
+        out = tl.load(ptrs, mask=bound_ok & d_ok, other=0.0)
+    elif EVEN_D:
+        out = tl.load(ptrs)
+    else:
+        out = tl.load(ptrs, mask=d_ok, other=0.0)
+    return out
+
+
+@triton.jit
 def _fwd_tile(acc, q, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
               q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk,
               qk_scale, pre_scale, window, causal_off,
               ACT: tl.constexpr, FAST: tl.constexpr, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, MASKED: tl.constexpr):
+              HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile. MASKED: bounds-checked loads and the positional mask; interior tiles
+    (all keys valid, fully kept) skip both."""
     cols = start_n + offs_n
     col_ok = cols < k_len
-    kt = tl.load(k_base + cols[None, :] * skt + offs_d[:, None] * skd,
-                 mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+    kt = _load_tile(k_base + cols[None, :] * skt + offs_d[:, None] * skd, col_ok[None, :],
+                    offs_d[:, None] < D, MASKED, EVEN_D)
     s = _dot(q, kt, DOT_FP32) * pre_scale
     if HAS_BIAS:
         s += tl.load(bias_base + offs_m[:, None] * sbq + cols[None, :] * sbk,
                      mask=(offs_m[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
-    if MASKED:
+    if MASKED and (HAS_WINDOW or CAUSAL):
         s = tl.where(_keep(offs_m[:, None], cols[None, :], window, causal_off, HAS_WINDOW, CAUSAL), s, 0.0)
-    p = _act(s, ACT, FAST) * qk_scale
-    vb = tl.load(v_base + cols[:, None] * svt + offs_dv[None, :] * svd,
-                 mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    p = _act(s, ACT, FAST)
+    vb = _load_tile(v_base + cols[:, None] * svt + offs_dv[None, :] * svd, col_ok[:, None],
+                    offs_dv[None, :] < DV, MASKED, EVEN_D)
     return acc + _dot(p.to(vb.dtype), vb, DOT_FP32)
 
 
@@ -239,6 +283,7 @@ def _kv_range(start_m, q_len, k_len, window, causal_off,
     if start_m >= q_len:
         hi = lo  # no valid row: skip the loop, write zeros
     hi = tl.maximum(hi, lo)
+    mid = tl.minimum(mid, k_len // BLOCK_N * BLOCK_N)   # a partial last tile needs bounds checks
     mid = tl.minimum(tl.maximum(mid, lo), hi)
     return lo, mid, hi
 
@@ -255,7 +300,7 @@ def gdpa_fwd_kernel(
     qk_scale, pre_scale, window, causal_off,
     ACT: tl.constexpr, JAGGED: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
     HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FAST: tl.constexpr, DOT_FP32: tl.constexpr,
+    FAST: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """o[b, h, i] = sum_j cast(act(s_ij) * qk_scale) v_j. Grid: (cdiv(T_Q, BLOCK_M) * B * H,).
@@ -288,14 +333,13 @@ def gdpa_fwd_kernel(
     for start_n in range(lo, mid, BLOCK_N):
         acc = _fwd_tile(acc, q, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
                         q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk, qk_scale, pre_scale, window,
-                        causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, False)
-    if HAS_WINDOW or CAUSAL:
-        for start_n in range(mid, hi, BLOCK_N):
-            acc = _fwd_tile(acc, q, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
-                            q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk, qk_scale, pre_scale, window,
-                            causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, True)
+                        causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, False)
+    for start_n in range(mid, hi, BLOCK_N):
+        acc = _fwd_tile(acc, q, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
+                        q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk, qk_scale, pre_scale, window,
+                        causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True)
 
-    acc = tl.where(row_ok[:, None], acc, 0.0)
+    acc = tl.where(row_ok[:, None], acc * qk_scale, 0.0)
     o_ptrs = (O + b64 * sob + (q_start + offs_m[:, None]) * sot + h * soh + offs_dv[None, :] * sod)
     if JAGGED:
         o_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
@@ -309,25 +353,27 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m
                q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
                qk_scale, pre_scale, window, causal_off,
                ACT: tl.constexpr, FAST: tl.constexpr, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, MASKED: tl.constexpr):
+               HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
+               MASKED: tl.constexpr, MASK_POS: tl.constexpr):
+    """One query tile. MASKED: bounds-checked loads; MASK_POS: the positional mask."""
     rows = start_m + offs_m
     row_ok = rows < q_len
-    qt = tl.load(q_base + rows[None, :] * sqt + offs_d[:, None] * sqd,
-                 mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-    do = tl.load(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    qt = _load_tile(q_base + rows[None, :] * sqt + offs_d[:, None] * sqd, row_ok[None, :],
+                    offs_d[:, None] < D, MASKED, EVEN_D)
+    do = _load_tile(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod, row_ok[:, None],
+                    offs_dv[None, :] < DV, MASKED, EVEN_D)
     st = _dot(k, qt, DOT_FP32) * pre_scale          # [BLOCK_N, BLOCK_M]
     if HAS_BIAS:
         st += tl.load(bias_base + rows[None, :] * sbq + offs_n[:, None] * sbk,
                       mask=row_ok[None, :] & (offs_n[:, None] < k_len), other=0.0).to(tl.float32)
-    if MASKED:
+    if MASK_POS:
         keep = _keep(rows[None, :], offs_n[:, None], window, causal_off, HAS_WINDOW, CAUSAL)
         st = tl.where(keep, st, 0.0)
-    pt = _act(st, ACT, FAST) * qk_scale
+    pt = _act(st, ACT, FAST)
     dv += _dot(pt.to(v.dtype), do, DOT_FP32)
     dpt = _dot(v, tl.trans(do), DOT_FP32)            # [BLOCK_N, BLOCK_M]
-    dst = _act_grad(st, ACT, FAST) * qk_scale * dpt
-    if MASKED:
+    dst = _act_grad(st, ACT, FAST) * dpt
+    if MASK_POS:
         dst = tl.where(keep, dst, 0.0)
     dk += _dot(dst.to(qt.dtype), tl.trans(qt), DOT_FP32)
     return dk, dv
@@ -347,7 +393,7 @@ def gdpa_bwd_dkdv_kernel(
     qk_scale, pre_scale, window, causal_off,
     ACT: tl.constexpr, JAGGED: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
     HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FAST: tl.constexpr, DOT_FP32: tl.constexpr,
+    FAST: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dK, dV for one block of keys of one K/V head, summed over its GROUP query heads.
@@ -392,6 +438,8 @@ def gdpa_bwd_dkdv_kernel(
         hi = lo
     hi = tl.maximum(hi, lo)
     mid = tl.minimum(tl.maximum(mid, lo), hi)
+    # [mid, full): interior tiles (rows all valid, no positional mask); [full, hi): bounds-checked
+    full = tl.maximum(tl.minimum(hi, q_len // BLOCK_M * BLOCK_M), mid)
 
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -403,14 +451,20 @@ def gdpa_bwd_dkdv_kernel(
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m,
                                     offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
                                     qk_scale, pre_scale, window, causal_off,
-                                    ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, True)
-        for start_m in range(mid, hi, BLOCK_M):
+                                    ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, True)
+        for start_m in range(mid, full, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m,
                                 offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
                                 qk_scale, pre_scale, window, causal_off,
-                                ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, False)
+                                ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, False, False)
+        for start_m in range(full, hi, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m,
+                                offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
+                                qk_scale, pre_scale, window, causal_off,
+                                ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, False)
 
-    dk = dk * pre_scale
+    dk = dk * (pre_scale * qk_scale)
+    dv = dv * qk_scale
     if JAGGED:
         row_mask = col_ok[:, None]
     else:
@@ -426,23 +480,23 @@ def _dq_tile(dq, q, do, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs
              q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk,
              qk_scale, pre_scale, window, causal_off,
              ACT: tl.constexpr, FAST: tl.constexpr, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
-             HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, MASKED: tl.constexpr):
+             HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr):
     cols = start_n + offs_n
     col_ok = cols < k_len
-    kt = tl.load(k_base + cols[None, :] * skt + offs_d[:, None] * skd,
-                 mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-    vt = tl.load(v_base + cols[None, :] * svt + offs_dv[:, None] * svd,
-                 mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    kt = _load_tile(k_base + cols[None, :] * skt + offs_d[:, None] * skd, col_ok[None, :],
+                    offs_d[:, None] < D, MASKED, EVEN_D)
+    vt = _load_tile(v_base + cols[None, :] * svt + offs_dv[:, None] * svd, col_ok[None, :],
+                    offs_dv[:, None] < DV, MASKED, EVEN_D)
     s = _dot(q, kt, DOT_FP32) * pre_scale
     if HAS_BIAS:
         s += tl.load(bias_base + offs_m[:, None] * sbq + cols[None, :] * sbk,
                      mask=(offs_m[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
-    if MASKED:
+    if MASKED and (HAS_WINDOW or CAUSAL):
         keep = _keep(offs_m[:, None], cols[None, :], window, causal_off, HAS_WINDOW, CAUSAL)
         s = tl.where(keep, s, 0.0)
     dp = _dot(do, vt, DOT_FP32)
-    ds = _act_grad(s, ACT, FAST) * qk_scale * dp
-    if MASKED:
+    ds = _act_grad(s, ACT, FAST) * dp
+    if MASKED and (HAS_WINDOW or CAUSAL):
         ds = tl.where(keep, ds, 0.0)
     return dq + _dot(ds.to(kt.dtype), tl.trans(kt), DOT_FP32)
 
@@ -460,7 +514,7 @@ def gdpa_bwd_dq_kernel(
     qk_scale, pre_scale, window, causal_off,
     ACT: tl.constexpr, JAGGED: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
     HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FAST: tl.constexpr, DOT_FP32: tl.constexpr,
+    FAST: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dQ for one block of query rows of one head. Grid: (cdiv(T_Q, BLOCK_M) * B * H,)."""
@@ -490,14 +544,13 @@ def gdpa_bwd_dq_kernel(
     for start_n in range(lo, mid, BLOCK_N):
         dq = _dq_tile(dq, q, do, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
                       q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk, qk_scale, pre_scale, window,
-                      causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, False)
-    if HAS_WINDOW or CAUSAL:
-        for start_n in range(mid, hi, BLOCK_N):
-            dq = _dq_tile(dq, q, do, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
-                          q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk, qk_scale, pre_scale, window,
-                          causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, True)
+                      causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, False)
+    for start_n in range(mid, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
+                      q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk, qk_scale, pre_scale, window,
+                      causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True)
 
-    dq = dq * pre_scale
+    dq = dq * (pre_scale * qk_scale)
     if JAGGED:
         o_mask = row_ok[:, None] & (offs_d[None, :] < D)
     else:

@@ -89,9 +89,14 @@ def _arch(device) -> int:
 
 
 def fwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: int = 90):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward for this shape."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward for this shape
+    (16 x 16 tiles, one warp under the CPU interpreter)."""
     if interpreting():
         return 16, 16, 1, 1
+    return _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch)
+
+
+def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90):
     bd, bdv = _pow2(d), _pow2(dv)
     big = max(bd, bdv)
     elt = 4 if dtype == torch.float32 else 2
@@ -100,39 +105,48 @@ def fwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: in
         # 128 x 256 fp32 accumulator is 128 registers/thread at 8 warps; keep the K/V tiles narrow
         cands = [(bm, 32, 8, 2), (64, 32, 4, 2)]
     elif big >= 128:
-        cands = [(bm, 64, 8, 3), (bm, 64, 8, 2), (64, 64, 4, 2)]
+        # 128 x 128 score tile: 64 elements per thread amortise the loop's fixed cost
+        cands = [(bm, 128 if t_k > 64 else 64, 8, 2), (bm, 64, 8, 2), (64, 64, 4, 2)]
     else:
-        cands = [(bm, 64, 4, 3), (bm, 32, 4, 3), (64, 32, 4, 2)]
+        cands = [(bm, 128 if t_k > 64 else 64, 8, 2), (bm, 64, 4, 3), (64, 32, 4, 2)]
     if elt == 4:
         cands = [(min(c[0], 64), min(c[1], 32), c[2], 2) for c in cands]
     if t_k <= 32:
         cands = [(c[0], min(c[1], 32), c[2], c[3]) for c in cands]
+    # at most one warpgroup (4 warps) per 64 rows: more would split the score tile's columns
+    # across warpgroups, each recomputing the whole tile
+    cands = [(m, n, min(w, 4 * max(m // 64, 1)), st) for m, n, w, st in cands]
     return _prune(cands, bd, bdv, elt)
 
 
 def bwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: int = 90):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of both backward kernels.
+    """``(dkdv, dq)`` configs, each (BLOCK_M, BLOCK_N, num_warps, num_stages).
 
     dK/dV keeps a BLOCK_N x d tile of K, V, dK, dV and walks queries in BLOCK_M
-    steps; dQ keeps BLOCK_M x d and walks keys. BLOCK_N = 16 * num_warps... no:
-    the tile that is the A operand of the score GEMM has 64 rows per warpgroup
-    (num_warps = 4 * rows / 64), so the warpgroups split rows and never compute
-    the same score tile twice.
+    steps; dQ keeps BLOCK_M x d and walks keys. The A operand of each score GEMM
+    has 64 rows per warpgroup (4 warps for 64 rows), so warpgroups split rows
+    and never compute the same score tile twice.
     """
     if interpreting():
-        return 16, 16, 1, 1
+        return (16, 16, 1, 1), (16, 16, 1, 1)
+    return _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch)
+
+
+def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90):
     bd, bdv = _pow2(d), _pow2(dv)
     big = max(bd, bdv)
     elt = 4 if dtype == torch.float32 else 2
     if big >= 256:
-        cands = [(32, 64, 4, 1)]
+        dkdv, dq = [(16, 64, 4, 1)], [(64, 32, 4, 1)]
     elif big >= 128:
-        cands = [(64, 64, 4, 2), (32, 64, 4, 1)]
+        # dK, dV accumulators alone are 128 registers/thread: a narrow query step keeps it unspilled
+        dkdv, dq = [(32, 64, 4, 2)], [(64, 64, 4, 2)]
     else:
-        cands = [(64, 64, 4, 3), (32, 64, 4, 2)]
+        dkdv, dq = [(64, 64, 4, 3), (32, 64, 4, 2)], [(64, 64, 4, 3), (64, 32, 4, 2)]
     if elt == 4:
-        cands = [(min(c[0], 32), c[1], c[2], 1) for c in cands]
-    return _prune(cands, bd, bdv, elt)
+        dkdv = [(min(m, 32), n, w, 1) for m, n, w, _ in dkdv]
+        dq = [(m, min(n, 32), w, 1) for m, n, w, _ in dq]
+    return _prune(dkdv, bd, bdv, elt), _prune(dq, bd, bdv, elt)
 
 
 def fast_math(dtype: torch.dtype) -> int:
@@ -204,10 +218,12 @@ def _common(q, q_off, k_off, q_len, k_len, window, T_Q, T_K, activation, causal,
         HAS_BIAS=bias is not None,
         FAST=fast_math(q.dtype),
         DOT_FP32=interpreting() or q.dtype == torch.float32,
+        EVEN_D=False,  # set by the launchers from the head sizes
     )
 
 
-_FLAGS = ("ACT", "JAGGED", "HAS_QLEN", "HAS_KLEN", "HAS_WINDOW", "CAUSAL", "HAS_BIAS", "FAST", "DOT_FP32")
+_FLAGS = ("ACT", "JAGGED", "HAS_QLEN", "HAS_KLEN", "HAS_WINDOW", "CAUSAL", "HAS_BIAS", "FAST", "DOT_FP32",
+          "EVEN_D")
 
 
 def gdpa_fwd(
@@ -237,6 +253,7 @@ def gdpa_fwd(
     grid = (triton.cdiv(T_Q, BLOCK_M) * nb * H,)
     c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation,
                 causal, causal_offset, bias, nb, H)
+    c["EVEN_D"] = D == _pow2(D) and DV == _pow2(DV)
     wrap_triton(gdpa_fwd_kernel)[grid](
         q, k, v, out, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
         *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(out, jagged),
@@ -275,31 +292,181 @@ def gdpa_bwd(
     if nb == 0 or (T_Q == 0 and T_K == 0):
         return dq.zero_(), dk.zero_(), dv.zero_()
     go = grad_out
-    BLOCK_M, BLOCK_N, warps, stages = bwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device))
+    cfg_dkdv, cfg_dq = bwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device))
     c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation,
                 causal, causal_offset, bias, nb, H)
-    meta = dict(
-        **{f: c[f] for f in _FLAGS},
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
-        num_warps=warps, num_stages=stages,
-    )
+    c["EVEN_D"] = D == _pow2(D) and DV == _pow2(DV)
+    flags = {f: c[f] for f in _FLAGS}
+
+    def meta(cfg):
+        return dict(BLOCK_M=cfg[0], BLOCK_N=cfg[1], BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
+                    num_warps=cfg[2], num_stages=cfg[3], **flags)
+
     scal = (H, H // Hkv, T_Q, T_K, D, DV, float(qk_scale), float(pre_scale), c["window"], c["causal_off"])
     if T_K > 0 and dk.numel() > 0:
-        wrap_triton(gdpa_bwd_dkdv_kernel)[(triton.cdiv(T_K, BLOCK_N) * nb * Hkv,)](
+        wrap_triton(gdpa_bwd_dkdv_kernel)[(triton.cdiv(T_K, cfg_dkdv[1]) * nb * Hkv,)](
             q, k, v, go, dk, dv, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
             *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(go, jagged),
             *_strides(dk, jagged), *_strides(dv, jagged), *c["bias_strides"],
-            *scal, **meta,
+            *scal, **meta(cfg_dkdv),
         )
     else:
         dk.zero_(), dv.zero_()
     if T_Q > 0 and dq.numel() > 0:
-        wrap_triton(gdpa_bwd_dq_kernel)[(triton.cdiv(T_Q, BLOCK_M) * nb * H,)](
+        wrap_triton(gdpa_bwd_dq_kernel)[(triton.cdiv(T_Q, cfg_dq[0]) * nb * H,)](
             q, k, v, go, dq, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
             *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(go, jagged),
             *_strides(dq, jagged), *c["bias_strides"],
-            *scal, **meta,
+            *scal, **meta(cfg_dq),
         )
     else:
         dq.zero_()
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- compile checks
+#
+# What recopt.kernels.compile_check compiles for the GDPA kernels: every config
+# fwd_config / bwd_config can return (over sequence lengths, head sizes 16..256
+# and dtypes), every activation, and the variants (dense, lengths, jagged,
+# window, causal, bias, GQA, broadcast q). Arguments are typed the way a launch
+# with contiguous tensors specializes them: strides of 1 become constexpr 1,
+# pointers and the other strides are multiples of 16.
+
+_KERNELS = {
+    "fwd": ("gdpa_fwd_kernel", ("Q", "K", "V", "O"),
+            ("sqb sqt sqh sqd", "skb skt skh skd", "svb svt svh svd", "sob sot soh sod")),
+    "dkdv": ("gdpa_bwd_dkdv_kernel", ("Q", "K", "V", "DO", "DK", "DV_"),
+             ("sqb sqt sqh sqd", "skb skt skh skd", "svb svt svh svd", "sdob sdot sdoh sdod",
+              "sdkb sdkt sdkh sdkd", "sdvb sdvt sdvh sdvd")),
+    "dq": ("gdpa_bwd_dq_kernel", ("Q", "K", "V", "DO", "DQ"),
+           ("sqb sqt sqh sqd", "skb skt skh skd", "svb svt svh svd", "sdob sdot sdoh sdod",
+            "sdqb sdqt sdqh sdqd")),
+}
+
+# variant name -> flags; "gqa" leaves GROUP a runtime int, "bcast_q" makes q's batch stride 0.
+VARIANTS = {
+    "dense": dict(),
+    "lengths": dict(HAS_QLEN=True, HAS_KLEN=True),
+    "jagged": dict(JAGGED=True),
+    "window": dict(HAS_QLEN=True, HAS_KLEN=True, HAS_WINDOW=True),
+    "causal": dict(HAS_KLEN=True, CAUSAL=True),
+    "bias": dict(HAS_BIAS=True),
+    "gqa": dict(GQA=True),
+    "bcast_q": dict(BCAST_Q=True),
+    "all": dict(JAGGED=True, HAS_WINDOW=True, CAUSAL=True, HAS_BIAS=True, GQA=True),
+}
+
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+HEAD_DIMS = (16, 32, 64, 128, 256)         # BLOCK_D classes: every d in [1, 256] maps onto one
+_SHAPES = ((16, 16), (64, 32), (1000, 256), (1024, 1024))  # (T_Q, T_K) probing the config keys
+
+
+def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, arch_tag: str = ""):
+    from recopt.kernels.compile_check import KernelSpec
+
+    attr, ptrs, stride_groups = _KERNELS[kind]
+    flags = dict(JAGGED=False, HAS_QLEN=False, HAS_KLEN=False, HAS_WINDOW=False, CAUSAL=False,
+                 HAS_BIAS=False, GQA=False, BCAST_Q=False)
+    flags.update(VARIANTS[variant])
+    ty = _TYPES[dtype]
+    sig, const, div = {}, {}, []
+    for p in ptrs:
+        sig[p] = f"*{ty}"
+        div.append(p)
+    for p in ("QOFF", "KOFF", "QLEN", "KLEN"):
+        sig[p] = "*i64"
+        div.append(p)
+    sig["BIAS"] = f"*{ty}"
+    div.append("BIAS")
+    for group in stride_groups:
+        names = group.split()
+        for n in names[:3]:                          # (jagged batch strides are 0: divisible too)
+            sig[n] = "i32"
+            div.append(n)
+        const[names[3]] = 1                          # contiguous head dim
+    for n in ("sbb", "sbh", "sbq"):
+        sig[n] = "i32"
+        div.append(n)
+    const["sbk"] = 1
+    for n in ("H", "T_Q", "T_K", "D", "DV", "window", "causal_off"):
+        sig[n] = "i32"
+    div += ["D", "DV"] if d >= 16 else []
+    if flags["GQA"]:
+        sig["GROUP"] = "i32"
+    else:
+        const["GROUP"] = 1
+    if flags["BCAST_Q"]:
+        div.append("sqb")                            # stride 0: divisible, not specialized
+    sig["qk_scale"] = sig["pre_scale"] = "fp32"
+    bm, bn, warps, stages = cfg
+    const.update(
+        ACT=ACTIVATIONS[act], JAGGED=flags["JAGGED"], HAS_QLEN=flags["HAS_QLEN"],
+        HAS_KLEN=flags["HAS_KLEN"], HAS_WINDOW=flags["HAS_WINDOW"], CAUSAL=flags["CAUSAL"],
+        HAS_BIAS=flags["HAS_BIAS"], FAST=0 if dtype == torch.float32 else 2,
+        DOT_FP32=dtype == torch.float32, EVEN_D=d == _pow2(d),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(d),
+    )
+    for n in list(sig):
+        if n in const:
+            del sig[n]
+    name = f"gdpa_{kind}/{act}/{variant}/{ty}/d{d}/m{bm}n{bn}w{warps}s{stages}{arch_tag}"
+    tags = dict(family="gdpa", kernel=kind, act=act, variant=variant, dtype=ty, d=d,
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return KernelSpec(name=name, module="recopt.kernels.gdpa", attr=attr, signature=sig, constexprs=const,
+                      num_warps=warps, num_stages=stages, divisible=tuple(dict.fromkeys(div)), tags=tags)
+
+
+def launch_configs(kind: str, dtype) -> list:
+    """Every (d, config) the launcher can pick for this kernel kind and dtype (GPU, any arch)."""
+    out = []
+    for d in HEAD_DIMS:
+        for tq, tk in _SHAPES:
+            if kind == "fwd":
+                picked = _fwd_config_gpu(tq, tk, d, d, dtype)
+            else:
+                picked = _bwd_config_gpu(tq, tk, d, d, dtype)[0 if kind == "dkdv" else 1]
+            cfg = (d, picked)
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+def compile_specs(level: str = "ci") -> list:
+    """Specs for recopt.kernels.compile_check.
+
+    ``ci``: every activation (dense, d 128, bf16), every variant (gelu, d 128,
+    bf16), every launcher config of every head-size class with the heaviest
+    variant (``all``, gelu) in bf16, and fp32 at d 64 and 256. ``full``: the
+    cross product activation x variant x config x dtype.
+    """
+    specs, seen = [], set()
+
+    def add(*a):
+        s = _spec(*a)
+        if s.name not in seen:
+            seen.add(s.name)
+            specs.append(s)
+
+    bf16 = torch.bfloat16
+    for kind in _KERNELS:
+        cfgs = launch_configs(kind, bf16)
+        main = [c for d, c in cfgs if d == 128]
+        if level == "full":
+            for dtype in (bf16, torch.float16, torch.float32):
+                for d, cfg in launch_configs(kind, dtype):
+                    for act in ACTIVATIONS:
+                        for variant in VARIANTS:
+                            add(kind, act, variant, d, dtype, cfg)
+            continue
+        for act in ACTIVATIONS:
+            add(kind, act, "dense", 128, bf16, main[-1])
+        for variant in VARIANTS:
+            add(kind, "gelu", variant, 128, bf16, main[-1])
+        add(kind, "gelu", "lengths", 96, bf16, main[-1])      # d != BLOCK_D: masked head-dim loads
+        for d, cfg in cfgs:
+            add(kind, "gelu", "all", d, bf16, cfg)
+        for d, cfg in launch_configs(kind, torch.float32):
+            if d in (64, 256):
+                add(kind, "gelu", "all", d, torch.float32, cfg)
+    return specs
