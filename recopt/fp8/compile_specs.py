@@ -15,28 +15,27 @@ def _p2(v: int) -> int:
 def compile_specs(level: str = "ci") -> list:
     from recopt.kernels.compile_check import KernelSpec
 
+    full = level == "full"
+    ns = (256, 512, 768, 1024, 2048, 4096, 8192, 16384) if full else (256, 4096)
+    blocks = (64, 128, 256) if full else (256,)
+    modes = ((True, True), (True, False), (False, True), (False, False)) if full else \
+        ((True, True), (False, False))
     specs = []
-    ns = (256, 768, 1024, 4096) if level == "ci" else (256, 512, 768, 1024, 2048, 4096, 8192, 16384)
-    blocks = (256,) if level == "ci" else (64, 128, 256)
     for n in ns:
-        for block in blocks:
-            if n % block:
-                continue
+        for block in [b for b in blocks if n % b == 0]:
             for x_ty in ("bf16", "fp32"):
-                for norm in (True, False):
-                    for write_y in (True, False):
-                        nblk = n // block
-                        sig = {"x_ptr": f"*{x_ty}", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
-                               "y_ptr": f"*{x_ty}" if write_y else "*fp8e4nv",
-                               "stride_xm": "i32", "stride_qm": "i32", "stride_ym": "i32", "eps": "fp32"}
-                        const = dict(NBLK=nblk, NB=block, NBLK_P2=_p2(nblk), NB_P2=_p2(block),
-                                     NORM=norm, WRITE_Y=write_y)
-                        name = f"fp8_blocknorm_quant/{x_ty}/n{n}/b{block}/norm{int(norm)}/y{int(write_y)}"
-                        specs.append(KernelSpec(
-                            name=name, module="recopt.kernels.fp8_quant",
-                            attr="blocknorm_quant_rowwise_kernel", signature=sig, constexprs=const,
-                            num_warps=4, num_stages=3,
-                            divisible=("x_ptr", "q_ptr", "scale_ptr", "y_ptr", "stride_xm", "stride_qm",
-                                       "stride_ym"),
-                            tags=dict(family="fp8", kernel="blocknorm_quant", n=n, block=block, dtype=x_ty)))
+                for norm, write_y in modes:
+                    nblk = n // block
+                    sig = {"x_ptr": f"*{x_ty}", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
+                           "y_ptr": f"*{x_ty}" if write_y else "*fp8e4nv",
+                           "stride_xm": "i32", "stride_qm": "i32", "stride_ym": "i32", "eps": "fp32"}
+                    const = dict(NBLK=nblk, NB=block, NBLK_P2=_p2(nblk), NB_P2=_p2(block),
+                                 NORM=norm, WRITE_Y=write_y)
+                    specs.append(KernelSpec(
+                        name=f"fp8_blocknorm_quant/{x_ty}/n{n}/b{block}/norm{int(norm)}/y{int(write_y)}",
+                        module="recopt.kernels.fp8_quant", attr="blocknorm_quant_rowwise_kernel",
+                        signature=sig, constexprs=const, num_warps=4, num_stages=3,
+                        divisible=("x_ptr", "q_ptr", "scale_ptr", "y_ptr", "stride_xm", "stride_qm",
+                                   "stride_ym"),
+                        tags=dict(family="fp8", kernel="blocknorm_quant", n=n, block=block, dtype=x_ty)))
     return specs

@@ -56,7 +56,7 @@ class KernelSpec:
 
     ``signature`` maps every non-constexpr argument to a Triton type string
     (``"*bf16"``, ``"i32"``, ``"fp32"``). ``constexprs`` maps the others to
-    values. ``divisible`` names integer/pointer arguments the launcher sees as
+    values. ``archs``: the compute capabilities to compile it for. ``divisible`` names integer/pointer arguments the launcher sees as
     multiples of 16 (Triton specializes on this at launch; compiling with the
     same attributes gives the code a GPU runs). ``tags`` describe the spec for
     reports (kernel family, activation, variant, head size...).
@@ -71,6 +71,7 @@ class KernelSpec:
     num_stages: int = 3
     divisible: tuple = ()
     tags: dict = field(default_factory=dict)
+    archs: tuple = ARCHS  # targets this spec is compiled for (a subset of the requested ones)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -79,6 +80,7 @@ class KernelSpec:
     def from_json(d: dict) -> "KernelSpec":
         d = dict(d)
         d["divisible"] = tuple(d.get("divisible", ()))
+        d["archs"] = tuple(d.get("archs", ARCHS))
         return KernelSpec(**d)
 
 
@@ -215,7 +217,7 @@ def compile_specs(specs: Sequence[KernelSpec], archs: Sequence[int] = ARCHS, wor
     Each child gets ``TRITON_INTERPRET=0`` and its own fresh ``TRITON_CACHE_DIR``.
     Jobs are dealt round-robin, most expensive kernels (largest tiles) first.
     """
-    jobs = [(s.to_json(), a) for s in specs for a in archs]
+    jobs = [(s.to_json(), a) for s in specs for a in archs if a in s.archs]
     jobs.sort(key=lambda j: -_cost(j[0]))
     workers = max(1, min(workers, len(jobs)))
     chunks = [jobs[i::workers] for i in range(workers)]

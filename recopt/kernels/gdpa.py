@@ -354,8 +354,9 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m
                qk_scale, pre_scale, window, causal_off,
                ACT: tl.constexpr, FAST: tl.constexpr, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
-               MASKED: tl.constexpr, MASK_POS: tl.constexpr):
-    """One query tile. MASKED: bounds-checked loads; MASK_POS: the positional mask."""
+               MASKED: tl.constexpr, MASK_POS: tl.constexpr, OUT_DK: tl.constexpr, OUT_DV: tl.constexpr):
+    """One query tile. MASKED: bounds-checked loads; MASK_POS: the positional mask.
+    OUT_DK / OUT_DV: which gradients this program accumulates."""
     rows = start_m + offs_m
     row_ok = rows < q_len
     qt = _load_tile(q_base + rows[None, :] * sqt + offs_d[:, None] * sqd, row_ok[None, :],
@@ -369,13 +370,15 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m
     if MASK_POS:
         keep = _keep(rows[None, :], offs_n[:, None], window, causal_off, HAS_WINDOW, CAUSAL)
         st = tl.where(keep, st, 0.0)
-    pt = _act(st, ACT, FAST)
-    dv += _dot(pt.to(v.dtype), do, DOT_FP32)
-    dpt = _dot(v, tl.trans(do), DOT_FP32)            # [BLOCK_N, BLOCK_M]
-    dst = _act_grad(st, ACT, FAST) * dpt
-    if MASK_POS:
-        dst = tl.where(keep, dst, 0.0)
-    dk += _dot(dst.to(qt.dtype), tl.trans(qt), DOT_FP32)
+    if OUT_DV:
+        pt = _act(st, ACT, FAST)
+        dv += _dot(pt.to(v.dtype), do, DOT_FP32)
+    if OUT_DK:
+        dpt = _dot(v, tl.trans(do), DOT_FP32)            # [BLOCK_N, BLOCK_M]
+        dst = _act_grad(st, ACT, FAST) * dpt
+        if MASK_POS:
+            dst = tl.where(keep, dst, 0.0)
+        dk += _dot(dst.to(qt.dtype), tl.trans(qt), DOT_FP32)
     return dk, dv
 
 
@@ -394,11 +397,14 @@ def gdpa_bwd_dkdv_kernel(
     ACT: tl.constexpr, JAGGED: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
     HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     FAST: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
+    OUT_DK: tl.constexpr, OUT_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dK, dV for one block of keys of one K/V head, summed over its GROUP query heads.
 
     Grid: (cdiv(T_K, BLOCK_N) * B * Hkv,). Works on transposed tiles (keys as rows).
+    OUT_DK / OUT_DV select the outputs: both (4 GEMMs per tile), or one per launch for
+    large head sizes (d = 256), where dK and dV together do not fit in registers.
     """
     HKV = H // GROUP
     pid_n, b, hk = _split_pid(T_K, HKV, BLOCK_N)
@@ -417,8 +423,8 @@ def gdpa_bwd_dkdv_kernel(
                 mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     v = tl.load(V + b64 * svb + (k_start + offs_n[:, None]) * svt + hk * svh + offs_dv[None, :] * svd,
                 mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D if OUT_DK else 16], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV if OUT_DV else 16], dtype=tl.float32)
 
     # Query tiles [lo, hi) that see this key block; [lo, mid) need a positional mask.
     lo = q_len * 0
@@ -451,17 +457,17 @@ def gdpa_bwd_dkdv_kernel(
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m,
                                     offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
                                     qk_scale, pre_scale, window, causal_off,
-                                    ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, True)
+                                    ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, True, OUT_DK, OUT_DV)
         for start_m in range(mid, full, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m,
                                 offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
                                 qk_scale, pre_scale, window, causal_off,
-                                ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, False, False)
+                                ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, False, False, OUT_DK, OUT_DV)
         for start_m in range(full, hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m,
                                 offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
                                 qk_scale, pre_scale, window, causal_off,
-                                ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, False)
+                                ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, False, OUT_DK, OUT_DV)
 
     dk = dk * (pre_scale * qk_scale)
     dv = dv * qk_scale
@@ -469,10 +475,12 @@ def gdpa_bwd_dkdv_kernel(
         row_mask = col_ok[:, None]
     else:
         row_mask = offs_n[:, None] < T_K
-    tl.store(DK + b64 * sdkb + (k_start + offs_n[:, None]) * sdkt + hk * sdkh + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=row_mask & (offs_d[None, :] < D))
-    tl.store(DV_ + b64 * sdvb + (k_start + offs_n[:, None]) * sdvt + hk * sdvh + offs_dv[None, :] * sdvd,
-             dv.to(DV_.dtype.element_ty), mask=row_mask & (offs_dv[None, :] < DV))
+    if OUT_DK:
+        tl.store(DK + b64 * sdkb + (k_start + offs_n[:, None]) * sdkt + hk * sdkh + offs_d[None, :] * sdkd,
+                 dk.to(DK.dtype.element_ty), mask=row_mask & (offs_d[None, :] < D))
+    if OUT_DV:
+        tl.store(DV_ + b64 * sdvb + (k_start + offs_n[:, None]) * sdvt + hk * sdvh + offs_dv[None, :] * sdvd,
+                 dv.to(DV_.dtype.element_ty), mask=row_mask & (offs_dv[None, :] < DV))
 
 
 @triton.jit

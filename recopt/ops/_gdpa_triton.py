@@ -8,6 +8,7 @@ a ``torch.library.triton_op``, Inductor sees and compiles them.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -103,7 +104,7 @@ def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90):
     bm = 128 if t_q > 64 else 64
     if big >= 256:
         # 128 x 256 fp32 accumulator is 128 registers/thread at 8 warps; keep the K/V tiles narrow
-        cands = [(bm, 32, 8, 2), (64, 32, 4, 2)]
+        cands = [(bm, 64, 8, 2), (bm, 32, 8, 2), (64, 32, 4, 2)]
     elif big >= 128:
         # 128 x 128 score tile: 64 elements per thread amortise the loop's fixed cost
         cands = [(bm, 128 if t_k > 64 else 64, 8, 2), (bm, 64, 8, 2), (64, 64, 4, 2)]
@@ -137,16 +138,25 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90):
     big = max(bd, bdv)
     elt = 4 if dtype == torch.float32 else 2
     if big >= 256:
-        dkdv, dq = [(16, 64, 4, 1)], [(64, 32, 4, 1)]
+        # dK and dV in separate launches (dkdv_passes): one 64 x 256 fp32 accumulator each
+        dkdv, dq = [(32, 64, 4, 1)], [(128, 32, 8, 1) if t_q > 64 else (64, 16, 4, 1)]
     elif big >= 128:
         # dK, dV accumulators alone are 128 registers/thread: a narrow query step keeps it unspilled
-        dkdv, dq = [(32, 64, 4, 2)], [(64, 64, 4, 2)]
+        dkdv, dq = [(32, 64, 4, 2)], [(128, 64, 8, 2) if t_q > 64 else (64, 32, 4, 2)]
     else:
         dkdv, dq = [(64, 64, 4, 3), (32, 64, 4, 2)], [(64, 64, 4, 3), (64, 32, 4, 2)]
     if elt == 4:
         dkdv = [(min(m, 32), n, w, 1) for m, n, w, _ in dkdv]
         dq = [(m, min(n, 32), w, 1) for m, n, w, _ in dq]
     return _prune(dkdv, bd, bdv, elt), _prune(dq, bd, bdv, elt)
+
+
+def dkdv_passes(d: int, dv: int) -> tuple:
+    """(OUT_DK, OUT_DV) of each dK/dV launch: one launch for both, or (d >= 256) one each,
+    since the two fp32 accumulators of 64 x 256 would not fit in registers."""
+    if max(_pow2(d), _pow2(dv)) >= 256:
+        return ((True, False), (False, True))
+    return ((True, True),)
 
 
 def fast_math(dtype: torch.dtype) -> int:
@@ -304,12 +314,13 @@ def gdpa_bwd(
 
     scal = (H, H // Hkv, T_Q, T_K, D, DV, float(qk_scale), float(pre_scale), c["window"], c["causal_off"])
     if T_K > 0 and dk.numel() > 0:
-        wrap_triton(gdpa_bwd_dkdv_kernel)[(triton.cdiv(T_K, cfg_dkdv[1]) * nb * Hkv,)](
-            q, k, v, go, dk, dv, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
-            *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(go, jagged),
-            *_strides(dk, jagged), *_strides(dv, jagged), *c["bias_strides"],
-            *scal, **meta(cfg_dkdv),
-        )
+        for out_dk, out_dv in dkdv_passes(D, DV):
+            wrap_triton(gdpa_bwd_dkdv_kernel)[(triton.cdiv(T_K, cfg_dkdv[1]) * nb * Hkv,)](
+                q, k, v, go, dk, dv, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
+                *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(go, jagged),
+                *_strides(dk, jagged), *_strides(dv, jagged), *c["bias_strides"],
+                *scal, OUT_DK=out_dk, OUT_DV=out_dv, **meta(cfg_dkdv),
+            )
     else:
         dk.zero_(), dv.zero_()
     if T_Q > 0 and dq.numel() > 0:
@@ -362,7 +373,7 @@ HEAD_DIMS = (16, 32, 64, 128, 256)         # BLOCK_D classes: every d in [1, 256
 _SHAPES = ((16, 16), (64, 32), (1000, 256), (1024, 1024))  # (T_Q, T_K) probing the config keys
 
 
-def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, arch_tag: str = ""):
+def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, outs=(True, True)):
     from recopt.kernels.compile_check import KernelSpec
 
     attr, ptrs, stride_groups = _KERNELS[kind]
@@ -407,10 +418,14 @@ def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, arch_tag: str =
         DOT_FP32=dtype == torch.float32, EVEN_D=d == _pow2(d),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(d),
     )
+    part = ""
+    if kind == "dkdv":
+        const.update(OUT_DK=outs[0], OUT_DV=outs[1])
+        part = {(True, True): "", (True, False): "[dk]", (False, True): "[dv]"}[tuple(outs)]
     for n in list(sig):
         if n in const:
             del sig[n]
-    name = f"gdpa_{kind}/{act}/{variant}/{ty}/d{d}/m{bm}n{bn}w{warps}s{stages}{arch_tag}"
+    name = f"gdpa_{kind}{part}/{act}/{variant}/{ty}/d{d}/m{bm}n{bn}w{warps}s{stages}"
     tags = dict(family="gdpa", kernel=kind, act=act, variant=variant, dtype=ty, d=d,
                 BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     return KernelSpec(name=name, module="recopt.kernels.gdpa", attr=attr, signature=sig, constexprs=const,
@@ -435,23 +450,27 @@ def launch_configs(kind: str, dtype) -> list:
 def compile_specs(level: str = "ci") -> list:
     """Specs for recopt.kernels.compile_check.
 
-    ``ci``: every activation (dense, d 128, bf16), every variant (gelu, d 128,
-    bf16), every launcher config of every head-size class with the heaviest
-    variant (``all``, gelu) in bf16, and fp32 at d 64 and 256. ``full``: the
-    cross product activation x variant x config x dtype.
+    ``ci`` (minutes on 2 cores), for sm_90 and sm_100: every launcher config of
+    every head-size class (16..256) with the heaviest variant (``all``: jagged,
+    window, causal, bias, GQA; gelu) in bf16, and fp32 at d 64; every activation
+    through the dK/dV kernel (it holds both act and its gradient) and the three
+    fast activations through the forward; on sm_90 also each kernel's ``dense``,
+    ``causal`` and odd-head-size code paths. ``full``: the cross product
+    activation x variant x config x dtype, both archs.
     """
     specs, seen = [], set()
 
-    def add(*a):
-        s = _spec(*a)
-        if s.name not in seen:
-            seen.add(s.name)
-            specs.append(s)
+    def add(kind, act, variant, d, dtype, cfg, archs=(90, 100)):
+        for outs in (dkdv_passes(d, d) if kind == "dkdv" else ((True, True),)):
+            s = dataclasses.replace(_spec(kind, act, variant, d, dtype, cfg, outs), archs=tuple(archs))
+            if s.name not in seen:
+                seen.add(s.name)
+                specs.append(s)
 
     bf16 = torch.bfloat16
     for kind in _KERNELS:
         cfgs = launch_configs(kind, bf16)
-        main = [c for d, c in cfgs if d == 128]
+        main = [c for d, c in cfgs if d == 128][-1]
         if level == "full":
             for dtype in (bf16, torch.float16, torch.float32):
                 for d, cfg in launch_configs(kind, dtype):
@@ -459,14 +478,15 @@ def compile_specs(level: str = "ci") -> list:
                         for variant in VARIANTS:
                             add(kind, act, variant, d, dtype, cfg)
             continue
-        for act in ACTIVATIONS:
-            add(kind, act, "dense", 128, bf16, main[-1])
-        for variant in VARIANTS:
-            add(kind, "gelu", variant, 128, bf16, main[-1])
-        add(kind, "gelu", "lengths", 96, bf16, main[-1])      # d != BLOCK_D: masked head-dim loads
         for d, cfg in cfgs:
             add(kind, "gelu", "all", d, bf16, cfg)
         for d, cfg in launch_configs(kind, torch.float32):
-            if d in (64, 256):
+            if d == 64:
                 add(kind, "gelu", "all", d, torch.float32, cfg)
+        acts = ACTIVATIONS if kind == "dkdv" else (("gelu", "gelu_tanh", "silu") if kind == "fwd" else ())
+        for act in acts:
+            add(kind, act, "dense", 128, bf16, main)
+        for variant in ("dense", "causal"):
+            add(kind, "gelu", variant, 128, bf16, main, archs=(90,))
+        add(kind, "gelu", "lengths", 96, bf16, main, archs=(90,))   # d != BLOCK_D: masked head-dim loads
     return specs
