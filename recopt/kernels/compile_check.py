@@ -203,7 +203,7 @@ def collect_specs(providers: Optional[Iterable[str]] = None, level: str = "ci") 
         except (ImportError, AttributeError) as e:
             raise RuntimeError(f"compile-check provider {p!r} cannot be loaded: {e}") from e
         specs.extend(provider(level))
-    names = [s.name for s in specs]
+    names = [(s.name, s.archs) for s in specs]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ValueError(f"duplicate compile-check spec names: {sorted(dup)[:5]}")

@@ -89,29 +89,32 @@ def _arch(device) -> int:
     return 90
 
 
-def fwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: int = 90):
+def fwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: int = 90,
+               heavy: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward for this shape
-    (16 x 16 tiles, one warp under the CPU interpreter)."""
+    (16 x 16 tiles, one warp under the CPU interpreter). ``heavy``: a bias, causal
+    or window mask is present (more live registers per score element)."""
     if interpreting():
         return 16, 16, 1, 1
-    return _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch)
+    return _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch, heavy)
 
 
-def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90):
+def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     bd, bdv = _pow2(d), _pow2(dv)
     big = max(bd, bdv)
     elt = 4 if dtype == torch.float32 else 2
     bm = 128 if t_q > 64 else 64
+    # 128 x 128 score tiles (64 elements per thread amortise the loop's fixed cost) only for the
+    # plain variant on sm_90; masks, a bias, or sm_100's register allocation need narrower tiles
+    wide = 128 if (t_k > 64 and not heavy and arch < 100) else 64
     if big >= 256:
-        # 128 x 256 fp32 accumulator is 128 registers/thread at 8 warps; keep the K/V tiles narrow
-        cands = [(bm, 64, 8, 2), (bm, 32, 8, 2), (64, 32, 4, 2)]
+        cands = [(bm, 32 if heavy else 64, 8, 2), (bm, 32, 8, 2)]
     elif big >= 128:
-        # 128 x 128 score tile: 64 elements per thread amortise the loop's fixed cost
-        cands = [(bm, 128 if t_k > 64 else 64, 8, 2), (bm, 64, 8, 2), (64, 64, 4, 2)]
+        cands = [(bm, wide, 8, 2), (bm, 64, 8, 2), (64, 64, 4, 2)]
     else:
-        cands = [(bm, 128 if t_k > 64 else 64, 8, 2), (bm, 64, 4, 3), (64, 32, 4, 2)]
-    if elt == 4:
-        cands = [(min(c[0], 64), min(c[1], 32), c[2], 2) for c in cands]
+        cands = [(bm, wide, 8, 2), (bm, 64, 4, 3), (64, 32, 4, 2)]
+    if elt == 4:  # exact fp32 path (FMA dots): small tiles
+        cands = [(min(c[0], 64), 16, 4, 2) for c in cands]
     if t_k <= 32:
         cands = [(c[0], min(c[1], 32), c[2], c[3]) for c in cands]
     # at most one warpgroup (4 warps) per 64 rows: more would split the score tile's columns
@@ -120,7 +123,8 @@ def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90):
     return _prune(cands, bd, bdv, elt)
 
 
-def bwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: int = 90):
+def bwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: int = 90,
+               heavy: bool = False):
     """``(dkdv, dq)`` configs, each (BLOCK_M, BLOCK_N, num_warps, num_stages).
 
     dK/dV keeps a BLOCK_N x d tile of K, V, dK, dV and walks queries in BLOCK_M
@@ -130,24 +134,27 @@ def bwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: in
     """
     if interpreting():
         return (16, 16, 1, 1), (16, 16, 1, 1)
-    return _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch)
+    return _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch, heavy)
 
 
-def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90):
+def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     bd, bdv = _pow2(d), _pow2(dv)
     big = max(bd, bdv)
     elt = 4 if dtype == torch.float32 else 2
+    narrow = heavy or arch >= 100
     if big >= 256:
         # dK and dV in separate launches (dkdv_passes): one 64 x 256 fp32 accumulator each
-        dkdv, dq = [(32, 64, 4, 1)], [(128, 32, 8, 1) if t_q > 64 else (64, 16, 4, 1)]
+        dkdv, dq = [(16, 64, 4, 1)], [(128, 16 if narrow else 32, 8, 1) if t_q > 64 else (64, 16, 4, 1)]
     elif big >= 128:
         # dK, dV accumulators alone are 128 registers/thread: a narrow query step keeps it unspilled
-        dkdv, dq = [(32, 64, 4, 2)], [(128, 64, 8, 2) if t_q > 64 else (64, 32, 4, 2)]
+        dkdv = [(16 if narrow else 32, 64, 4, 2)]
+        dq = [(128, 32 if narrow else 64, 8, 2) if t_q > 64 else (64, 32, 4, 2)]
     else:
-        dkdv, dq = [(64, 64, 4, 3), (32, 64, 4, 2)], [(64, 64, 4, 3), (64, 32, 4, 2)]
-    if elt == 4:
-        dkdv = [(min(m, 32), n, w, 1) for m, n, w, _ in dkdv]
-        dq = [(m, min(n, 32), w, 1) for m, n, w, _ in dq]
+        dkdv = [(32 if narrow else 64, 64, 4, 3), (32, 64, 4, 2)]
+        dq = [(64, 32 if narrow else 64, 4, 3), (64, 32, 4, 2)]
+    if elt == 4:  # exact fp32 path (FMA dots): small tiles
+        dkdv = [(16, 32, 4, 1)]
+        dq = [(32, 16, 4, 1)]
     return _prune(dkdv, bd, bdv, elt), _prune(dq, bd, bdv, elt)
 
 
@@ -259,7 +266,8 @@ def gdpa_fwd(
         out = torch.empty(shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0 or nb == 0 or T_Q == 0:
         return out.zero_() if not jagged else out
-    BLOCK_M, BLOCK_N, warps, stages = fwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device))
+    heavy = bool(causal) or bias is not None or (window is not None and window >= 0)
+    BLOCK_M, BLOCK_N, warps, stages = fwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device), heavy)
     grid = (triton.cdiv(T_Q, BLOCK_M) * nb * H,)
     c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation,
                 causal, causal_offset, bias, nb, H)
@@ -302,7 +310,8 @@ def gdpa_bwd(
     if nb == 0 or (T_Q == 0 and T_K == 0):
         return dq.zero_(), dk.zero_(), dv.zero_()
     go = grad_out
-    cfg_dkdv, cfg_dq = bwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device))
+    heavy = bool(causal) or bias is not None or (window is not None and window >= 0)
+    cfg_dkdv, cfg_dq = bwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device), heavy)
     c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation,
                 causal, causal_offset, bias, nb, H)
     c["EVEN_D"] = D == _pow2(D) and DV == _pow2(DV)
@@ -365,6 +374,7 @@ VARIANTS = {
     "bias": dict(HAS_BIAS=True),
     "gqa": dict(GQA=True),
     "bcast_q": dict(BCAST_Q=True),
+    "light": dict(JAGGED=True, GQA=True),
     "all": dict(JAGGED=True, HAS_WINDOW=True, CAUSAL=True, HAS_BIAS=True, GQA=True),
 }
 
@@ -432,61 +442,68 @@ def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, outs=(True, Tru
                       num_warps=warps, num_stages=stages, divisible=tuple(dict.fromkeys(div)), tags=tags)
 
 
-def launch_configs(kind: str, dtype) -> list:
-    """Every (d, config) the launcher can pick for this kernel kind and dtype (GPU, any arch)."""
+def launch_configs(kind: str, dtype, arch: int = 90) -> list:
+    """Every (d, config, heavy) the launcher can pick for this kernel kind, dtype and arch."""
     out = []
     for d in HEAD_DIMS:
-        for tq, tk in _SHAPES:
-            if kind == "fwd":
-                picked = _fwd_config_gpu(tq, tk, d, d, dtype)
-            else:
-                picked = _bwd_config_gpu(tq, tk, d, d, dtype)[0 if kind == "dkdv" else 1]
-            cfg = (d, picked)
-            if cfg not in out:
-                out.append(cfg)
+        for heavy in (False, True):
+            for tq, tk in _SHAPES:
+                if kind == "fwd":
+                    picked = _fwd_config_gpu(tq, tk, d, d, dtype, arch, heavy)
+                else:
+                    picked = _bwd_config_gpu(tq, tk, d, d, dtype, arch, heavy)[0 if kind == "dkdv" else 1]
+                cfg = (d, picked, heavy)
+                if cfg not in out:
+                    out.append(cfg)
     return out
 
 
 def compile_specs(level: str = "ci") -> list:
     """Specs for recopt.kernels.compile_check.
 
-    ``ci`` (minutes on 2 cores), for sm_90 and sm_100: every launcher config of
-    every head-size class (16..256) with the heaviest variant (``all``: jagged,
-    window, causal, bias, GQA; gelu) in bf16, and fp32 at d 64; every activation
-    through the dK/dV kernel (it holds both act and its gradient) and the three
-    fast activations through the forward; on sm_90 also each kernel's ``dense``,
-    ``causal`` and odd-head-size code paths. ``full``: the cross product
+    ``ci`` (about a minute on 2 idle cores), per arch (sm_90, sm_100): every
+    config the launcher can pick for every head-size class (16..256), compiled
+    with the heaviest variant that config serves (``all``: jagged, window,
+    causal, bias, GQA, gelu, for the configs picked under masks or a bias;
+    ``light``: jagged, lengths, GQA, gelu, otherwise), in bf16 and (d 64) fp32;
+    every activation through the dK/dV kernel (it holds both act and its
+    gradient) and the three fast activations through the forward; on sm_90 also
+    each kernel's ``dense``, ``causal`` and odd-head-size code paths. ``full``:
     activation x variant x config x dtype, both archs.
     """
     specs, seen = [], set()
 
-    def add(kind, act, variant, d, dtype, cfg, archs=(90, 100)):
+    def add(kind, act, variant, d, dtype, cfg, archs):
         for outs in (dkdv_passes(d, d) if kind == "dkdv" else ((True, True),)):
             s = dataclasses.replace(_spec(kind, act, variant, d, dtype, cfg, outs), archs=tuple(archs))
-            if s.name not in seen:
-                seen.add(s.name)
+            key = (s.name, s.archs)
+            if key not in seen:
+                seen.add(key)
                 specs.append(s)
 
     bf16 = torch.bfloat16
     for kind in _KERNELS:
-        cfgs = launch_configs(kind, bf16)
-        main = [c for d, c in cfgs if d == 128][-1]
-        if level == "full":
-            for dtype in (bf16, torch.float16, torch.float32):
-                for d, cfg in launch_configs(kind, dtype):
-                    for act in ACTIVATIONS:
-                        for variant in VARIANTS:
-                            add(kind, act, variant, d, dtype, cfg)
-            continue
-        for d, cfg in cfgs:
-            add(kind, "gelu", "all", d, bf16, cfg)
-        for d, cfg in launch_configs(kind, torch.float32):
-            if d == 64:
-                add(kind, "gelu", "all", d, torch.float32, cfg)
-        acts = ACTIVATIONS if kind == "dkdv" else (("gelu", "gelu_tanh", "silu") if kind == "fwd" else ())
-        for act in acts:
-            add(kind, act, "dense", 128, bf16, main)
-        for variant in ("dense", "causal"):
-            add(kind, "gelu", variant, 128, bf16, main, archs=(90,))
-        add(kind, "gelu", "lengths", 96, bf16, main, archs=(90,))   # d != BLOCK_D: masked head-dim loads
+        for arch in (90, 100):
+            if level == "full":
+                for dtype in (bf16, torch.float16, torch.float32):
+                    for d, cfg, heavy in launch_configs(kind, dtype, arch):
+                        for act in ACTIVATIONS:
+                            for variant in VARIANTS:
+                                if heavy == (variant in ("window", "causal", "bias", "all")):
+                                    add(kind, act, variant, d, dtype, cfg, (arch,))
+                continue
+            for d, cfg, heavy in launch_configs(kind, bf16, arch):
+                add(kind, "gelu", "all" if heavy else "light", d, bf16, cfg, (arch,))
+            for d, cfg, heavy in launch_configs(kind, torch.float32, arch):
+                if d == 64:
+                    add(kind, "gelu", "all" if heavy else "light", d, torch.float32, cfg, (arch,))
+            main = [c for d, c, h in launch_configs(kind, bf16, arch) if d == 128 and not h][-1]
+            acts = ACTIVATIONS if kind == "dkdv" else (("gelu", "gelu_tanh", "silu") if kind == "fwd" else ())
+            for act in acts:
+                add(kind, act, "dense", 128, bf16, main, (arch,))
+            if arch == 90:
+                heavy_main = [c for d, c, h in launch_configs(kind, bf16, arch) if d == 128 and h][-1]
+                add(kind, "gelu", "dense", 128, bf16, main, (arch,))
+                add(kind, "gelu", "causal", 128, bf16, heavy_main, (arch,))
+                add(kind, "gelu", "lengths", 96, bf16, main, (arch,))   # d != BLOCK_D: masked head-dim loads
     return specs
