@@ -92,8 +92,8 @@ def _arch(device) -> int:
 def fwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: int = 90,
                heavy: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward for this shape
-    (16 x 16 tiles, one warp under the CPU interpreter). ``heavy``: a bias, causal
-    or window mask is present (more live registers per score element)."""
+    (16 x 16 tiles, one warp under the CPU interpreter). ``heavy``: jagged inputs, a
+    bias, a causal or window mask (more live registers per score element)."""
     if interpreting():
         return 16, 16, 1, 1
     return _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch, heavy)
@@ -108,7 +108,7 @@ def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     # plain variant on sm_90; masks, a bias, or sm_100's register allocation need narrower tiles
     wide = 128 if (t_k > 64 and not heavy and arch < 100) else 64
     if big >= 256:
-        cands = [(bm, 32 if heavy else 64, 8, 2), (bm, 32, 8, 2)]
+        cands = [(bm, 32 if bm == 128 else 16, 8, 2), (64, 16, 4, 2)]
     elif big >= 128:
         cands = [(bm, wide, 8, 2), (bm, 64, 8, 2), (64, 64, 4, 2)]
     else:
@@ -266,7 +266,8 @@ def gdpa_fwd(
         out = torch.empty(shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0 or nb == 0 or T_Q == 0:
         return out.zero_() if not jagged else out
-    heavy = bool(causal) or bias is not None or (window is not None and window >= 0)
+    # jagged offsets, masks and a bias keep more values live: narrower tiles (see fwd_config)
+    heavy = bool(causal) or bias is not None or (window is not None and window >= 0) or jagged
     BLOCK_M, BLOCK_N, warps, stages = fwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device), heavy)
     grid = (triton.cdiv(T_Q, BLOCK_M) * nb * H,)
     c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation,
@@ -493,10 +494,12 @@ def compile_specs(level: str = "ci") -> list:
                                     add(kind, act, variant, d, dtype, cfg, (arch,))
                 continue
             for d, cfg, heavy in launch_configs(kind, bf16, arch):
-                add(kind, "gelu", "all" if heavy else "light", d, bf16, cfg, (arch,))
+                add(kind, "gelu", "all" if heavy else ("lengths" if kind == "fwd" else "light"), d, bf16, cfg,
+                    (arch,))
             for d, cfg, heavy in launch_configs(kind, torch.float32, arch):
                 if d == 64:
-                    add(kind, "gelu", "all" if heavy else "light", d, torch.float32, cfg, (arch,))
+                    add(kind, "gelu", "all" if heavy else ("lengths" if kind == "fwd" else "light"), d,
+                        torch.float32, cfg, (arch,))
             main = [c for d, c, h in launch_configs(kind, bf16, arch) if d == 128 and not h][-1]
             acts = ACTIVATIONS if kind == "dkdv" else (("gelu", "gelu_tanh", "silu") if kind == "fwd" else ())
             for act in acts:
