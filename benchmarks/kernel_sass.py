@@ -42,11 +42,14 @@ ACTS = ("gelu", "gelu_tanh", "silu", "relu", "raw")
 H100 = dict(sms=132, ghz=1.755, tc_tflops=989.0, tc_eff=0.7)
 SHAPES = {  # name: (B, H, Tq, Tk, d)
     "pffn": (1152, 4, 1000, 256, 128),
-    "self_attn_1k_d64": (16, 8, 1024, 1024, 64),  # 128 (b, h) pairs; time scales linearly
+    "self_attn_1k_d64": (512, 4, 1024, 1024, 64),
 }
 
 
 def _specs(archs):
+    """Dense-variant specs with the config the launcher picks on each arch."""
+    import dataclasses
+
     import torch
 
     from recopt.ops import _gdpa_triton as T
@@ -54,20 +57,22 @@ def _specs(archs):
     out = []
     seen = set()
     cases = [("pffn", 1000, 256, 128), ("self_attn_1k_d64", 1024, 1024, 64), ("d256", 1000, 256, 256)]
-    for shape, tq, tk, d in cases:
-        fcfg = T._fwd_config_gpu(tq, tk, d, d, torch.bfloat16)
-        bk, bq = T._bwd_config_gpu(tq, tk, d, d, torch.bfloat16)
-        for act in ACTS:
-            items = [("fwd", fcfg, (True, True))]
-            items += [("dkdv", bk, o) for o in T.dkdv_passes(d, d)]
-            items.append(("dq", bq, (True, True)))
-            for kind, cfg, outs in items:
-                s = T._spec(kind, act, "dense", d, torch.bfloat16, cfg, outs)
-                if s.name in seen:
-                    continue
-                seen.add(s.name)
-                s.tags["shape"] = shape
-                out.append(s)
+    for arch in archs:
+        for shape, tq, tk, d in cases:
+            fcfg = T._fwd_config_gpu(tq, tk, d, d, torch.bfloat16, arch)
+            bk, bq = T._bwd_config_gpu(tq, tk, d, d, torch.bfloat16, arch)
+            for act in ACTS:
+                items = [("fwd", fcfg, (True, True))]
+                items += [("dkdv", bk, o) for o in T.dkdv_passes(d, d)]
+                items.append(("dq", bq, (True, True)))
+                for kind, cfg, outs in items:
+                    s = dataclasses.replace(T._spec(kind, act, "dense", d, torch.bfloat16, cfg, outs),
+                                            archs=(arch,))
+                    if (s.name, arch) in seen:
+                        continue
+                    seen.add((s.name, arch))
+                    s.tags["shape"] = shape
+                    out.append(s)
     return out
 
 
@@ -94,12 +99,12 @@ def run(archs=(90, 100), workers=2):
     from recopt.kernels.sass import loop_stats, min_macs
 
     specs = _specs(archs)
-    by_name = {s.name: s for s in specs}
+    by_name = {(s.name, s.archs[0]): s for s in specs}
     keep = tempfile.mkdtemp(prefix="recopt_sass_")
     results = compile_specs(specs, archs=archs, workers=workers, keep_dir=keep)
     rows = []
     for r in results:
-        s = by_name[r.name]
+        s = by_name[(r.name, r.arch)]
         t = dict(s.tags)
         row = dict(name=r.name, arch=r.arch, shape=t["shape"], kernel=t["kernel"], act=t["act"], d=t["d"],
                    config=f"{t['BLOCK_M']}x{t['BLOCK_N']} w{t['num_warps']} s{t['num_stages']}",
