@@ -136,7 +136,7 @@ def test_even_head_dim_interior_tiles_bf16_fast_math(act):
 
 def test_many_programs_on_axis_0():
     """B*H programs all on grid axis 0 (CUDA's y axis stops at 65,535): every (b, h) is written."""
-    B, H, T_, d = 40, 5, 3, 4
+    B, H, T_, d = 24, 5, 3, 4
     q, k, v = _rand((B, H, T_, d), torch.float32, 1), _rand((B, H, T_, d), torch.float32, 2), \
         _rand((B, H, T_, d), torch.float32, 3)
     _check(q, k, v, 1e-4, activation="relu", qk_scale=1.0, pre_scale=1.0, window=-1)
