@@ -18,7 +18,7 @@ Launcher and reference: :mod:`recopt.fp8.fused_quant`.
 import triton
 import triton.language as tl
 
-E4M3_MAX = 448.0
+E4M3_MAX = tl.constexpr(448.0)  # constexpr: plain globals do not compile inside @jit
 
 
 @triton.jit

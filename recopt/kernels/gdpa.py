@@ -9,10 +9,19 @@ dense) and ``stride_b`` is 0 when jagged. Strides may be 0 (broadcast query,
 expanded K/V) or arbitrary (transposed views): nothing is copied.
 
 Semantics are those of :func:`recopt.ops.gdpa_ref.gdpa_ref`: scores
-``pre_scale * q·k`` in fp32, masked scores (key past its length, outside the
-window ``|i-j| <= WINDOW``) set to 0, ``p = act(s) * qk_scale`` cast to the
-value dtype, fp32 accumulation. Nothing O(T²) is stored: the backward
-recomputes the scores.
+``pre_scale * q·k (+ bias)`` in fp32, masked scores (outside the window
+``|i-j| <= WINDOW``, causal ``j > i + causal_off``) set to 0, ``act(s)`` cast
+to the value dtype, fp32 accumulation, ``qk_scale`` applied to the fp32
+accumulators at the end (the reference casts ``act(s) * qk_scale``: the two
+differ by at most one rounding of p, and this saves a multiply per score
+element). Keys and queries past their lengths are loaded as 0, which needs
+no mask since act(0) == 0. Nothing O(T²) is stored: the backward recomputes
+the scores.
+
+Grids are flattened to axis 0 (``cdiv(T, BLOCK) * B * H`` programs; CUDA's y
+axis stops at 65,535). ``FAST`` (0/1/2) selects exact fp32 math or fast
+activations (tanh.approx, a fitted exp2-polynomial GELU) whose error is below
+bf16 rounding; tile loops are split so interior tiles carry no mask.
 
 Dense outputs are written in full, including rows past a sample's length
 (zeros), so callers may allocate them with ``torch.empty``. Jagged outputs
@@ -28,26 +37,95 @@ fp32 accumulation.
 import triton
 import triton.language as tl
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
+# Constants used inside @triton.jit code must be tl.constexpr: triton >= 3.3
+# refuses plain module-level globals when it generates code (the CPU
+# interpreter does not, which is why tests/test_kernel_compile.py exists).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+
+
+# Fast exact-GELU: Phi(-a) = 0.5 * erfc(a / sqrt 2) = exp2(P(a)) for a = min(|x|, 6), P a
+# degree-5 polynomial fitted (weighted least squares toward minimax) to log2 of it on
+# [0, 6]. Then gelu(x) = relu(x) - |x| * Phi(-|x|): no division, one MUFU.EX2. Its error
+# is <= 2^-9 * |gelu(x)| + 2^-24 (below bf16 rounding) on all of R (max relative error
+# 3.7e-4); tests/test_kernel_math.py checks that on a dense grid.
+_GP0 = tl.constexpr(-1.000540326)
+_GP1 = tl.constexpr(-1.14437247)
+_GP2 = tl.constexpr(-0.472807929)
+_GP3 = tl.constexpr(-0.042825842)
+_GP4 = tl.constexpr(0.004466754)
+_GP5 = tl.constexpr(-0.000201652)
+_GP_MAX = tl.constexpr(6.0)
+_NEG_HALF_LOG2E = tl.constexpr(-0.7213475204444817)
+_GT_C0 = tl.constexpr(0.7978845608028654)               # sqrt(2 / pi)
+_GT_C1 = tl.constexpr(0.7978845608028654 * 0.044715)
 
 
 @triton.jit
-def _tanh(x):
+def _tanh_exact(x):
     # 1 - 2 / (exp(2x) + 1): saturates correctly at +-inf without NaN.
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
-def _act(s, ACT: tl.constexpr):
-    """act(s); codes as in recopt.ops.gdpa_ref.ACTIVATIONS."""
+def _tanh(x, FAST: tl.constexpr):
+    """tanh; FAST == 2: one MUFU.TANH (tanh.approx.f32, sm_75+, abs error ~2^-11)."""
+    if FAST == 2:
+        out = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+    elif FAST == 1:
+        # Same formula shape as FAST == 2 but portable (the CPU interpreter has no inline asm).
+        out = 1.0 - tl.fdiv(2.0, tl.exp(2.0 * x) + 1.0, ieee_rounding=False)
+    else:
+        out = _tanh_exact(x)
+    return out
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    """2^x; FAST == 2: ex2.approx.ftz.f32 (one MUFU.EX2, no denormal fix-up)."""
+    if FAST == 2:
+        out = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+    else:
+        out = tl.exp2(x)
+    return out
+
+
+@triton.jit
+def _phi_neg_abs(s, FAST: tl.constexpr):
+    """Phi(-|s|) (normal CDF) by the fitted exp2-polynomial above."""
+    a = tl.minimum(tl.abs(s), _GP_MAX)
+    p = _GP4 + a * _GP5
+    p = _GP3 + a * p
+    p = _GP2 + a * p
+    p = _GP1 + a * p
+    p = _GP0 + a * p
+    return _exp2(p, FAST)
+
+
+@triton.jit
+def _act(s, ACT: tl.constexpr, FAST: tl.constexpr):
+    """act(s); codes as in recopt.ops.gdpa_ref.ACTIVATIONS.
+
+    FAST (0 exact fp32 math, 1 fast formulas, 2 fast formulas + tanh.approx)
+    changes gelu, gelu_tanh and silu only; its error is below bf16 rounding.
+    """
     if ACT == 1:
-        out = 0.5 * s * (1.0 + tl.erf(s * _SQRT1_2))
+        if FAST != 0:
+            out = tl.maximum(s, 0.0) - tl.abs(s) * _phi_neg_abs(s, FAST)
+        else:
+            out = 0.5 * s * (1.0 + tl.erf(s * _SQRT1_2))
     elif ACT == 2:
-        out = 0.5 * s * (1.0 + _tanh(_SQRT_2_OVER_PI * (s + 0.044715 * s * s * s)))
+        hs = 0.5 * s
+        out = hs + hs * _tanh((_GT_C0 + _GT_C1 * (s * s)) * s, FAST)
     elif ACT == 3:
-        out = s / (1.0 + tl.exp(-s))
+        if FAST != 0:
+            hs = 0.5 * s
+            out = hs + hs * _tanh(hs, FAST)      # s * sigmoid(s), sigmoid(s) = (1 + tanh(s/2)) / 2
+        else:
+            out = s / (1.0 + tl.exp(-s))
     elif ACT == 4:
         out = tl.maximum(s, 0.0)
     elif ACT == 5:
@@ -63,15 +141,23 @@ def _act(s, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_grad(s, ACT: tl.constexpr):
+def _act_grad(s, ACT: tl.constexpr, FAST: tl.constexpr):
     """d act(s) / ds."""
     if ACT == 1:
-        out = 0.5 * (1.0 + tl.erf(s * _SQRT1_2)) + s * tl.exp(-0.5 * s * s) * _INV_SQRT_2PI
+        if FAST != 0:
+            h = _phi_neg_abs(s, FAST)
+            phi = tl.where(s >= 0.0, 1.0 - h, h)
+            out = phi + s * _exp2(_NEG_HALF_LOG2E * (s * s), FAST) * _INV_SQRT_2PI
+        else:
+            out = 0.5 * (1.0 + tl.erf(s * _SQRT1_2)) + s * tl.exp(-0.5 * s * s) * _INV_SQRT_2PI
     elif ACT == 2:
-        t = _tanh(_SQRT_2_OVER_PI * (s + 0.044715 * s * s * s))
+        t = _tanh((_GT_C0 + _GT_C1 * (s * s)) * s, FAST)
         out = 0.5 * (1.0 + t) + 0.5 * s * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 0.134145 * s * s)
     elif ACT == 3:
-        sig = 1.0 / (1.0 + tl.exp(-s))
+        if FAST != 0:
+            sig = 0.5 + 0.5 * _tanh(0.5 * s, FAST)
+        else:
+            sig = 1.0 / (1.0 + tl.exp(-s))
         out = sig * (1.0 + s * (1.0 - sig))
     elif ACT == 4:
         out = tl.where(s > 0.0, 1.0, 0.0)
@@ -111,27 +197,124 @@ def _seq_bounds(OFF, LEN, b, T, JAGGED: tl.constexpr, HAS_LEN: tl.constexpr):
 
 
 @triton.jit
+def _keep(rows, cols, window, causal_off, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr):
+    """Positional mask of a score tile (rows and cols already broadcast to the tile's shape).
+
+    Length masks need no select: K, V, Q, dO and the bias are loaded as 0 past
+    their lengths, and every activation has act(0) == 0 (and rows with dO = 0
+    or V = 0 contribute nothing to any gradient).
+    """
+    keep = rows == rows
+    if HAS_WINDOW:
+        diff = rows - cols
+        keep = keep & (diff <= window) & (diff >= -window)
+    if CAUSAL:
+        keep = keep & (cols <= rows + causal_off)
+    return keep
+
+
+@triton.jit
+def _split_pid(T_Q, H, BLOCK_M: tl.constexpr):
+    """(block index along the sequence, b, h) from a grid flattened to axis 0.
+
+    Axis 0 holds cdiv(T, BLOCK_M) * B * H programs (the y axis is capped at
+    65,535); blocks of one (b, h) are adjacent, so they share K/V in L2.
+    """
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(T_Q, BLOCK_M)
+    pid_bh = pid // n_m
+    return pid % n_m, pid_bh // H, pid_bh % H
+
+
+@triton.jit
+def _load_tile(ptrs, bound_ok, d_ok, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a K/V/Q/dO tile; out-of-range elements read as 0. Interior tiles (not MASKED)
+    of an even head size (EVEN_D: d == BLOCK_D) load without any predicate."""
+    if MASKED:
+        out = tl.load(ptrs, mask=bound_ok & d_ok, other=0.0)
+    elif EVEN_D:
+        out = tl.load(ptrs)
+    else:
+        out = tl.load(ptrs, mask=d_ok, other=0.0)
+    return out
+
+
+@triton.jit
+def _fwd_tile(acc, q, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
+              q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk,
+              qk_scale, pre_scale, window, causal_off,
+              ACT: tl.constexpr, FAST: tl.constexpr, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile. MASKED: bounds-checked loads and the positional mask; interior tiles
+    (all keys valid, fully kept) skip both."""
+    cols = start_n + offs_n
+    col_ok = cols < k_len
+    kt = _load_tile(k_base + cols[None, :] * skt + offs_d[:, None] * skd, col_ok[None, :],
+                    offs_d[:, None] < D, MASKED, EVEN_D)
+    s = _dot(q, kt, DOT_FP32) * pre_scale
+    if HAS_BIAS:
+        s += tl.load(bias_base + offs_m[:, None] * sbq + cols[None, :] * sbk,
+                     mask=(offs_m[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
+    if MASKED and (HAS_WINDOW or CAUSAL):
+        s = tl.where(_keep(offs_m[:, None], cols[None, :], window, causal_off, HAS_WINDOW, CAUSAL), s, 0.0)
+    p = _act(s, ACT, FAST)
+    vb = _load_tile(v_base + cols[:, None] * svt + offs_dv[None, :] * svd, col_ok[:, None],
+                    offs_dv[None, :] < DV, MASKED, EVEN_D)
+    return acc + _dot(p.to(vb.dtype), vb, DOT_FP32)
+
+
+@triton.jit
+def _kv_range(start_m, q_len, k_len, window, causal_off,
+              HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles [lo, hi) a block of query rows sees, and ``mid``: tiles in [lo, mid) need no
+    positional mask (fully kept), tiles in [mid, hi) do. Fully masked tiles are skipped."""
+    lo = k_len * 0
+    hi = k_len
+    mid = hi
+    if HAS_WINDOW:
+        lo = tl.maximum(start_m - window, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, start_m + BLOCK_M + window)
+        mid = lo
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + causal_off)
+        if not HAS_WINDOW:
+            # tile [n, n + BLOCK_N) is fully kept iff n + BLOCK_N - 1 <= start_m + causal_off
+            mid = tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N * BLOCK_N
+    if start_m >= q_len:
+        hi = lo  # no valid row: skip the loop, write zeros
+    hi = tl.maximum(hi, lo)
+    mid = tl.minimum(mid, k_len // BLOCK_N * BLOCK_N)   # a partial last tile needs bounds checks
+    mid = tl.minimum(tl.maximum(mid, lo), hi)
+    return lo, mid, hi
+
+
+@triton.jit
 def gdpa_fwd_kernel(
-    Q, K, V, O, QOFF, KOFF, QLEN, KLEN,
+    Q, K, V, O, QOFF, KOFF, QLEN, KLEN, BIAS,
     sqb, sqt, sqh, sqd,
     skb, skt, skh, skd,
     svb, svt, svh, svd,
     sob, sot, soh, sod,
+    sbb, sbh, sbq, sbk,
     H, GROUP, T_Q, T_K, D, DV,
-    qk_scale, pre_scale, window,
+    qk_scale, pre_scale, window, causal_off,
     ACT: tl.constexpr, JAGGED: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FAST: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """o[b, h, i] = sum_j cast(act(s_ij) * qk_scale) v_j. Grid: (cdiv(T_Q, BLOCK_M), B*H)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    """o[b, h, i] = sum_j cast(act(s_ij) * qk_scale) v_j. Grid: (cdiv(T_Q, BLOCK_M) * B * H,).
+
+    ``s_ij = pre_scale * q_i.k_j + bias[b, h, i, j]`` (bias optional, any
+    strides, 0 for broadcast dims), then 0 where masked (window, causal:
+    ``j > i + causal_off``).
+    """
+    pid_m, b, h = _split_pid(T_Q, H, BLOCK_M)
     hk = h // GROUP
     q_start, q_len = _seq_bounds(QOFF, QLEN, b, T_Q, JAGGED, HAS_QLEN)
     k_start, k_len = _seq_bounds(KOFF, KLEN, b, T_K, JAGGED, HAS_KLEN)
     start_m = pid_m * BLOCK_M
+    b64 = b.to(tl.int64)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -139,40 +322,25 @@ def gdpa_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < q_len
 
-    q_ptrs = (Q + b.to(tl.int64) * sqb + (q_start + offs_m[:, None]) * sqt + h * sqh
-              + offs_d[None, :] * sqd)
+    q_ptrs = (Q + b64 * sqb + (q_start + offs_m[:, None]) * sqt + h * sqh + offs_d[None, :] * sqd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    k_base = K + b.to(tl.int64) * skb + k_start * skt + hk * skh
-    v_base = V + b.to(tl.int64) * svb + k_start * svt + hk * svh
-
-    lo = k_len * 0
-    hi = k_len
-    if HAS_WINDOW:
-        lo = tl.maximum(start_m - window, 0) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(hi, start_m + BLOCK_M + window)
-    if start_m >= q_len:
-        hi = lo  # no valid row: skip the loop, write zeros
+    k_base = K + b64 * skb + k_start * skt + hk * skh
+    v_base = V + b64 * svb + k_start * svt + hk * svh
+    bias_base = BIAS + b64 * sbb + h * sbh
+    lo, mid, hi = _kv_range(start_m, q_len, k_len, window, causal_off, HAS_WINDOW, CAUSAL, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < k_len
-        kt = tl.load(k_base + cols[None, :] * skt + offs_d[:, None] * skd,
-                     mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-        s = _dot(q, kt, DOT_FP32) * pre_scale
-        keep = col_ok[None, :]
-        if HAS_WINDOW:
-            diff = offs_m[:, None] - cols[None, :]
-            keep = keep & (diff <= window) & (diff >= -window)
-        s = tl.where(keep, s, 0.0)
-        p = _act(s, ACT) * qk_scale
-        vb = tl.load(v_base + cols[:, None] * svt + offs_dv[None, :] * svd,
-                     mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc += _dot(p.to(vb.dtype), vb, DOT_FP32)
+    for start_n in range(lo, mid, BLOCK_N):
+        acc = _fwd_tile(acc, q, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
+                        q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk, qk_scale, pre_scale, window,
+                        causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, False)
+    for start_n in range(mid, hi, BLOCK_N):
+        acc = _fwd_tile(acc, q, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
+                        q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk, qk_scale, pre_scale, window,
+                        causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True)
 
-    acc = tl.where(row_ok[:, None], acc, 0.0)
-    o_ptrs = (O + b.to(tl.int64) * sob + (q_start + offs_m[:, None]) * sot + h * soh
-              + offs_dv[None, :] * sod)
+    acc = tl.where(row_ok[:, None], acc * qk_scale, 0.0)
+    o_ptrs = (O + b64 * sob + (q_start + offs_m[:, None]) * sot + h * soh + offs_dv[None, :] * sod)
     if JAGGED:
         o_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
     else:
@@ -181,29 +349,65 @@ def gdpa_fwd_kernel(
 
 
 @triton.jit
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m, offs_d, offs_dv,
+               q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
+               qk_scale, pre_scale, window, causal_off,
+               ACT: tl.constexpr, FAST: tl.constexpr, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
+               MASKED: tl.constexpr, MASK_POS: tl.constexpr, OUT_DK: tl.constexpr, OUT_DV: tl.constexpr):
+    """One query tile. MASKED: bounds-checked loads; MASK_POS: the positional mask.
+    OUT_DK / OUT_DV: which gradients this program accumulates."""
+    rows = start_m + offs_m
+    row_ok = rows < q_len
+    qt = _load_tile(q_base + rows[None, :] * sqt + offs_d[:, None] * sqd, row_ok[None, :],
+                    offs_d[:, None] < D, MASKED, EVEN_D)
+    do = _load_tile(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod, row_ok[:, None],
+                    offs_dv[None, :] < DV, MASKED, EVEN_D)
+    st = _dot(k, qt, DOT_FP32) * pre_scale          # [BLOCK_N, BLOCK_M]
+    if HAS_BIAS:
+        st += tl.load(bias_base + rows[None, :] * sbq + offs_n[:, None] * sbk,
+                      mask=row_ok[None, :] & (offs_n[:, None] < k_len), other=0.0).to(tl.float32)
+    if MASK_POS:
+        keep = _keep(rows[None, :], offs_n[:, None], window, causal_off, HAS_WINDOW, CAUSAL)
+        st = tl.where(keep, st, 0.0)
+    if OUT_DV:
+        pt = _act(st, ACT, FAST)
+        dv += _dot(pt.to(v.dtype), do, DOT_FP32)
+    if OUT_DK:
+        dpt = _dot(v, tl.trans(do), DOT_FP32)            # [BLOCK_N, BLOCK_M]
+        dst = _act_grad(st, ACT, FAST) * dpt
+        if MASK_POS:
+            dst = tl.where(keep, dst, 0.0)
+        dk += _dot(dst.to(qt.dtype), tl.trans(qt), DOT_FP32)
+    return dk, dv
+
+
+@triton.jit
 def gdpa_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV_, QOFF, KOFF, QLEN, KLEN,
+    Q, K, V, DO, DK, DV_, QOFF, KOFF, QLEN, KLEN, BIAS,
     sqb, sqt, sqh, sqd,
     skb, skt, skh, skd,
     svb, svt, svh, svd,
     sdob, sdot, sdoh, sdod,
     sdkb, sdkt, sdkh, sdkd,
     sdvb, sdvt, sdvh, sdvd,
+    sbb, sbh, sbq, sbk,
     H, GROUP, T_Q, T_K, D, DV,
-    qk_scale, pre_scale, window,
+    qk_scale, pre_scale, window, causal_off,
     ACT: tl.constexpr, JAGGED: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FAST: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
+    OUT_DK: tl.constexpr, OUT_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dK, dV for one block of keys of one K/V head, summed over its GROUP query heads.
 
-    Grid: (cdiv(T_K, BLOCK_N), B*Hkv). Works on transposed tiles (keys as rows).
+    Grid: (cdiv(T_K, BLOCK_N) * B * Hkv,). Works on transposed tiles (keys as rows).
+    OUT_DK / OUT_DV select the outputs: both (4 GEMMs per tile), or one per launch for
+    large head sizes (d = 256), where dK and dV together do not fit in registers.
     """
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
     HKV = H // GROUP
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
+    pid_n, b, hk = _split_pid(T_K, HKV, BLOCK_N)
     q_start, q_len = _seq_bounds(QOFF, QLEN, b, T_Q, JAGGED, HAS_QLEN)
     k_start, k_len = _seq_bounds(KOFF, KLEN, b, T_K, JAGGED, HAS_KLEN)
     start_n = pid_n * BLOCK_N
@@ -219,70 +423,110 @@ def gdpa_bwd_dkdv_kernel(
                 mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     v = tl.load(V + b64 * svb + (k_start + offs_n[:, None]) * svt + hk * svh + offs_dv[None, :] * svd,
                 mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D if OUT_DK else 16], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV if OUT_DV else 16], dtype=tl.float32)
 
+    # Query tiles [lo, hi) that see this key block; [lo, mid) need a positional mask.
     lo = q_len * 0
     hi = q_len
+    mid = lo
     if HAS_WINDOW:
         lo = tl.maximum(start_n - window, 0) // BLOCK_M * BLOCK_M
         hi = tl.minimum(hi, start_n + BLOCK_N + window)
+        mid = hi
+    if CAUSAL:
+        # row i sees key j iff j <= i + causal_off: rows below start_n - causal_off see nothing
+        lo = tl.maximum(lo, tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M)
+        if not HAS_WINDOW:
+            # all of [m, m + BLOCK_M) see the whole block iff m >= start_n + BLOCK_N - 1 - causal_off
+            mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
     if start_n >= k_len:
         hi = lo
+    hi = tl.maximum(hi, lo)
+    mid = tl.minimum(tl.maximum(mid, lo), hi)
+    # [mid, full): interior tiles (rows all valid, no positional mask); [full, hi): bounds-checked
+    full = tl.maximum(tl.minimum(hi, q_len // BLOCK_M * BLOCK_M), mid)
 
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = Q + b64 * sqb + q_start * sqt + h * sqh
         do_base = DO + b64 * sdob + q_start * sdot + h * sdoh
-        for start_m in range(lo, hi, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < q_len
-            qt = tl.load(q_base + rows[None, :] * sqt + offs_d[:, None] * sqd,
-                         mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-            do = tl.load(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod,
-                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            st = _dot(k, qt, DOT_FP32) * pre_scale          # [BLOCK_N, BLOCK_M]
-            keep = col_ok[:, None] & row_ok[None, :]
-            if HAS_WINDOW:
-                diff = rows[None, :] - offs_n[:, None]
-                keep = keep & (diff <= window) & (diff >= -window)
-            st = tl.where(keep, st, 0.0)
-            pt = _act(st, ACT) * qk_scale
-            dv += _dot(pt.to(v.dtype), do, DOT_FP32)
-            dpt = _dot(v, tl.trans(do), DOT_FP32)            # [BLOCK_N, BLOCK_M]
-            dst = tl.where(keep, _act_grad(st, ACT) * qk_scale * dpt, 0.0)
-            dk += _dot(dst.to(qt.dtype), tl.trans(qt), DOT_FP32)
+        bias_base = BIAS + b64 * sbb + h * sbh
+        if HAS_WINDOW or CAUSAL:
+            for start_m in range(lo, mid, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m,
+                                    offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
+                                    qk_scale, pre_scale, window, causal_off,
+                                    ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, True, OUT_DK, OUT_DV)
+        for start_m in range(mid, full, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m,
+                                offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
+                                qk_scale, pre_scale, window, causal_off,
+                                ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, False, False, OUT_DK, OUT_DV)
+        for start_m in range(full, hi, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m,
+                                offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
+                                qk_scale, pre_scale, window, causal_off,
+                                ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, False, OUT_DK, OUT_DV)
 
-    dk = dk * pre_scale
+    dk = dk * (pre_scale * qk_scale)
+    dv = dv * qk_scale
     if JAGGED:
         row_mask = col_ok[:, None]
     else:
         row_mask = offs_n[:, None] < T_K
-    tl.store(DK + b64 * sdkb + (k_start + offs_n[:, None]) * sdkt + hk * sdkh + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=row_mask & (offs_d[None, :] < D))
-    tl.store(DV_ + b64 * sdvb + (k_start + offs_n[:, None]) * sdvt + hk * sdvh + offs_dv[None, :] * sdvd,
-             dv.to(DV_.dtype.element_ty), mask=row_mask & (offs_dv[None, :] < DV))
+    if OUT_DK:
+        tl.store(DK + b64 * sdkb + (k_start + offs_n[:, None]) * sdkt + hk * sdkh + offs_d[None, :] * sdkd,
+                 dk.to(DK.dtype.element_ty), mask=row_mask & (offs_d[None, :] < D))
+    if OUT_DV:
+        tl.store(DV_ + b64 * sdvb + (k_start + offs_n[:, None]) * sdvt + hk * sdvh + offs_dv[None, :] * sdvd,
+                 dv.to(DV_.dtype.element_ty), mask=row_mask & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_tile(dq, q, do, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
+             q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk,
+             qk_scale, pre_scale, window, causal_off,
+             ACT: tl.constexpr, FAST: tl.constexpr, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
+             HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr):
+    cols = start_n + offs_n
+    col_ok = cols < k_len
+    kt = _load_tile(k_base + cols[None, :] * skt + offs_d[:, None] * skd, col_ok[None, :],
+                    offs_d[:, None] < D, MASKED, EVEN_D)
+    vt = _load_tile(v_base + cols[None, :] * svt + offs_dv[:, None] * svd, col_ok[None, :],
+                    offs_dv[:, None] < DV, MASKED, EVEN_D)
+    s = _dot(q, kt, DOT_FP32) * pre_scale
+    if HAS_BIAS:
+        s += tl.load(bias_base + offs_m[:, None] * sbq + cols[None, :] * sbk,
+                     mask=(offs_m[:, None] < q_len) & col_ok[None, :], other=0.0).to(tl.float32)
+    if MASKED and (HAS_WINDOW or CAUSAL):
+        keep = _keep(offs_m[:, None], cols[None, :], window, causal_off, HAS_WINDOW, CAUSAL)
+        s = tl.where(keep, s, 0.0)
+    dp = _dot(do, vt, DOT_FP32)
+    ds = _act_grad(s, ACT, FAST) * dp
+    if MASKED and (HAS_WINDOW or CAUSAL):
+        ds = tl.where(keep, ds, 0.0)
+    return dq + _dot(ds.to(kt.dtype), tl.trans(kt), DOT_FP32)
 
 
 @triton.jit
 def gdpa_bwd_dq_kernel(
-    Q, K, V, DO, DQ, QOFF, KOFF, QLEN, KLEN,
+    Q, K, V, DO, DQ, QOFF, KOFF, QLEN, KLEN, BIAS,
     sqb, sqt, sqh, sqd,
     skb, skt, skh, skd,
     svb, svt, svh, svd,
     sdob, sdot, sdoh, sdod,
     sdqb, sdqt, sdqh, sdqd,
+    sbb, sbh, sbq, sbk,
     H, GROUP, T_Q, T_K, D, DV,
-    qk_scale, pre_scale, window,
+    qk_scale, pre_scale, window, causal_off,
     ACT: tl.constexpr, JAGGED: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FAST: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dQ for one block of query rows of one head. Grid: (cdiv(T_Q, BLOCK_M), B*H)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    """dQ for one block of query rows of one head. Grid: (cdiv(T_Q, BLOCK_M) * B * H,)."""
+    pid_m, b, h = _split_pid(T_Q, H, BLOCK_M)
     hk = h // GROUP
     q_start, q_len = _seq_bounds(QOFF, QLEN, b, T_Q, JAGGED, HAS_QLEN)
     k_start, k_len = _seq_bounds(KOFF, KLEN, b, T_K, JAGGED, HAS_KLEN)
@@ -301,34 +545,20 @@ def gdpa_bwd_dq_kernel(
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     k_base = K + b64 * skb + k_start * skt + hk * skh
     v_base = V + b64 * svb + k_start * svt + hk * svh
-
-    lo = k_len * 0
-    hi = k_len
-    if HAS_WINDOW:
-        lo = tl.maximum(start_m - window, 0) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(hi, start_m + BLOCK_M + window)
-    if start_m >= q_len:
-        hi = lo
+    bias_base = BIAS + b64 * sbb + h * sbh
+    lo, mid, hi = _kv_range(start_m, q_len, k_len, window, causal_off, HAS_WINDOW, CAUSAL, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < k_len
-        kt = tl.load(k_base + cols[None, :] * skt + offs_d[:, None] * skd,
-                     mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-        vt = tl.load(v_base + cols[None, :] * svt + offs_dv[:, None] * svd,
-                     mask=col_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
-        s = _dot(q, kt, DOT_FP32) * pre_scale
-        keep = col_ok[None, :] & row_ok[:, None]
-        if HAS_WINDOW:
-            diff = offs_m[:, None] - cols[None, :]
-            keep = keep & (diff <= window) & (diff >= -window)
-        s = tl.where(keep, s, 0.0)
-        dp = _dot(do, vt, DOT_FP32)
-        ds = tl.where(keep, _act_grad(s, ACT) * qk_scale * dp, 0.0)
-        dq += _dot(ds.to(kt.dtype), tl.trans(kt), DOT_FP32)
+    for start_n in range(lo, mid, BLOCK_N):
+        dq = _dq_tile(dq, q, do, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
+                      q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk, qk_scale, pre_scale, window,
+                      causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, False)
+    for start_n in range(mid, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
+                      q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk, qk_scale, pre_scale, window,
+                      causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True)
 
-    dq = dq * pre_scale
+    dq = dq * (pre_scale * qk_scale)
     if JAGGED:
         o_mask = row_ok[:, None] & (offs_d[None, :] < D)
     else:

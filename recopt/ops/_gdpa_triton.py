@@ -8,6 +8,7 @@ a ``torch.library.triton_op``, Inductor sees and compiles them.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -55,24 +56,122 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
-def _fwd_config(d: int, dv: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward."""
+# ----------------------------------------------------------------------------- configs
+#
+# A config is (BLOCK_M, BLOCK_N, num_warps, num_stages). The choice is keyed on
+# (T_Q, T_K, head dims, dtype, arch) and pruned by a shared-memory estimate so
+# every head size from 16 to 256 fits; tests/test_kernel_compile.py compiles
+# every config these functions can return for sm_90 and sm_100 and fails on
+# spills or shared memory over the limit.
+
+SMEM_LIMIT = 232448  # bytes per block, sm_90 and sm_100 (227 KB)
+
+
+def _smem_estimate(bm: int, bn: int, bd: int, bdv: int, stages: int, elt: int) -> int:
+    """Conservative shared-memory bytes of one program: Q (or K) tile resident, K/V
+    (or Q/dO) tiles per pipeline stage, one score tile staged for the second GEMM."""
+    return elt * (bm * bd + stages * bn * (bd + bdv) + bm * bn)
+
+
+def _prune(configs, bd: int, bdv: int, elt: int):
+    """Keep configs that fit shared memory (first one wins); the last resort always fits."""
+    for bm, bn, w, st in configs:
+        if _smem_estimate(bm, bn, bd, bdv, st, elt) <= SMEM_LIMIT:
+            return bm, bn, w, st
+    return configs[-1]
+
+
+def _arch(device) -> int:
+    """Compute capability as an int (90 for sm_90); 90 for CPU tensors."""
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
+def fwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: int = 90,
+               heavy: bool = False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward for this shape
+    (16 x 16 tiles, one warp under the CPU interpreter). ``heavy``: jagged inputs, a
+    bias, a causal or window mask (more live registers per score element)."""
     if interpreting():
         return 16, 16, 1, 1
-    big = max(d, dv) >= 128
-    return 128, (64 if big else 64), (8 if big else 4), 3
+    return _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch, heavy)
 
 
-def _bwd_config(d: int, dv: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for both backward kernels.
+def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
+    bd, bdv = _pow2(d), _pow2(dv)
+    big = max(bd, bdv)
+    elt = 4 if dtype == torch.float32 else 2
+    bm = 128 if t_q > 64 else 64
+    # 128 x 128 score tiles (64 elements per thread amortise the loop's fixed cost) only for the
+    # plain variant on sm_90; masks, a bias, or sm_100's register allocation need narrower tiles
+    wide = 128 if (t_k > 64 and not heavy and arch < 100) else 64
+    if big >= 256:
+        cands = [(bm, 32 if bm == 128 else 16, 8, 2), (64, 16, 4, 2)]
+    elif big >= 128:
+        cands = [(bm, wide, 8, 2), (bm, 64, 8, 2), (64, 64, 4, 2)]
+    else:
+        cands = [(bm, wide, 8, 2), (bm, 64, 4, 3), (64, 32, 4, 2)]
+    if elt == 4:  # exact fp32 path (FMA dots): small tiles
+        cands = [(min(c[0], 64), 16, 4, 2) for c in cands]
+    if t_k <= 32:
+        cands = [(c[0], min(c[1], 32), c[2], c[3]) for c in cands]
+    # at most one warpgroup (4 warps) per 64 rows: more would split the score tile's columns
+    # across warpgroups, each recomputing the whole tile
+    cands = [(m, n, min(w, 4 * max(m // 64, 1)), st) for m, n, w, st in cands]
+    return _prune(cands, bd, bdv, elt)
 
-    dK/dV keeps a BLOCK_N x d tile of K, V, dK, dV in registers and walks
-    queries in BLOCK_M steps; dQ keeps BLOCK_M x d and walks keys.
+
+def bwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: int = 90,
+               heavy: bool = False):
+    """``(dkdv, dq)`` configs, each (BLOCK_M, BLOCK_N, num_warps, num_stages).
+
+    dK/dV keeps a BLOCK_N x d tile of K, V, dK, dV and walks queries in BLOCK_M
+    steps; dQ keeps BLOCK_M x d and walks keys. The A operand of each score GEMM
+    has 64 rows per warpgroup (4 warps for 64 rows), so warpgroups split rows
+    and never compute the same score tile twice.
     """
     if interpreting():
-        return 16, 16, 1, 1
-    big = max(d, dv) >= 128
-    return (64, 64, 8, 2) if big else (64, 64, 4, 3)
+        return (16, 16, 1, 1), (16, 16, 1, 1)
+    return _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch, heavy)
+
+
+def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
+    bd, bdv = _pow2(d), _pow2(dv)
+    big = max(bd, bdv)
+    elt = 4 if dtype == torch.float32 else 2
+    narrow = heavy or arch >= 100
+    if big >= 256:
+        # dK and dV in separate launches (dkdv_passes): one 64 x 256 fp32 accumulator each
+        dkdv, dq = [(16, 64, 4, 1)], [(128, 16 if narrow else 32, 8, 1) if t_q > 64 else (64, 16, 4, 1)]
+    elif big >= 128:
+        # dK, dV accumulators alone are 128 registers/thread: a narrow query step keeps it unspilled
+        dkdv = [(16 if narrow else 32, 64, 4, 2)]
+        dq = [(128, 32 if narrow else 64, 8, 2) if t_q > 64 else (64, 32, 4, 2)]
+    else:
+        dkdv = [(32 if narrow else 64, 64, 4, 3), (32, 64, 4, 2)]
+        dq = [(64, 32 if narrow else 64, 4, 3), (64, 32, 4, 2)]
+    if elt == 4:  # exact fp32 path (FMA dots): small tiles
+        dkdv = [(16, 32, 4, 1)]
+        dq = [(32, 16, 4, 1)]
+    return _prune(dkdv, bd, bdv, elt), _prune(dq, bd, bdv, elt)
+
+
+def dkdv_passes(d: int, dv: int) -> tuple:
+    """(OUT_DK, OUT_DV) of each dK/dV launch: one launch for both, or (d >= 256) one each,
+    since the two fp32 accumulators of 64 x 256 would not fit in registers."""
+    if max(_pow2(d), _pow2(dv)) >= 256:
+        return ((True, False), (False, True))
+    return ((True, True),)
+
+
+def fast_math(dtype: torch.dtype) -> int:
+    """FAST constexpr: 0 exact fp32 math (fp32 inputs), 2 fast math with tanh.approx on a
+    GPU, 1 the same fast formulas without inline asm under the CPU interpreter."""
+    if dtype == torch.float32:
+        return 0
+    return 1 if interpreting() else 2
 
 
 def _strides(t: torch.Tensor, jagged: bool):
@@ -80,6 +179,15 @@ def _strides(t: torch.Tensor, jagged: bool):
     if jagged:
         return 0, t.stride(0), t.stride(1), t.stride(2)
     return t.stride(0), t.stride(2), t.stride(1), t.stride(3)
+
+
+def _bias_strides(bias: Optional[torch.Tensor]):
+    """(stride_b, stride_h, stride_q, stride_k) of a bias broadcastable to [B, H, Tq, Tk]."""
+    if bias is None:
+        return 0, 0, 0, 0
+    if bias.dim() != 4:
+        raise ValueError(f"GDPA bias must be 4-D [B|1, H|1, Tq, Tk], got shape {tuple(bias.shape)}")
+    return tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4))
 
 
 def _geometry(q, k, v, jagged, max_q, max_k):
@@ -96,31 +204,60 @@ def _geometry(q, k, v, jagged, max_q, max_k):
     return B, H, Hkv, T_Q, T_K, D, DV
 
 
-def _common(q, q_off, k_off, q_len, k_len, window, T_Q, T_K, activation):
+def _common(q, q_off, k_off, q_len, k_len, window, T_Q, T_K, activation, causal, causal_offset, bias,
+            nb, H):
     dummy = q
     win = -1 if window is None or window < 0 else min(int(window), max(T_Q, T_K) + 1)
+    if bias is not None:
+        want = (nb, H, T_Q, T_K)
+        if any(bs not in (1, w) for bs, w in zip(bias.shape, want)) or bias.dim() != 4:
+            raise ValueError(f"GDPA bias of shape {tuple(bias.shape)} does not broadcast to "
+                             f"[B, H, Tq, Tk] = {list(want)}")
+        if bias.device != q.device:
+            raise ValueError(f"GDPA bias is on {bias.device}, q on {q.device}")
+    off = int(causal_offset)
+    off = max(min(off, T_K + 1), -(T_Q + 1))  # beyond this every (or no) score is kept
     return dict(
         QOFF=q_off if q_off is not None else dummy,
         KOFF=k_off if k_off is not None else dummy,
         QLEN=q_len if q_len is not None else dummy,
         KLEN=k_len if k_len is not None else dummy,
+        BIAS=bias if bias is not None else dummy,
+        bias_strides=_bias_strides(bias),
         window=max(win, 0),
+        causal_off=off,
         ACT=ACTIVATIONS[activation],
         JAGGED=q_off is not None,
         HAS_QLEN=q_len is not None,
         HAS_KLEN=k_len is not None,
         HAS_WINDOW=win >= 0,
+        CAUSAL=bool(causal),
+        HAS_BIAS=bias is not None,
+        FAST=fast_math(q.dtype),
         DOT_FP32=interpreting() or q.dtype == torch.float32,
+        EVEN_D=False,  # set by the launchers from the head sizes
     )
+
+
+_FLAGS = ("ACT", "JAGGED", "HAS_QLEN", "HAS_KLEN", "HAS_WINDOW", "CAUSAL", "HAS_BIAS", "FAST", "DOT_FP32",
+          "EVEN_D")
 
 
 def gdpa_fwd(
     q, k, v, *, activation: str, qk_scale: float, pre_scale: float, window: int,
     q_lengths=None, kv_lengths=None, q_offsets=None, kv_offsets=None,
     max_seq_len_q: Optional[int] = None, max_seq_len_kv: Optional[int] = None,
+    causal: bool = False, causal_offset: int = 0, bias: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Forward. Dense when offsets are None (lengths optional), jagged otherwise."""
+    """Forward. Dense when offsets are None (lengths optional), jagged otherwise.
+
+    ``causal``: score (i, j) kept only if ``j <= i + causal_offset`` (positions
+    within the sample; 0 = top-left aligned like SDPA's ``is_causal``). ``bias``:
+    added to ``pre_scale * q.k`` before masking and the activation; any tensor
+    broadcastable to ``[B, H, Tq, Tk]`` (jagged: padded positions, Tq/Tk the max
+    lengths); no gradient is computed for it.
+    """
     jagged = q_offsets is not None
     B, H, Hkv, T_Q, T_K, D, DV = _geometry(q, k, v, jagged, max_seq_len_q, max_seq_len_kv)
     nb = q_offsets.shape[0] - 1 if jagged else B
@@ -129,16 +266,20 @@ def gdpa_fwd(
         out = torch.empty(shape, dtype=q.dtype, device=q.device)
     if out.numel() == 0 or nb == 0 or T_Q == 0:
         return out.zero_() if not jagged else out
-    BLOCK_M, BLOCK_N, warps, stages = _fwd_config(D, DV)
-    grid = (triton.cdiv(T_Q, BLOCK_M), nb * H)
-    c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation)
+    # jagged offsets, masks and a bias keep more values live: narrower tiles (see fwd_config)
+    heavy = bool(causal) or bias is not None or (window is not None and window >= 0) or jagged
+    BLOCK_M, BLOCK_N, warps, stages = fwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device), heavy)
+    grid = (triton.cdiv(T_Q, BLOCK_M) * nb * H,)
+    c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation,
+                causal, causal_offset, bias, nb, H)
+    c["EVEN_D"] = D == _pow2(D) and DV == _pow2(DV)
     wrap_triton(gdpa_fwd_kernel)[grid](
-        q, k, v, out, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"],
+        q, k, v, out, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
         *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(out, jagged),
+        *c["bias_strides"],
         H, H // Hkv, T_Q, T_K, D, DV,
-        float(qk_scale), float(pre_scale), c["window"],
-        ACT=c["ACT"], JAGGED=c["JAGGED"], HAS_QLEN=c["HAS_QLEN"], HAS_KLEN=c["HAS_KLEN"],
-        HAS_WINDOW=c["HAS_WINDOW"], DOT_FP32=c["DOT_FP32"],
+        float(qk_scale), float(pre_scale), c["window"], c["causal_off"],
+        **{f: c[f] for f in _FLAGS},
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
         num_warps=warps, num_stages=stages,
     )
@@ -149,9 +290,14 @@ def gdpa_bwd(
     grad_out, q, k, v, *, activation: str, qk_scale: float, pre_scale: float, window: int,
     q_lengths=None, kv_lengths=None, q_offsets=None, kv_offsets=None,
     max_seq_len_q: Optional[int] = None, max_seq_len_kv: Optional[int] = None,
+    causal: bool = False, causal_offset: int = 0, bias: Optional[torch.Tensor] = None,
     out: Optional[tuple] = None,
 ):
-    """Backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed, no atomics)."""
+    """Backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed, no atomics).
+
+    ``causal``, ``causal_offset`` and ``bias`` as in :func:`gdpa_fwd` (the bias
+    gets no gradient here).
+    """
     jagged = q_offsets is not None
     B, H, Hkv, T_Q, T_K, D, DV = _geometry(q, k, v, jagged, max_seq_len_q, max_seq_len_kv)
     nb = q_offsets.shape[0] - 1 if jagged else B
@@ -165,31 +311,202 @@ def gdpa_bwd(
     if nb == 0 or (T_Q == 0 and T_K == 0):
         return dq.zero_(), dk.zero_(), dv.zero_()
     go = grad_out
-    BLOCK_M, BLOCK_N, warps, stages = _bwd_config(D, DV)
-    c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation)
-    meta = dict(
-        ACT=c["ACT"], JAGGED=c["JAGGED"], HAS_QLEN=c["HAS_QLEN"], HAS_KLEN=c["HAS_KLEN"],
-        HAS_WINDOW=c["HAS_WINDOW"], DOT_FP32=c["DOT_FP32"],
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
-        num_warps=warps, num_stages=stages,
-    )
-    scal = (H, H // Hkv, T_Q, T_K, D, DV, float(qk_scale), float(pre_scale), c["window"])
+    heavy = bool(causal) or bias is not None or (window is not None and window >= 0)
+    cfg_dkdv, cfg_dq = bwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device), heavy)
+    c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation,
+                causal, causal_offset, bias, nb, H)
+    c["EVEN_D"] = D == _pow2(D) and DV == _pow2(DV)
+    flags = {f: c[f] for f in _FLAGS}
+
+    def meta(cfg):
+        return dict(BLOCK_M=cfg[0], BLOCK_N=cfg[1], BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV),
+                    num_warps=cfg[2], num_stages=cfg[3], **flags)
+
+    scal = (H, H // Hkv, T_Q, T_K, D, DV, float(qk_scale), float(pre_scale), c["window"], c["causal_off"])
     if T_K > 0 and dk.numel() > 0:
-        wrap_triton(gdpa_bwd_dkdv_kernel)[(triton.cdiv(T_K, BLOCK_N), nb * Hkv)](
-            q, k, v, go, dk, dv, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"],
-            *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(go, jagged),
-            *_strides(dk, jagged), *_strides(dv, jagged),
-            *scal, **meta,
-        )
+        for out_dk, out_dv in dkdv_passes(D, DV):
+            wrap_triton(gdpa_bwd_dkdv_kernel)[(triton.cdiv(T_K, cfg_dkdv[1]) * nb * Hkv,)](
+                q, k, v, go, dk, dv, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
+                *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(go, jagged),
+                *_strides(dk, jagged), *_strides(dv, jagged), *c["bias_strides"],
+                *scal, OUT_DK=out_dk, OUT_DV=out_dv, **meta(cfg_dkdv),
+            )
     else:
         dk.zero_(), dv.zero_()
     if T_Q > 0 and dq.numel() > 0:
-        wrap_triton(gdpa_bwd_dq_kernel)[(triton.cdiv(T_Q, BLOCK_M), nb * H)](
-            q, k, v, go, dq, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"],
+        wrap_triton(gdpa_bwd_dq_kernel)[(triton.cdiv(T_Q, cfg_dq[0]) * nb * H,)](
+            q, k, v, go, dq, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
             *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(go, jagged),
-            *_strides(dq, jagged),
-            *scal, **meta,
+            *_strides(dq, jagged), *c["bias_strides"],
+            *scal, **meta(cfg_dq),
         )
     else:
         dq.zero_()
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- compile checks
+#
+# What recopt.kernels.compile_check compiles for the GDPA kernels: every config
+# fwd_config / bwd_config can return (over sequence lengths, head sizes 16..256
+# and dtypes), every activation, and the variants (dense, lengths, jagged,
+# window, causal, bias, GQA, broadcast q). Arguments are typed the way a launch
+# with contiguous tensors specializes them: strides of 1 become constexpr 1,
+# pointers and the other strides are multiples of 16.
+
+_KERNELS = {
+    "fwd": ("gdpa_fwd_kernel", ("Q", "K", "V", "O"),
+            ("sqb sqt sqh sqd", "skb skt skh skd", "svb svt svh svd", "sob sot soh sod")),
+    "dkdv": ("gdpa_bwd_dkdv_kernel", ("Q", "K", "V", "DO", "DK", "DV_"),
+             ("sqb sqt sqh sqd", "skb skt skh skd", "svb svt svh svd", "sdob sdot sdoh sdod",
+              "sdkb sdkt sdkh sdkd", "sdvb sdvt sdvh sdvd")),
+    "dq": ("gdpa_bwd_dq_kernel", ("Q", "K", "V", "DO", "DQ"),
+           ("sqb sqt sqh sqd", "skb skt skh skd", "svb svt svh svd", "sdob sdot sdoh sdod",
+            "sdqb sdqt sdqh sdqd")),
+}
+
+# variant name -> flags; "gqa" leaves GROUP a runtime int, "bcast_q" makes q's batch stride 0.
+VARIANTS = {
+    "dense": dict(),
+    "lengths": dict(HAS_QLEN=True, HAS_KLEN=True),
+    "jagged": dict(JAGGED=True),
+    "window": dict(HAS_QLEN=True, HAS_KLEN=True, HAS_WINDOW=True),
+    "causal": dict(HAS_KLEN=True, CAUSAL=True),
+    "bias": dict(HAS_BIAS=True),
+    "gqa": dict(GQA=True),
+    "bcast_q": dict(BCAST_Q=True),
+    "light": dict(JAGGED=True, GQA=True),
+    "all": dict(JAGGED=True, HAS_WINDOW=True, CAUSAL=True, HAS_BIAS=True, GQA=True),
+}
+
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+HEAD_DIMS = (16, 32, 64, 128, 256)         # BLOCK_D classes: every d in [1, 256] maps onto one
+_SHAPES = ((16, 16), (64, 32), (1000, 256), (1024, 1024))  # (T_Q, T_K) probing the config keys
+
+
+def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, outs=(True, True)):
+    from recopt.kernels.compile_check import KernelSpec
+
+    attr, ptrs, stride_groups = _KERNELS[kind]
+    flags = dict(JAGGED=False, HAS_QLEN=False, HAS_KLEN=False, HAS_WINDOW=False, CAUSAL=False,
+                 HAS_BIAS=False, GQA=False, BCAST_Q=False)
+    flags.update(VARIANTS[variant])
+    ty = _TYPES[dtype]
+    sig, const, div = {}, {}, []
+    for p in ptrs:
+        sig[p] = f"*{ty}"
+        div.append(p)
+    for p in ("QOFF", "KOFF", "QLEN", "KLEN"):
+        sig[p] = "*i64"
+        div.append(p)
+    sig["BIAS"] = f"*{ty}"
+    div.append("BIAS")
+    for group in stride_groups:
+        names = group.split()
+        for n in names[:3]:                          # (jagged batch strides are 0: divisible too)
+            sig[n] = "i32"
+            div.append(n)
+        const[names[3]] = 1                          # contiguous head dim
+    for n in ("sbb", "sbh", "sbq"):
+        sig[n] = "i32"
+        div.append(n)
+    const["sbk"] = 1
+    for n in ("H", "T_Q", "T_K", "D", "DV", "window", "causal_off"):
+        sig[n] = "i32"
+    div += ["D", "DV"] if d >= 16 else []
+    if flags["GQA"]:
+        sig["GROUP"] = "i32"
+    else:
+        const["GROUP"] = 1
+    if flags["BCAST_Q"]:
+        div.append("sqb")                            # stride 0: divisible, not specialized
+    sig["qk_scale"] = sig["pre_scale"] = "fp32"
+    bm, bn, warps, stages = cfg
+    const.update(
+        ACT=ACTIVATIONS[act], JAGGED=flags["JAGGED"], HAS_QLEN=flags["HAS_QLEN"],
+        HAS_KLEN=flags["HAS_KLEN"], HAS_WINDOW=flags["HAS_WINDOW"], CAUSAL=flags["CAUSAL"],
+        HAS_BIAS=flags["HAS_BIAS"], FAST=0 if dtype == torch.float32 else 2,
+        DOT_FP32=dtype == torch.float32, EVEN_D=d == _pow2(d),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(d),
+    )
+    part = ""
+    if kind == "dkdv":
+        const.update(OUT_DK=outs[0], OUT_DV=outs[1])
+        part = {(True, True): "", (True, False): "[dk]", (False, True): "[dv]"}[tuple(outs)]
+    for n in list(sig):
+        if n in const:
+            del sig[n]
+    name = f"gdpa_{kind}{part}/{act}/{variant}/{ty}/d{d}/m{bm}n{bn}w{warps}s{stages}"
+    tags = dict(family="gdpa", kernel=kind, act=act, variant=variant, dtype=ty, d=d,
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return KernelSpec(name=name, module="recopt.kernels.gdpa", attr=attr, signature=sig, constexprs=const,
+                      num_warps=warps, num_stages=stages, divisible=tuple(dict.fromkeys(div)), tags=tags)
+
+
+def launch_configs(kind: str, dtype, arch: int = 90) -> list:
+    """Every (d, config, heavy) the launcher can pick for this kernel kind, dtype and arch."""
+    out = []
+    for d in HEAD_DIMS:
+        for heavy in (False, True):
+            for tq, tk in _SHAPES:
+                if kind == "fwd":
+                    picked = _fwd_config_gpu(tq, tk, d, d, dtype, arch, heavy)
+                else:
+                    picked = _bwd_config_gpu(tq, tk, d, d, dtype, arch, heavy)[0 if kind == "dkdv" else 1]
+                cfg = (d, picked, heavy)
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
+def compile_specs(level: str = "ci") -> list:
+    """Specs for recopt.kernels.compile_check.
+
+    ``ci`` (about a minute on 2 idle cores), per arch (sm_90, sm_100): every
+    config the launcher can pick for every head-size class (16..256), compiled
+    with the heaviest variant that config serves (``all``: jagged, window,
+    causal, bias, GQA, gelu, for the configs picked under masks or a bias;
+    ``light``: jagged, lengths, GQA, gelu, otherwise), in bf16 and (d 64) fp32;
+    every activation through the dK/dV kernel (it holds both act and its
+    gradient) and the three fast activations through the forward; on sm_90 also
+    each kernel's ``dense``, ``causal`` and odd-head-size code paths. ``full``:
+    activation x variant x config x dtype, both archs.
+    """
+    specs, seen = [], set()
+
+    def add(kind, act, variant, d, dtype, cfg, archs):
+        for outs in (dkdv_passes(d, d) if kind == "dkdv" else ((True, True),)):
+            s = dataclasses.replace(_spec(kind, act, variant, d, dtype, cfg, outs), archs=tuple(archs))
+            key = (s.name, s.archs)
+            if key not in seen:
+                seen.add(key)
+                specs.append(s)
+
+    bf16 = torch.bfloat16
+    for kind in _KERNELS:
+        for arch in (90, 100):
+            if level == "full":
+                for dtype in (bf16, torch.float16, torch.float32):
+                    for d, cfg, heavy in launch_configs(kind, dtype, arch):
+                        for act in ACTIVATIONS:
+                            for variant in VARIANTS:
+                                if heavy == (variant in ("window", "causal", "bias", "all")):
+                                    add(kind, act, variant, d, dtype, cfg, (arch,))
+                continue
+            for d, cfg, heavy in launch_configs(kind, bf16, arch):
+                add(kind, "gelu", "all" if heavy else ("lengths" if kind == "fwd" else "light"), d, bf16, cfg,
+                    (arch,))
+            for d, cfg, heavy in launch_configs(kind, torch.float32, arch):
+                if d == 64:
+                    add(kind, "gelu", "all" if heavy else ("lengths" if kind == "fwd" else "light"), d,
+                        torch.float32, cfg, (arch,))
+            main = [c for d, c, h in launch_configs(kind, bf16, arch) if d == 128 and not h][-1]
+            acts = ACTIVATIONS if kind == "dkdv" else (("gelu", "gelu_tanh", "silu") if kind == "fwd" else ())
+            for act in acts:
+                add(kind, act, "dense", 128, bf16, main, (arch,))
+            if arch == 90:
+                heavy_main = [c for d, c, h in launch_configs(kind, bf16, arch) if d == 128 and h][-1]
+                add(kind, "gelu", "dense", 128, bf16, main, (arch,))
+                add(kind, "gelu", "causal", 128, bf16, heavy_main, (arch,))
+                add(kind, "gelu", "lengths", 96, bf16, main, (arch,))   # d != BLOCK_D: masked head-dim loads
+    return specs
