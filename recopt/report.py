@@ -170,9 +170,9 @@ class OptimizationReport:
         )
         if self.capture_diagnostics:
             for d in self.capture_diagnostics:
-                lines.append(f"  capture note: {d}")
+                lines.extend(_wrap(f"capture note: {d}", 100, "  ", "    "))
         if self.modes_note:
-            lines.append(f"  modes: {self.modes_note}")
+            lines.extend(_wrap(f"modes: {self.modes_note}", 100, "  ", "    "))
         if self.guards:
             lines.append(f"  specialised on {len(self.guards)} shape guard(s), e.g. {self.guards[0]}")
         if self.flops_before is not None and self.flops_after is not None:
@@ -185,7 +185,7 @@ class OptimizationReport:
                 f"  activation traffic (estimate): {_human(self.bytes_before)}B → {_human(self.bytes_after)}B"
                 f" ({_pct(self.bytes_before, self.bytes_after)})"
             )
-        lines.append("  " + self.speedup_line())
+        lines.extend(_wrap(self.speedup_line(), 100, "  ", "    "))
         lines.append(f"  capture {self.capture_s * 1e3:.0f} ms, total {self.total_s * 1e3:.0f} ms")
         if self.verify_sets:
             lines.extend(_wrap(
