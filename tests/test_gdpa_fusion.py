@@ -194,13 +194,15 @@ def test_mha_module_split_into_projections_and_gdpa():
     torch.testing.assert_close(res.graph_module(x, pad), model(x, pad), rtol=1e-5, atol=1e-5)
 
 
-def test_sdpa_call_routed_and_causal_rejected():
+def test_sdpa_call_routed_causal_included():
     q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
-    for causal, status in ((False, "rewritten"), (True, "rejected")):
+    for causal in (False, True):
         model = Fn(lambda m, q, k, v, l, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c))
         res, gm = run(model, q, k, v, torch.tensor([1, 1]))
-        assert [s.status for s in res.sites] == [status]
+        assert [s.status for s in res.sites] == ["rewritten"]
         torch.testing.assert_close(gm(q, k, v, None), model(q, k, v, None))
+        q7, k7, v7 = (torch.randn(3, 2, 7, 8) for _ in range(3))   # other sizes
+        torch.testing.assert_close(gm(q7, k7, v7, None), model(q7, k7, v7, None))
 
 
 def test_plain_mlp_with_weights_is_not_a_candidate():

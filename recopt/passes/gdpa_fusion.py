@@ -37,12 +37,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from recopt.graph import canon as C
+from recopt.graph import masks as M
 from recopt.graph.nodes import (
     const_value, get_module, is_getitem, is_parameter, is_shape_scalar, node_dtype, node_shape,
 )
 from recopt.ops import gdpa as gdpa_fn
 from recopt.ops import gdpa_ref as R
-from recopt.ops.gdpa import gdpa_flops
+from recopt.ops.gdpa import gdpa_flops, reference_reason
 
 from .base import Pass, PassConfig, PassContext, PassResult, Semantics
 from .registry import register_pass
@@ -128,6 +129,15 @@ class _Mask:
 
 
 @dataclass
+class _Bias:
+    node: fx.Node
+    sign: float
+    pre_scale_at: float    # pre_scale accumulated when the bias was added
+    pre_nodes_at: int      # shape-derived pre-scale factors seen by then
+    masks_before: int      # masks applied to the scores before the bias
+
+
+@dataclass
 class _Plan:
     act: str = "raw"
     pre_scale: float = 1.0
@@ -137,7 +147,8 @@ class _Plan:
     pre_tensors: list = field(default_factory=list)   # (node, op) with op in mul/div
     post_tensors: list = field(default_factory=list)
     masks: list = field(default_factory=list)
-    biases: list = field(default_factory=list)        # (node, sign)
+    biases: list = field(default_factory=list)        # _Bias
+    masked_rows: str = "zero"                         # softmax: rows with no kept key
     notes: list = field(default_factory=list)
 
 
@@ -317,7 +328,8 @@ class GDPAFusion(Pass):
                 if act_seen:
                     raise _Reject("unsupported_op", f"{_label(n)} adds to the activated scores")
                 self._require_canonical(n, cur_perm, reshaped)
-                plan.biases.append((other, 1.0 if kind == "add" else -1.0))
+                plan.biases.append(_Bias(other, 1.0 if kind == "add" else -1.0, plan.pre_scale,
+                                         len(plan.pre_nodes), len(plan.masks)))
             elif kind in ("where", "masked_fill"):
                 self._require_canonical(n, cur_perm, reshaped)
                 plan.masks.append(self._mask_of(gm, n, act_seen, plan.pre_scale))
@@ -378,13 +390,29 @@ class GDPAFusion(Pass):
             self._require_canonical(n, cur_perm, reshaped)
             plan.masks.append(_Mask(other, False, 0.0, post, plan.pre_scale))
             return
-        if math.prod(shape) == 1:
-            (plan.post_tensors if post else plan.pre_tensors).append((other, kind))
+        ab = M.interpret(gm, other)
+        if kind == "mul" and isinstance(ab, M.Abs) and ab.kind == "pred":
+            # a 0/1 tensor built from index comparisons or lengths: a zero-fill mask
+            self._require_canonical(n, cur_perm, reshaped)
+            plan.masks.append(_Mask(other, False, 0.0, post, plan.pre_scale))
             return
         val = const_value(gm, other)
         if kind == "mul" and isinstance(val, torch.Tensor) and bool(((val == 0) | (val == 1)).all()):
             self._require_canonical(n, cur_perm, reshaped)
             plan.masks.append(_Mask(other, False, 0.0, post, plan.pre_scale))
+            return
+        tags = M.dim_tags(gm, other)
+        rank = len(node_shape(n) or ())
+        # A factor constant along the keys (a literal 1 there, not a size that
+        # happens to be 1 in the example) commutes with the key sum: applied to
+        # q before the activation or to the output after it. Never read from
+        # the example's sizes: a [B, 1, 1] gate at B = 1 is not a scalar.
+        if tags is not None and len(tags) <= rank and M.is_broadcast_along(tags, 0):
+            self._require_canonical(n, cur_perm, reshaped)
+            if not post and any(m.fill != 0.0 for m in plan.masks if not m.post):
+                raise _Reject("score_scaled_by_tensor",
+                              f"{_label(n)} scales masked scores by {other.name}: the fill would change")
+            (plan.post_tensors if post else plan.pre_tensors).append((other, kind))
             return
         raise _Reject("score_scaled_by_tensor",
                       f"{_label(n)} scales the scores by {other.name} of shape {list(shape)}")
@@ -441,11 +469,21 @@ class GDPAFusion(Pass):
             elif float(out.abs().max()) != 0.0:
                 raise _Reject("mask_fill_nonzero",
                               f"masked scores are filled with {fill} and {act}({fill}) != 0")
-        if plan.biases:
-            if act == R.SOFTMAX:
-                return
-            raise _Reject("score_bias", "an additive score bias before a pointwise activation "
-                          "is not expressible in GDPA")
+        if act == R.SOFTMAX:
+            # What a query row with every key masked returns, as the model
+            # computes it: all its scores equal a finite fill -> uniform; -inf -> NaN.
+            fills = {math.isinf(m.fill) for m in plan.masks}
+            if len(fills) > 1:
+                raise _Reject("mask_fills_differ",
+                              "scores are masked with both -inf and a finite fill: a fully masked "
+                              "row would attend uniformly to only some keys")
+            if fills:
+                plan.masked_rows = "nan" if fills.pop() else "uniform"
+            return
+        for b in plan.biases:
+            if b.masks_before:
+                raise _Reject("score_bias", f"{b.node.name} is added to scores that are already "
+                              "masked: masked scores would no longer be zero")
 
     # ------------------------------------------------------------------ emission
 
@@ -480,14 +518,20 @@ class GDPAFusion(Pass):
         Tk, dv = v_shape[-2:]
         if Tq < self.config.min_q_len or Tk < self.config.min_kv_len:
             raise _Reject("too_small", f"Tq={Tq}, Tk={Tk} below the configured minimum")
-        window, q_masks, k_masks, attn_mask_parts = self._plan_masks(gm, plan, rank)
+        mp = self._plan_masks(gm, plan, rank)
+        window, q_masks, k_masks, attn_mask_parts = mp["window"], mp["q_masks"], mp["k_masks"], \
+            mp["attn_mask_parts"]
+        batch_dims_ok = nb >= 1 and len(q_shape) - 2 == nb
+        if (mp["kv_len"] or mp["q_len"]) and not batch_dims_ok:
+            raise _Reject("mask_layout", "a length mask on scores without a leading batch dim of q")
 
         with g.inserting_before(m2.node):
             q = _permute(g, m1.lhs, m1.lhs_perm)
             k = _permute(g, base, k_perm)
             v = _permute(g, m2.rhs, m2.rhs_perm)
-            for t, op in plan.pre_tensors:
+            for t, op in plan.pre_tensors:   # constant along the keys: scales q's rows
                 q = g.call_function(operator.mul if op == "mul" else operator.truediv, (q, t))
+                q_shape = _broadcast(q_shape, node_shape(t))
             for f in q_masks:  # [.., Tq, 1] row masks: zero query rows
                 q = g.call_function(operator.mul, (q, _materialize(g, f)))
                 q_shape = _broadcast(q_shape, _mask_shape(f))
@@ -503,12 +547,24 @@ class GDPAFusion(Pass):
                           qk_scale=_scalar_expr(g, plan.qk_scale, plan.post_nodes),
                           pre_scale=_scalar_expr(g, plan.pre_scale, plan.pre_nodes),
                           window=window)
-            if attn_mask_parts is not None:
-                kwargs["attn_mask"] = _combine_softmax_mask(g, attn_mask_parts, rank, nb)
+            biases = [("bias", _scaled_bias(g, b, plan), b.sign) for b in plan.biases]
+            if plan.act == R.SOFTMAX:
+                parts = (attn_mask_parts or []) + biases
+                if parts:
+                    kwargs["attn_mask"] = _combine_softmax_mask(g, parts, rank, nb)
+                if plan.masked_rows != "zero":
+                    kwargs["masked_rows"] = plan.masked_rows
+            elif biases:
+                kwargs["bias"] = _combine_softmax_mask(g, biases, rank, nb)
+            if mp["causal"]:
+                kwargs["causal"] = True
+            for key, lens in (("kv_lengths", mp["kv_len"]), ("q_lengths", mp["q_len"])):
+                if lens:
+                    kwargs[key] = _lengths_expr(g, lens)
             out = g.call_function(gdpa_fn, (q, k, v), kwargs)
-            for t, op in plan.post_tensors:
-                out = g.call_function(operator.mul if op == "mul" else operator.truediv, (out, t))
             out = _from4d(g, out, nb)
+            for t, op in plan.post_tensors:  # constant along the keys: scales output rows
+                out = g.call_function(operator.mul if op == "mul" else operator.truediv, (out, t))
             if m2.out_perm is not None:
                 out = g.call_method("permute", (out, *m2.out_perm))
             want = node_dtype(m2.node)
@@ -525,42 +581,53 @@ class GDPAFusion(Pass):
                       + (f" ({'; '.join(x for x in plan.notes if x != 'act')})" if len(plan.notes) > 1 else ""),
             "pattern": kind, "activation": plan.act, "pre_scale": plan.pre_scale,
             "qk_scale": plan.qk_scale, "window": window, "Tq": Tq, "Tk": Tk, "d": d, "dv": dv,
-            "batch": batch, "batch_dims": nb, "flops": flops,
-            "first_matmul": m1.node.name, "masks_folded": len(q_masks) + len(k_masks),
+            "batch": batch, "batch_dims": nb, "flops": flops, "causal": bool(mp["causal"]),
+            "bias": bool(plan.biases), "masked_rows": plan.masked_rows,
+            "kernel": (reference_reason(bool(mp["causal"]), plan.biases or None)
+                       if plan.act != R.SOFTMAX else None) or "default backend",
+            "first_matmul": m1.node.name, "masks_folded": len(q_masks) + len(k_masks) + len(mp["kv_len"]) + len(mp["q_len"]),
+            "lengths_from_masks": len(mp["kv_len"]) + len(mp["q_len"]),
         }
 
-    def _plan_masks(self, gm, plan: _Plan, rank: int):
-        """Split masks into (window, q-row masks, key masks, softmax attn_mask parts)."""
-        if plan.act == R.SOFTMAX:
-            parts = []
-            for m in plan.masks:
-                parts.append(("keep", m.node, m.invert))
-            for node, sign in plan.biases:
-                parts.append(("bias", node, sign))
-            return None, [], [], (parts or None)
-        window = None
-        q_masks, k_masks = [], []
+    def _plan_masks(self, gm, plan: _Plan, rank: int) -> dict:
+        """Each mask's meaning, read symbolically (:mod:`recopt.graph.masks`), as GDPA arguments.
+
+        Pointwise: causal / window / lengths / key and query masks (zero
+        masking), or a reason. Softmax: causal where a factor is exactly
+        causal; everything else stays an ``attn_mask`` (exact).
+        """
+        out = dict(window=None, causal=False, q_masks=[], k_masks=[], kv_len=[], q_len=[],
+                   attn_mask_parts=None)
+        parts = []
         for m in plan.masks:
             factors = [m.node] if m.invert else _and_factors(gm, m.node)
             for f in factors:
-                shape = node_shape(f)
-                if shape is None:
+                if node_shape(f) is None:
                     raise _Reject("shape_unknown", f"no shape for mask {f.name}")
-                shape = (1,) * max(0, rank - len(shape)) + tuple(shape)
-                if m.invert:
-                    f = _Lazy("not", f)
-                if shape[-2] == 1:
-                    k_masks.append(f)
-                elif shape[-1] == 1:
-                    q_masks.append(f)
-                else:
-                    w = _band_width(gm, f)
-                    if w is None:
-                        raise _Reject("mask_not_separable",
-                                      f"mask {_name(f)} of shape {list(shape)} depends on both the "
-                                      "query and key index and is not a symmetric band |i-j| <= w")
-                    window = w if window is None else min(window, w)
-        return window, q_masks, k_masks, None
+                got = M.keep_parts(gm, f, m.invert, rank)
+                if plan.act == R.SOFTMAX:
+                    if isinstance(got, M.MaskParts) and got.causal and got.window is None and not (
+                            got.kv_lengths or got.q_lengths or got.key_masks or got.query_masks):
+                        out["causal"] = True
+                    else:
+                        parts.append(("keep", f, m.invert))
+                    continue
+                if not isinstance(got, M.MaskParts):
+                    raise _Reject(*got)
+                out["causal"] |= got.causal
+                if got.window is not None:
+                    out["window"] = got.window if out["window"] is None else min(out["window"], got.window)
+                out["kv_len"] += got.kv_lengths
+                out["q_len"] += got.q_lengths
+                out["k_masks"] += [_Lazy("not", n) if inv else n for n, inv in got.key_masks]
+                out["q_masks"] += [_Lazy("not", n) if inv else n for n, inv in got.query_masks]
+        if plan.act == R.SOFTMAX:
+            out["attn_mask_parts"] = parts or None
+        for node, _off in out["kv_len"] + out["q_len"]:
+            dt = node_dtype(node)
+            if dt is not None and (dt.is_floating_point or dt == torch.bool):
+                raise _Reject("mask_not_separable", f"lengths {node.name} are not integers ({dt})")
+        return out
 
     # ------------------------------------------------------------------ pattern C
 
@@ -639,9 +706,10 @@ class GDPAFusion(Pass):
         causal = C.arg(node, 5, "is_causal", False)
         scale = C.arg(node, 6, "scale")
         gqa = node.kwargs.get("enable_gqa", False)
-        if causal:
-            return self.rejected(node, "causal_not_supported",
-                                 "is_causal=True: left as SDPA (GDPA has band and padding masks only)")
+        if causal and mask is not None:
+            return self.rejected(node, "unsupported_op", "SDPA with both attn_mask and is_causal")
+        if not isinstance(causal, bool):
+            return self.rejected(node, "unsupported_op", f"is_causal={causal!r} is not a constant")
         if dropout:
             return self.rejected(node, "sdpa_dropout", f"dropout_p={dropout}: left as SDPA")
         shapes = [node_shape(t) for t in (q, k, v)]
@@ -655,6 +723,8 @@ class GDPAFusion(Pass):
         kwargs = dict(activation="softmax", pre_scale=pre)
         if mask is not None:
             kwargs["attn_mask"] = mask
+        if causal:
+            kwargs["causal"] = True
         g = gm.graph
         with g.inserting_before(node):
             out = g.call_function(gdpa_fn, (q, k, v), kwargs)
@@ -678,22 +748,21 @@ class GDPAFusion(Pass):
         key = C.arg(node, 1, "key")
         value = C.arg(node, 2, "value")
         kpm = C.arg(node, 3, "key_padding_mask")
-        need_weights = C.arg(node, 4, "need_weights", True)
         attn_mask = C.arg(node, 5, "attn_mask")
-        causal = C.arg(node, 7, "is_causal", False)
         problems = []
         if mod.bias_k is not None or mod.add_zero_attn:
             problems.append("bias_k/bias_v or add_zero_attn")
-        if mod.training and mod.dropout > 0:
-            problems.append(f"dropout {mod.dropout} in training mode")
-        if causal:
-            problems.append("is_causal")
-        if attn_mask is not None:
-            problems.append("attn_mask (key_padding_mask is supported)")
-        if not mod.batch_first:
-            problems.append("batch_first=False")
+        for name, m in (("key_padding_mask", kpm), ("attn_mask", attn_mask)):
+            if m is not None and (not isinstance(m, fx.Node) or node_shape(m) is None):
+                problems.append(f"{name} without shape metadata")
+        if attn_mask is not None and len(node_shape(attn_mask) or ()) not in (2, 3):
+            problems.append("attn_mask that is not [L, S] or [B*heads, L, S]")
         if problems:
             return self.rejected(node, "mha_options", "nn.MultiheadAttention with " + ", ".join(problems))
+        if mod.training and mod.dropout > 0:
+            return self.rejected(node, "dropout_training",
+                                 f"nn.MultiheadAttention {node.target} has dropout {mod.dropout} and is "
+                                 "in training mode: left as is (fused in eval mode)")
         for u in node.users:
             if not is_getitem(u):
                 return self.rejected(node, "mha_options", f"output used directly by {u.name}")
@@ -717,20 +786,24 @@ class GDPAFusion(Pass):
                 bs = [None] * 3
             heads = []
             for x, wi, bi in zip((query, key, value), ws, bs):
+                if not mod.batch_first:   # [L, N, E] -> [N, L, E]
+                    x = g.call_method("transpose", (x, 0, 1))
                 y = g.call_function(F.linear, (x, wi, bi))
                 y = g.call_method("unflatten", (y, -1, (H, dh)))
                 heads.append(g.call_method("transpose", (y, 1, 2)))
             kwargs = dict(activation="softmax", pre_scale=1.0 / math.sqrt(dh))
-            if kpm is not None:
-                keep = g.call_function(operator.invert, (kpm,)) if node_dtype(kpm) in (torch.bool, None) \
-                    else g.call_function(operator.eq, (kpm, 0))
-                keep = g.call_method("unsqueeze", (g.call_method("unsqueeze", (keep, 1)), 1))
-                kwargs["attn_mask"] = keep
+            mask = _mha_mask(g, kpm, attn_mask, H)
+            if mask is not None:
+                # MHA turns every mask into -inf: a query row with no key left is NaN.
+                kwargs["attn_mask"] = mask
+                kwargs["masked_rows"] = "nan"
             o = g.call_function(gdpa_fn, tuple(heads), kwargs)
             o = g.call_method("flatten", (g.call_method("transpose", (o, 1, 2)), -2))
             ow = g.get_attr(f"{path}.out_proj.weight")
             ob = g.get_attr(f"{path}.out_proj.bias") if mod.out_proj.bias is not None else None
             out = g.call_function(F.linear, (o, ow, ob))
+            if not mod.batch_first:
+                out = g.call_method("transpose", (out, 0, 1))
         for u in list(node.users):
             if u.args[1] == 0:
                 _copy_meta(out, u)
@@ -739,7 +812,34 @@ class GDPAFusion(Pass):
         g.erase_node(node)
         erased.add(node)
         return self.rewritten(out, f"mha: nn.MultiheadAttention {path} split into projections + gdpa(softmax)",
-                              module_path=path, details={"pattern": "mha", "activation": "softmax"})
+                              module_path=path, details={"pattern": "mha", "activation": "softmax",
+                                                         "masked_rows": kwargs.get("masked_rows", "zero")})
+
+
+def _mha_mask(g, kpm, attn_mask, heads: int):
+    """MHA's key_padding_mask ``[B, S]`` and attn_mask ``[L, S]``/``[B*H, L, S]`` as one
+    SDPA-convention mask over ``[B, H, L, S]``: bool keep-mask, or additive float when
+    either is float (bool parts then become -inf, as MHA does)."""
+    keep, add = None, None
+    for m, kind in ((kpm, "kpm"), (attn_mask, "attn")):
+        if m is None:
+            continue
+        if kind == "kpm":
+            m = g.call_method("unsqueeze", (g.call_method("unsqueeze", (m, 1)), 1))   # [B,1,1,S]
+        elif len(node_shape(attn_mask)) == 3:
+            m = g.call_method("unflatten", (m, 0, (-1, heads)))                      # [B,H,L,S]
+        is_bool = node_dtype(kpm if kind == "kpm" else attn_mask) in (torch.bool, None)
+        if is_bool:
+            k = g.call_function(operator.invert, (m,))
+            keep = k if keep is None else g.call_function(operator.and_, (keep, k))
+        else:
+            add = m if add is None else g.call_function(operator.add, (add, m))
+    if add is None:
+        return keep
+    if keep is not None:
+        add = g.call_function(torch.masked_fill, (add, g.call_function(operator.invert, (keep,)),
+                                                  float("-inf")))
+    return add
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -882,6 +982,33 @@ def _combine_softmax_mask(g, parts, rank: int, nb: int):
     if keep is not None:
         bias = g.call_function(torch.masked_fill, (bias, g.call_function(operator.invert, (keep,)), float("-inf")))
     return bias
+
+
+def _scaled_bias(g, b: "_Bias", plan: _Plan):
+    """The bias as GDPA adds it: after the whole pre-activation scale.
+
+    ``(s + b) * c`` is ``c*s + c*b``: scale factors applied after the bias
+    scale it too (constants and shape-derived scalars alike)."""
+    node = b.node
+    ratio = plan.pre_scale / b.pre_scale_at
+    if ratio != 1.0:
+        node = g.call_function(operator.mul, (node, ratio))
+    for sc, op in plan.pre_nodes[b.pre_nodes_at:]:
+        node = g.call_function(operator.mul if op == "mul" else operator.truediv, (node, sc))
+    if node is not b.node:
+        _copy_meta(node, b.node)   # same shape: _combine_softmax_mask reads its rank
+    return node
+
+
+def _lengths_expr(g, lens: list):
+    """``[B]`` lengths from ``(node, offset)`` parts (the tightest when several)."""
+    out = None
+    for node, off in lens:
+        x = g.call_method("reshape", (node, -1))
+        if off:
+            x = g.call_function(operator.add, (x, off))
+        out = x if out is None else g.call_function(torch.minimum, (out, x))
+    return out
 
 
 def _to4d(g, node, nbatch: int, nb: int):
