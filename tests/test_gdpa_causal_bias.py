@@ -123,12 +123,16 @@ def test_zero_rows_is_the_length_convention():
     assert torch.equal(o, torch.zeros_like(o))
 
 
-def test_additive_neg_inf_mask_gives_nan_like_sdpa_math():
-    """An all -inf additive float mask row is NaN in the source and in the op."""
+def test_additive_neg_inf_mask_row_zero_like_sdpa_nan_like_eager():
+    """An all -inf additive float mask row: 0 as SDPA gives ("zero"), NaN as the
+    model's own softmax gives ("nan")."""
     q, k, v = _rand(1, 1, 3, 4), _rand(1, 1, 3, 4, seed=1), _rand(1, 1, 3, 4, seed=2)
     m = torch.zeros(3, 3)
     m[2] = float("-inf")
     o = gdpa(q, k, v, activation="softmax", attn_mask=m)
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v, attn_mask=m.double(), scale=1.0))
+    assert (o[..., 2, :] == 0).all()
+    o = gdpa(q, k, v, activation="softmax", attn_mask=m, masked_rows="nan")
     want = torch.softmax(q @ k.transpose(-2, -1) + m, -1) @ v
     torch.testing.assert_close(o, want, equal_nan=True)
     assert torch.isnan(o[..., 2, :]).all() and not torch.isnan(o[..., :2, :]).any()

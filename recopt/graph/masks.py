@@ -235,6 +235,8 @@ class _Interp:
             d = a[1] if len(a) > 1 else kw.get("dim")
             d = d.value if isinstance(d, Size) else d
             return self._unsqueeze(a[0], d) if isinstance(d, int) else self._opaque(n)
+        if name in ("view", "reshape") and a and isinstance(a[0], Abs):
+            return self._view(n, a)
         if name in ("expand", "expand_as"):
             return self._expand(n, a)
         if name == "abs" and isinstance(a[0], Abs) and a[0].kind == "idx":
@@ -385,6 +387,24 @@ class _Interp:
             else:
                 return self._opaque(n)
         return out
+
+    def _view(self, n, a):
+        """Tags from the requested sizes (a literal 1 stays a literal 1); content is kept
+        only for data, whose axes follow the tags."""
+        sizes = a[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = sizes[0]
+        shape = node_shape(n)
+        if shape is None or len(sizes) != len(shape):
+            return self._opaque(n)
+        tags = tuple("1" if isinstance(s, Size) and s.value == 1 else
+                     ("n" if not (isinstance(s, Size) and s.value is not None) or s.value > 1
+                      else "?") for s in sizes)
+        x = a[0]
+        if x.kind == "data":
+            axes = frozenset(len(tags) - 1 - d for d, t in enumerate(tags) if t != "1")
+            return Abs("data", tags, Data(x.expr.node, axes, x.expr.c))
+        return Abs("opaque", tags)
 
     def _expand(self, n, a):
         x = a[0]

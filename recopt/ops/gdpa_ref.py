@@ -213,8 +213,9 @@ def softmax_attention(q, k, v, keep, rows, qk_scale, pre_scale, bias=None, maske
     - ``"nan"``: NaN (and NaN gradients into v) — what the model computes with
       a ``-inf`` fill or an all-padded ``key_padding_mask``.
 
-    Rows where ``bias`` alone is -inf everywhere are NaN, as in the model.
-    Rows past ``q_lengths`` (``rows``) give 0.
+    A row whose biased scores are all -inf gives 0 with ``"zero"`` (as
+    ``F.scaled_dot_product_attention`` on the CPU) and NaN otherwise (as a
+    model's own softmax). Rows past ``q_lengths`` (``rows``) give 0.
     """
     if masked_rows not in MASKED_ROWS:
         raise ValueError(f"masked_rows must be one of {MASKED_ROWS}, got {masked_rows!r}")
@@ -232,6 +233,11 @@ def softmax_attention(q, k, v, keep, rows, qk_scale, pre_scale, bias=None, maske
         s = _acc(torch.matmul(q, k.transpose(-2, -1))) * pre_scale + _acc(bias)
         if keep is not None:
             s = s.masked_fill(~keep, float("-inf"))
+        if masked_rows == "zero":
+            # SDPA's convention: a row whose scores are all -inf gives 0, not NaN
+            dead = torch.isneginf(s).all(dim=-1, keepdim=True)
+            s = s.masked_fill(dead, 0.0)
+            any_key = ~dead if any_key is None else any_key & ~dead
         o = torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v)
     if any_key is not None:
         if masked_rows == "zero":

@@ -749,7 +749,10 @@ class GDPAFusion(Pass):
         value = C.arg(node, 2, "value")
         kpm = C.arg(node, 3, "key_padding_mask")
         attn_mask = C.arg(node, 5, "attn_mask")
+        need_weights = C.arg(node, 4, "need_weights", True)
         problems = []
+        if not isinstance(need_weights, bool):
+            problems.append("need_weights that is not a constant")
         if mod.bias_k is not None or mod.add_zero_attn:
             problems.append("bias_k/bias_v or add_zero_attn")
         for name, m in (("key_padding_mask", kpm), ("attn_mask", attn_mask)):
@@ -794,9 +797,11 @@ class GDPAFusion(Pass):
             kwargs = dict(activation="softmax", pre_scale=1.0 / math.sqrt(dh))
             mask = _mha_mask(g, kpm, attn_mask, H)
             if mask is not None:
-                # MHA turns every mask into -inf: a query row with no key left is NaN.
+                # MHA turns every mask into -inf. A query row with no key left is
+                # NaN when it computes the weights (need_weights=True, its default)
+                # and 0 when it calls SDPA (need_weights=False).
                 kwargs["attn_mask"] = mask
-                kwargs["masked_rows"] = "nan"
+                kwargs["masked_rows"] = "nan" if need_weights else "zero"
             o = g.call_function(gdpa_fn, tuple(heads), kwargs)
             o = g.call_method("flatten", (g.call_method("transpose", (o, 1, 2)), -2))
             ow = g.get_attr(f"{path}.out_proj.weight")
