@@ -245,6 +245,9 @@ class GDPAFusion(Pass):
             if not isinstance(cur, fx.Node) or cur.op in ("placeholder", "get_attr", "output"):
                 return None
             m1 = C.as_matmul(cur, gm)
+            if m1 is None:
+                bad = C.as_baddbmm(cur, gm)
+                m1 = bad.matmul if bad is not None else None
             if m1 is not None:
                 return m1, list(reversed(path))
             # Walk only through ops that can sit between attention matmuls
@@ -260,6 +263,21 @@ class GDPAFusion(Pass):
 
     def _analyze(self, gm, m1: C.MatmulView, m2: C.MatmulView, path: list) -> _Plan:
         plan = _Plan()
+        bad = C.as_baddbmm(m1.node, gm)
+        if bad is not None:   # scores = beta*input + alpha*(q kᵀ)
+            if isinstance(bad.alpha, fx.Node):
+                if not is_shape_scalar(bad.alpha):
+                    raise _Reject("score_scaled_by_tensor", f"{m1.node.name}: alpha is not a constant")
+                plan.pre_nodes.append((bad.alpha, "mul"))
+            else:
+                plan.pre_scale *= bad.alpha
+            if bad.beta != 0.0 and bad.input is not None:
+                if not isinstance(bad.input, fx.Node):
+                    raise _Reject("score_bias", f"{m1.node.name} adds a constant to the scores")
+                # GDPA adds bias * (pre-scale after the add); the add comes after
+                # alpha, and beta folds into the recorded scale.
+                plan.biases.append(_Bias(bad.input, 1.0, plan.pre_scale / bad.beta,
+                                         len(plan.pre_nodes), 0))
         chain = [m1.node] + path
         feeding = _side_inputs(chain[1:] + [m2.node], depth=3)
         for i, n in enumerate(chain):
