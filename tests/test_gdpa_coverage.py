@@ -254,3 +254,42 @@ def test_sdpa_is_causal_and_mha_attn_mask():
         assert [s.status for s in res.sites] == ["rewritten", "rewritten"], \
             [(s.reason_code, s.reason) for s in res.sites]
         check_same(model, gm, (x, kpm), grad=False)     # sample 2 all padded: NaN like the module
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("stack", [False, True])
+def test_transformer_encoder_opened_and_fused(norm_first, stack):
+    from recopt.capture import propagate_shapes
+    from recopt.passes.gdpa.decompose import DecomposeAttention
+
+    torch.manual_seed(7)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True, norm_first=norm_first,
+                                       activation="gelu" if stack else "relu")
+    model = (nn.TransformerEncoder(layer, 2, enable_nested_tensor=False) if stack else layer)
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = model
+
+        def forward(self, x, pad):
+            T = x.size(1)
+            causal = torch.triu(torch.ones((T, T), dtype=torch.bool, device=x.device), diagonal=1)
+            return self.enc(x, causal, pad)
+
+    seq = Seq().eval()
+    x, pad = torch.randn(2, 5, 16), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    gm = capture(seq, (x, pad)).graph_module
+    res = DecomposeAttention().run(gm, PassContext(target=None, example_inputs=(x, pad)))
+    assert [s.status for s in res.sites] == ["rewritten"]
+    propagate_shapes(gm, (x, pad))
+    res2 = GDPAFusion().run(gm, PassContext(target=None, example_inputs=(x, pad)))
+    assert [s.status for s in res2.sites] == ["rewritten"] * (2 if stack else 1)
+    for B, T in ((2, 5), (3, 2)):
+        x = torch.randn(B, T, 16)
+        pad = torch.zeros(B, T, dtype=torch.bool)
+        pad[0, T // 2 + 1:] = True
+        check_same(seq, gm, (x, pad))
+    # train mode: dropout modules are kept and follow .train()
+    seq.train(), gm.train()
+    assert any(isinstance(m, nn.Dropout) for m in gm.modules())
