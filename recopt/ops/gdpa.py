@@ -320,6 +320,8 @@ def gdpa(
     causal: bool = False,
     bias: Optional[Tensor] = None,
     masked_rows: str = "zero",
+    dropout_p: float = 0.0,
+    training: bool = False,
 ) -> Tensor:
     """Generalized dot-product attention on dense (padded) tensors.
 
@@ -348,6 +350,10 @@ def gdpa(
             ``"zero"``, ``"uniform"`` (mean of v: a model that fills masked
             scores with a finite value such as -1e9) or ``"nan"`` (a ``-inf``
             fill). Pointwise activations give 0 there (act(0) = 0).
+        dropout_p, training: dropout on the activated scores (softmax: the
+            probabilities), applied only when ``training`` is true — a fused
+            graph passes its own ``self.training`` so ``.train()``/``.eval()``
+            keep working. With dropout active the reference runs.
 
     Causal and bias run the reference until the Triton kernels support them
     (:func:`reference_reason`).
@@ -368,13 +374,19 @@ def gdpa(
         raise ValueError(f"masked_rows must be one of {R.MASKED_ROWS}, got {masked_rows!r}")
     if bias is not None and bias.dim() > 4:
         raise ValueError(f"bias must broadcast to [B, H, Tq, Tk], got shape {tuple(bias.shape)}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    p_drop = float(dropout_p) if training else 0.0
     if act == R.SOFTMAX:
         return _softmax(q, k, v, attn_mask, bias, q_lengths, kv_lengths, qk_scale, pre_scale, w,
-                        bool(causal), masked_rows)
+                        bool(causal), masked_rows, p_drop)
     if attn_mask is not None:
         raise ValueError(
             "attn_mask is only supported with activation='softmax'; pointwise GDPA supports "
             "q_lengths/kv_lengths, window and causal masks (zero masking) and an additive bias")
+    if p_drop > 0.0:   # dropout is not in the op (nor its kernels): the reference, autograd
+        return R.gdpa_ref(q, k, v, q_lengths, kv_lengths, act, float(qk_scale), float(pre_scale),
+                          w, bool(causal), bias, dropout_p=p_drop)
     if use_lean(q) and not causal and bias is None:
         # CPU: plain aten ops, no custom-op dispatch (recopt.ops.gdpa_cpu); causal and a
         # bias are not in that path: they go through the op (reference)
@@ -384,7 +396,7 @@ def gdpa(
 
 
 def _softmax(q, k, v, attn_mask, bias, q_lengths, kv_lengths, qk_scale, pre_scale, window,
-             causal, masked_rows):
+             causal, masked_rows, dropout_p=0.0):
     """Softmax mode: one keep mask (lengths, window, causal, bool attn_mask) and
     one additive bias (float attn_mask + bias), then :func:`R.softmax_attention`."""
     Tq, Tk = q.shape[2], k.shape[2]
@@ -399,7 +411,7 @@ def _softmax(q, k, v, attn_mask, bias, q_lengths, kv_lengths, qk_scale, pre_scal
         v = R._expand_kv_heads(v, q.shape[1])
     rows = R._q_row_mask(Tq, q_lengths, q.device)
     return R.softmax_attention(q, k, v, keep, rows, qk_scale, pre_scale, bias=bias,
-                               masked_rows=masked_rows)
+                               masked_rows=masked_rows, dropout_p=dropout_p)
 
 
 def gdpa_jagged(

@@ -166,11 +166,13 @@ def gdpa_ref(
     window: int = -1,
     causal: bool = False,
     bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Dense GDPA forward: ``q [B,H,Tq,d]``, ``k [B,Hkv,Tk,d]``, ``v [B,Hkv,Tk,dv]`` → ``[B,H,Tq,dv]``.
 
     ``bias`` (additive, broadcastable to ``[B,H,Tq,Tk]``) is added to the
-    scaled scores before masking and the activation. Differentiable with plain
+    scaled scores before masking and the activation. ``dropout_p > 0`` drops
+    activated scores (probabilities for softmax) as ``F.dropout`` in training. Differentiable with plain
     autograd (tests use that to check the explicit backward). Output dtype is
     ``q.dtype``.
     """
@@ -182,13 +184,16 @@ def gdpa_ref(
     keep = _keep_mask(B, Tq, Tk, q_lengths, kv_lengths, window, q.device, causal)
     rows = _q_row_mask(Tq, q_lengths, q.device)
     if act == SOFTMAX:
-        return softmax_attention(q, k, v, keep, rows, qk_scale, pre_scale, bias=bias)
+        return softmax_attention(q, k, v, keep, rows, qk_scale, pre_scale, bias=bias,
+                                 dropout_p=dropout_p)
     s = _acc(torch.matmul(q, k.transpose(-2, -1))) * pre_scale
     if bias is not None:
         s = s + _acc(bias)
     if keep is not None:
         s = torch.where(keep, s, 0.0)
     p = act_fwd(s, act) * qk_scale
+    if dropout_p > 0.0:
+        p = F.dropout(p, dropout_p, training=True)
     o = torch.matmul(p.to(v.dtype), v)
     if rows is not None:
         o = torch.where(rows, o, 0.0)
@@ -198,7 +203,8 @@ def gdpa_ref(
 MASKED_ROWS = ("zero", "uniform", "nan")
 
 
-def softmax_attention(q, k, v, keep, rows, qk_scale, pre_scale, bias=None, masked_rows="zero"):
+def softmax_attention(q, k, v, keep, rows, qk_scale, pre_scale, bias=None, masked_rows="zero",
+                      dropout_p=0.0):
     """Softmax attention ``softmax(pre_scale·q kᵀ + bias, masked by keep) @ v · qk_scale``.
 
     ``q [B,H,Tq,d]``, ``k``/``v`` already expanded to H heads; ``keep`` a bool
@@ -216,6 +222,7 @@ def softmax_attention(q, k, v, keep, rows, qk_scale, pre_scale, bias=None, maske
     A row whose biased scores are all -inf gives 0 with ``"zero"`` (as
     ``F.scaled_dot_product_attention`` on the CPU) and NaN otherwise (as a
     model's own softmax). Rows past ``q_lengths`` (``rows``) give 0.
+    ``dropout_p > 0``: the probabilities are dropped as ``F.dropout`` does.
     """
     if masked_rows not in MASKED_ROWS:
         raise ValueError(f"masked_rows must be one of {MASKED_ROWS}, got {masked_rows!r}")
@@ -225,6 +232,8 @@ def softmax_attention(q, k, v, keep, rows, qk_scale, pre_scale, bias=None, maske
         # fused computation or its backward), then replace it.
         any_key = keep.any(dim=-1, keepdim=True)
         keep = keep | ~any_key
+    if dropout_p > 0.0 and bias is None:
+        bias = torch.zeros((), dtype=torch.float32, device=q.device)
     if bias is None:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=pre_scale)
     else:
@@ -238,7 +247,10 @@ def softmax_attention(q, k, v, keep, rows, qk_scale, pre_scale, bias=None, maske
             dead = torch.isneginf(s).all(dim=-1, keepdim=True)
             s = s.masked_fill(dead, 0.0)
             any_key = ~dead if any_key is None else any_key & ~dead
-        o = torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v)
+        p = torch.softmax(s, dim=-1)
+        if dropout_p > 0.0:
+            p = F.dropout(p, dropout_p, training=True)
+        o = torch.matmul(p.to(v.dtype), v)
     if any_key is not None:
         if masked_rows == "zero":
             fill = torch.zeros((), dtype=o.dtype, device=o.device)

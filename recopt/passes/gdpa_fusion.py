@@ -149,6 +149,7 @@ class _Plan:
     masks: list = field(default_factory=list)
     biases: list = field(default_factory=list)        # _Bias
     masked_rows: str = "zero"                         # softmax: rows with no kept key
+    dropout: Optional[tuple] = None                   # (p, True | "graph") on activated scores
     notes: list = field(default_factory=list)
 
 
@@ -314,7 +315,7 @@ class GDPAFusion(Pass):
             elif kind in ("identity", "cast"):
                 pass
             elif kind == "dropout":
-                self._check_dropout(gm, n)
+                self._check_dropout(gm, n, plan, act_seen)
             elif kind in ("gelu", "silu", "relu", "leaky_relu", "hardswish", "softmax", "sigmoid"):
                 av = C.as_activation(n, gm)
                 if av.name is None:
@@ -367,16 +368,25 @@ class GDPAFusion(Pass):
         if reshaped or not C.is_identity(cur_perm):
             raise _Reject("mask_layout", f"{n.name} masks/scales scores in a permuted or reshaped layout")
 
-    def _check_dropout(self, gm, n):
+    def _check_dropout(self, gm, n, plan: _Plan, post: bool):
+        """Dropout on the activated scores becomes GDPA's ``dropout_p``; an
+        ``nn.Dropout`` follows the graph's ``self.training`` at run time."""
         mod = get_module(gm, n)
         if mod is not None:
-            if mod.training and mod.p > 0:
-                raise _Reject("dropout_training", f"{n.target} is in training mode (p={mod.p})")
+            p, training = float(mod.p), "graph"
+        else:
+            p = C.arg(n, 1, "p", 0.5)
+            training = C.arg(n, 2, "training", C.arg(n, 2, "train", True))
+            if not isinstance(training, bool) or C.scalar(p) is None:
+                raise _Reject("dropout_training", f"{_label(n)}: p or training is not a constant")
+            p = float(p)
+        if p == 0.0 or training is False:
             return
-        p = C.arg(n, 1, "p", 0.5)
-        training = C.arg(n, 2, "training", C.arg(n, 2, "train", True))
-        if training and p:
-            raise _Reject("dropout_training", f"{_label(n)} has training=True, p={p}")
+        if not post:
+            raise _Reject("dropout_training", f"{_label(n)} drops scores before the activation")
+        if plan.dropout is not None:
+            raise _Reject("dropout_training", f"{_label(n)}: a second dropout between the matmuls")
+        plan.dropout = (p, training)
 
     def _scale_or_mask(self, gm, n, kind, plan: _Plan, post: bool, cur_perm, reshaped):
         if kind == "neg":
@@ -576,6 +586,10 @@ class GDPAFusion(Pass):
                 kwargs["bias"] = _combine_softmax_mask(g, biases, rank, nb)
             if mp["causal"]:
                 kwargs["causal"] = True
+            if plan.dropout is not None:
+                p, training = plan.dropout
+                kwargs["dropout_p"] = p
+                kwargs["training"] = _training_flag(g) if training == "graph" else True
             for key, lens in (("kv_lengths", mp["kv_len"]), ("q_lengths", mp["q_len"])):
                 if lens:
                     kwargs[key] = _lengths_expr(g, lens)
@@ -780,10 +794,6 @@ class GDPAFusion(Pass):
             problems.append("attn_mask that is not [L, S] or [B*heads, L, S]")
         if problems:
             return self.rejected(node, "mha_options", "nn.MultiheadAttention with " + ", ".join(problems))
-        if mod.training and mod.dropout > 0:
-            return self.rejected(node, "dropout_training",
-                                 f"nn.MultiheadAttention {node.target} has dropout {mod.dropout} and is "
-                                 "in training mode: left as is (fused in eval mode)")
         for u in node.users:
             if not is_getitem(u):
                 return self.rejected(node, "mha_options", f"output used directly by {u.name}")
@@ -813,6 +823,9 @@ class GDPAFusion(Pass):
                 y = g.call_method("unflatten", (y, -1, (H, dh)))
                 heads.append(g.call_method("transpose", (y, 1, 2)))
             kwargs = dict(activation="softmax", pre_scale=1.0 / math.sqrt(dh))
+            if mod.dropout > 0:   # attention-weight dropout, following the graph's mode
+                kwargs["dropout_p"] = float(mod.dropout)
+                kwargs["training"] = _training_flag(g)
             mask = _mha_mask(g, kpm, attn_mask, H)
             if mask is not None:
                 # MHA turns every mask into -inf. A query row with no key left is
@@ -1005,6 +1018,12 @@ def _combine_softmax_mask(g, parts, rank: int, nb: int):
     if keep is not None:
         bias = g.call_function(torch.masked_fill, (bias, g.call_function(operator.invert, (keep,)), float("-inf")))
     return bias
+
+
+def _training_flag(g: fx.Graph) -> fx.Node:
+    """``self.training`` of the graph module, read at run time (so ``.train()``/``.eval()``
+    of the optimized model switch dropout on and off as in the original)."""
+    return g.create_node("get_attr", "training")
 
 
 def _scaled_bias(g, b: "_Bias", plan: _Plan):
