@@ -293,3 +293,32 @@ def test_transformer_encoder_opened_and_fused(norm_first, stack):
     # train mode: dropout modules are kept and follow .train()
     seq.train(), gm.train()
     assert any(isinstance(m, nn.Dropout) for m in gm.modules())
+
+
+def test_band_attention_pass_reads_the_band_symbolically():
+    """kunlun's band_attention uses the same mask reader: width 5 from a length-3 example."""
+    from recopt.passes.kunlun.window import BandAttention
+
+    class Band(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = (t.view(B, T, 2, 4).transpose(1, 2) for t in self.qkv(x).split(8, -1))
+            i = torch.arange(T, device=q.device)
+            s = (q @ k.transpose(-1, -2)).masked_fill((i[:, None] - i[None, :]).abs() > 5, float("-inf"))
+            return torch.softmax(s, -1) @ v
+
+    model = Band().eval()
+    small = (torch.randn(2, 3, 8),)
+    gm = capture(model, small).graph_module
+    res = BandAttention().run(gm, PassContext(target=None, example_inputs=small))
+    assert all(s.status == "rejected" and s.reason_code == "too_short" for s in res.sites), \
+        [(s.reason_code, s.reason) for s in res.sites]
+    big = (torch.randn(2, 16, 8),)
+    gm = capture(model, big).graph_module
+    res = BandAttention().run(gm, PassContext(target=None, example_inputs=big))
+    assert [s.status for s in res.sites] == ["rewritten"], [(s.reason_code, s.reason) for s in res.sites]
+    torch.testing.assert_close(res.graph_module(*big), model(*big))

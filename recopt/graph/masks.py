@@ -32,7 +32,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.fx as fx
 
-from .nodes import depends_on_inputs, get_attr_value, node_shape
+from .nodes import _SYM_SIZE_OPS, depends_on_inputs, get_attr_value, node_shape
 
 # ----------------------------------------------------------------------------- values
 
@@ -147,6 +147,8 @@ _CASTS = {"bool", "float", "int", "long", "half", "double", "bfloat16", "to", "t
 def _is_shape_access(n: fx.Node) -> bool:
     if n.op == "call_function" and n.target is getattr and len(n.args) == 2:
         return n.args[1] == "shape"
+    if n.op == "call_function" and n.target in _SYM_SIZE_OPS:
+        return True
     return n.op == "call_method" and n.target == "size"
 
 
@@ -202,7 +204,8 @@ class _Interp:
             return classify_constant(v) if isinstance(v, torch.Tensor) else v
         if _is_shape_access(n):
             rank = len(node_shape(n.args[0]) or ())
-            if n.op == "call_method" and (len(n.args) > 1 or "dim" in n.kwargs):
+            if (n.op == "call_method" and (len(n.args) > 1 or "dim" in n.kwargs)) or \
+                    (n.op == "call_function" and n.target in _SYM_SIZE_OPS):
                 return Size(None)
             return tuple(Size(None) for _ in range(rank))
         t, args, kw = n.target, n.args, n.kwargs
