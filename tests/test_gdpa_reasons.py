@@ -2,6 +2,7 @@
 import re
 from pathlib import Path
 
+import recopt.graph.attention as attention_mod
 import recopt.graph.masks as masks_mod
 import recopt.passes.gdpa.decompose as decompose_mod
 import recopt.passes.gdpa_fusion as fusion_mod
@@ -13,7 +14,7 @@ def _emitted(*modules) -> set:
     codes = set()
     for mod in modules:
         src = Path(mod.__file__).read_text()
-        codes |= set(re.findall(r'_Reject\(\s*"(\w+)"', src))
+        codes |= set(re.findall(r'(?:_Reject|Mismatch)\(\s*"(\w+)"', src))
         codes |= set(re.findall(r'rejected\(\s*\w+(?:\.\w+)?,\s*"(\w+)"', src))
         codes |= set(re.findall(r'return \("(\w+)",\s*f?"', src))
     return codes
@@ -32,7 +33,7 @@ def _documented() -> set:
 
 
 def test_emitted_codes_are_declared_and_documented():
-    emitted = _emitted(fusion_mod, masks_mod, decompose_mod)
+    emitted = _emitted(fusion_mod, attention_mod, masks_mod, decompose_mod)
     declared = set(fusion_mod.REASONS) | set(decompose_mod.REASONS)
     assert emitted <= declared, f"emitted but not in REASONS: {sorted(emitted - declared)}"
     documented = _documented()

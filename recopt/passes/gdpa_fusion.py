@@ -36,11 +36,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from recopt.graph import attention as A
 from recopt.graph import canon as C
-from recopt.graph import masks as M
-from recopt.graph.nodes import (
-    const_value, get_module, is_getitem, is_parameter, is_shape_scalar, node_dtype, node_shape,
-)
+from recopt.graph.nodes import get_module, is_getitem, is_parameter, node_dtype, node_shape
 from recopt.ops import gdpa as gdpa_fn
 from recopt.ops import gdpa_ref as R
 from recopt.ops.gdpa import gdpa_flops, reference_reason
@@ -104,53 +102,6 @@ class GDPAConfig(PassConfig):
     min_kv_len: int = 1
 
 
-class _Reject(Exception):
-    def __init__(self, code: str, reason: str):
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-_MAX_CHAIN = 16
-_CHAIN_KINDS = {
-    "permute", "transpose", "t", "permute_attr", "view", "identity", "cast", "dropout",
-    "gelu", "silu", "relu", "leaky_relu", "hardswish", "softmax", "sigmoid",
-    "mul", "div", "add", "sub", "neg", "pow", "square", "where", "masked_fill",
-}
-
-
-@dataclass
-class _Mask:
-    node: fx.Node          # bool tensor
-    invert: bool           # True: node marks dropped scores
-    fill: Any              # python float, or "mul" for a bool multiply (fill 0)
-    post: bool             # applied after the activation
-    pre_scale_at: float    # pre_scale accumulated when the mask was applied
-
-
-@dataclass
-class _Bias:
-    node: fx.Node
-    sign: float
-    pre_scale_at: float    # pre_scale accumulated when the bias was added
-    pre_nodes_at: int      # shape-derived pre-scale factors seen by then
-    masks_before: int      # masks applied to the scores before the bias
-
-
-@dataclass
-class _Plan:
-    act: str = "raw"
-    pre_scale: float = 1.0
-    qk_scale: float = 1.0
-    pre_nodes: list = field(default_factory=list)     # shape-derived scalar nodes: (node, op)
-    post_nodes: list = field(default_factory=list)
-    pre_tensors: list = field(default_factory=list)   # (node, op) with op in mul/div
-    post_tensors: list = field(default_factory=list)
-    masks: list = field(default_factory=list)
-    biases: list = field(default_factory=list)        # _Bias
-    masked_rows: str = "zero"                         # softmax: rows with no kept key
-    dropout: Optional[tuple] = None                   # (p, True | "graph") on activated scores
-    notes: list = field(default_factory=list)
 
 
 @register_pass
@@ -189,369 +140,46 @@ class GDPAFusion(Pass):
     # ------------------------------------------------------------------ pattern A / C
 
     def _try_matmul(self, gm, m2_node, erased):
-        m2 = C.as_matmul(m2_node, gm)
-        if m2 is None:
-            return None
-        found = self._find_chain(gm, m2)
-        if found is None:
-            if self.config.reassociate_pffn:
+        region = A.find_region(gm, m2_node)
+        if region is None:
+            m2 = C.as_matmul(m2_node, gm)
+            if m2 is not None and self.config.reassociate_pffn:
                 return self._try_reassociate(gm, m2, erased)
             return None
-        m1, path = found
-        # Two matmuls with trained weights on both right-hand sides are an
-        # ordinary MLP, not attention: not a candidate.
-        if is_parameter(gm, m1.rhs) and is_parameter(gm, m2.rhs):
-            return None
+        m1, m2, path = region
         try:
-            plan = self._analyze(gm, m1, m2, path)
-            if plan.act == R.SOFTMAX and not self.config.softmax:
-                raise _Reject("disabled", "softmax attention fusion is off (GDPAConfig.softmax)")
-            if plan.act != R.SOFTMAX and not self.config.attention:
-                raise _Reject("disabled", "attention fusion is off (GDPAConfig.attention)")
-            info = self._emit_attention(gm, m1, m2, plan)
-        except _Reject as r:
+            match = A.match_attention(gm, m1, m2, path, convert_nan_masks=self.config.convert_nan_masks)
+            act = match.plan.act
+            if act == R.SOFTMAX and not self.config.softmax:
+                raise A.Mismatch("disabled", "softmax attention fusion is off (GDPAConfig.softmax)")
+            if act != R.SOFTMAX and not self.config.attention:
+                raise A.Mismatch("disabled", "attention fusion is off (GDPAConfig.attention)")
+            Tq, Tk = match.q_shape[-2], match.v_shape[-2]
+            if Tq < self.config.min_q_len or Tk < self.config.min_kv_len:
+                raise A.Mismatch("too_small", f"Tq={Tq}, Tk={Tk} below the configured minimum")
+        except A.Mismatch as r:
             return self.rejected(m2_node, r.code, r.reason,
                                  details={"first_matmul": m1.node.name,
                                           "chain": [n.name for n in path]})
+        info = self._emit_attention(gm, match)
         erased.add(m2_node)
         return self.rewritten(m2_node, info.pop("reason"), flops_before=info["flops"],
                               flops_after=info["flops"], details=info)
 
-    def _main_input(self, gm, node) -> Optional[fx.Node]:
-        """The input of a chain node that carries the score tensor."""
-        kind = C.op_kind(node, gm)
-        shape = node_shape(node)
-        tensors = [a for a in node.args if isinstance(a, fx.Node)]
-        if kind in ("where",):
-            cands = [a for a in node.args[1:3] if isinstance(a, fx.Node)]
-            full = [a for a in cands if node_shape(a) == shape]
-            return (full or cands or [None])[0]
-        if kind in ("mul", "div", "add", "sub"):
-            full = [a for a in tensors if node_shape(a) == shape and node_dtype(a) != torch.bool]
-            if full:
-                return full[0]
-            return tensors[0] if tensors else None
-        if kind == "einsum":
-            return None
-        if node.args and isinstance(node.args[0], fx.Node):
-            return node.args[0]
-        full = [a for a in tensors if node_shape(a) == shape]
-        return full[0] if full else None
-
-    def _find_chain(self, gm, m2: C.MatmulView):
-        """(first matmul view, path of nodes from after it up to m2's lhs) or None."""
-        cur = m2.lhs
-        path = []
-        for _ in range(_MAX_CHAIN):
-            if not isinstance(cur, fx.Node) or cur.op in ("placeholder", "get_attr", "output"):
-                return None
-            m1 = C.as_matmul(cur, gm)
-            if m1 is None:
-                bad = C.as_baddbmm(cur, gm)
-                m1 = bad.matmul if bad is not None else None
-            if m1 is not None:
-                return m1, list(reversed(path))
-            # Walk only through ops that can sit between attention matmuls
-            # (plus reductions, so "softmax-like" normalisations are reported).
-            if C.op_kind(cur, gm) not in _CHAIN_KINDS | {"reduction"}:
-                return None
-            nxt = self._main_input(gm, cur)
-            if nxt is None:
-                return None
-            path.append(cur)
-            cur = nxt
-        return None
-
-    def _analyze(self, gm, m1: C.MatmulView, m2: C.MatmulView, path: list) -> _Plan:
-        plan = _Plan()
-        bad = C.as_baddbmm(m1.node, gm)
-        if bad is not None:   # scores = beta*input + alpha*(q kᵀ)
-            if isinstance(bad.alpha, fx.Node):
-                if not is_shape_scalar(bad.alpha):
-                    raise _Reject("score_scaled_by_tensor", f"{m1.node.name}: alpha is not a constant")
-                plan.pre_nodes.append((bad.alpha, "mul"))
-            else:
-                plan.pre_scale *= bad.alpha
-            if bad.beta != 0.0 and bad.input is not None:
-                if not isinstance(bad.input, fx.Node):
-                    raise _Reject("score_bias", f"{m1.node.name} adds a constant to the scores")
-                # GDPA adds bias * (pre-scale after the add); the add comes after
-                # alpha, and beta folds into the recorded scale.
-                plan.biases.append(_Bias(bad.input, 1.0, plan.pre_scale / bad.beta,
-                                         len(plan.pre_nodes), 0))
-        chain = [m1.node] + path
-        feeding = _side_inputs(chain[1:] + [m2.node], depth=3)
-        for i, n in enumerate(chain):
-            expected = chain[i + 1] if i + 1 < len(chain) else m2.node
-            others = [u for u in n.users if u is not expected]
-            if others:
-                kinds = {C.op_kind(u, gm) for u in others}
-                if kinds & {"reduction", "softmax"} and any(u in feeding for u in others):
-                    raise _Reject("reduction_between_matmuls",
-                                  f"{n.name} is reduced by {', '.join(u.name for u in others)} "
-                                  "between the matmuls (a row normalisation GDPA does not compute)")
-                raise _Reject("score_used_twice",
-                              f"{n.name} is also used by {', '.join(u.name for u in others)}; "
-                              "fusing would drop that use")
-        rank = len(node_shape(m1.node) or ())
-        if not rank:
-            raise _Reject("shape_unknown", f"no shape metadata on {m1.node.name}")
-        cur_perm = m1.out_perm or tuple(range(rank))
-        reshaped = False
-        prev_kind = None
-        for n in path:
-            kind = C.op_kind(n, gm)
-            if kind not in _CHAIN_KINDS:
-                code = "reduction_between_matmuls" if kind == "reduction" else "unsupported_op"
-                raise _Reject(code, f"{_label(n)} between the matmuls is not expressible in GDPA")
-            act_seen = plan.act != "raw" or any(isinstance(x, str) and x == "act" for x in plan.notes)
-            if kind in ("permute", "transpose", "t", "permute_attr"):
-                p = C.as_permute(n, gm)
-                if p is None or reshaped:
-                    raise _Reject("layout", f"cannot follow the layout change at {n.name}")
-                cur_perm = C.compose(cur_perm, p[1])
-            elif kind == "view":
-                reshaped = node_shape(n) != node_shape(m1.node) or not C.is_identity(cur_perm)
-            elif kind in ("identity", "cast"):
-                pass
-            elif kind == "dropout":
-                self._check_dropout(gm, n, plan, act_seen)
-            elif kind in ("gelu", "silu", "relu", "leaky_relu", "hardswish", "softmax", "sigmoid"):
-                av = C.as_activation(n, gm)
-                if av.name is None:
-                    raise _Reject("activation_unsupported", f"{_label(n)}: {av.unsupported}")
-                if act_seen:
-                    raise _Reject("two_activations", f"second activation {_label(n)}")
-                if av.name == R.SOFTMAX:
-                    dim = av.dim if av.dim is not None else -1
-                    if not isinstance(dim, int):
-                        raise _Reject("softmax_wrong_dim", f"softmax dim {dim!r} is not static")
-                    dim = dim + rank if dim < 0 else dim
-                    if reshaped or cur_perm[dim] != rank - 1:
-                        raise _Reject("softmax_wrong_dim",
-                                      f"{n.name} normalises over dim {dim}, not over the keys")
-                plan.act = av.name
-                plan.notes.append("act")
-            elif kind in ("pow", "square") or (kind == "mul" and n.args[0] is n.args[1]):
-                exp2 = kind == "square" or kind == "mul" or C.scalar(C.arg(n, 1, "exponent")) == 2.0
-                if plan.act == "relu" and prev_kind == "relu" and exp2:
-                    plan.act = "relu_square"
-                else:
-                    raise _Reject("unsupported_op", f"{_label(n)} is not relu(x)**2")
-            elif kind in ("mul", "div", "neg"):
-                self._scale_or_mask(gm, n, kind, plan, act_seen, cur_perm, reshaped)
-            elif kind in ("add", "sub"):
-                other = _other_operand(n, self._main_input(gm, n))
-                if not isinstance(other, fx.Node):
-                    raise _Reject("score_bias", f"{_label(n)} adds a constant to the scores")
-                if act_seen:
-                    raise _Reject("unsupported_op", f"{_label(n)} adds to the activated scores")
-                self._require_canonical(n, cur_perm, reshaped)
-                plan.biases.append(_Bias(other, 1.0 if kind == "add" else -1.0, plan.pre_scale,
-                                         len(plan.pre_nodes), len(plan.masks)))
-            elif kind in ("where", "masked_fill"):
-                self._require_canonical(n, cur_perm, reshaped)
-                plan.masks.append(self._mask_of(gm, n, act_seen, plan.pre_scale))
-            prev_kind = kind if kind not in ("identity", "cast") else prev_kind
-        # The second matmul must read the scores with keys on its contraction axis.
-        lhs2 = m2.lhs_perm or tuple(range(rank))
-        if reshaped:
-            if not C.is_identity(cur_perm) or not C.is_identity(lhs2) or node_shape(m2.lhs) != node_shape(m1.node):
-                raise _Reject("layout", "scores are reshaped between the matmuls")
-        elif C.compose(cur_perm, lhs2) != tuple(range(rank)):
-            raise _Reject("layout", "the second matmul does not contract over the keys of the "
-                          f"first (score layout {C.compose(cur_perm, lhs2)})")
-        self._check_masks(gm, plan)
-        return plan
-
-    def _require_canonical(self, n, cur_perm, reshaped):
-        if reshaped or not C.is_identity(cur_perm):
-            raise _Reject("mask_layout", f"{n.name} masks/scales scores in a permuted or reshaped layout")
-
-    def _check_dropout(self, gm, n, plan: _Plan, post: bool):
-        """Dropout on the activated scores becomes GDPA's ``dropout_p``; an
-        ``nn.Dropout`` follows the graph's ``self.training`` at run time."""
-        mod = get_module(gm, n)
-        if mod is not None:
-            p, training = float(mod.p), "graph"
-        else:
-            p = C.arg(n, 1, "p", 0.5)
-            training = C.arg(n, 2, "training", C.arg(n, 2, "train", True))
-            if not isinstance(training, bool) or C.scalar(p) is None:
-                raise _Reject("dropout_training", f"{_label(n)}: p or training is not a constant")
-            p = float(p)
-        if p == 0.0 or training is False:
-            return
-        if not post:
-            raise _Reject("dropout_training", f"{_label(n)} drops scores before the activation")
-        if plan.dropout is not None:
-            raise _Reject("dropout_training", f"{_label(n)}: a second dropout between the matmuls")
-        plan.dropout = (p, training)
-
-    def _scale_or_mask(self, gm, n, kind, plan: _Plan, post: bool, cur_perm, reshaped):
-        if kind == "neg":
-            c, other = -1.0, None
-        else:
-            main = self._main_input(gm, n)
-            other = _other_operand(n, main)
-            c = C.scalar(other)
-            if kind == "div" and other is n.args[0]:
-                raise _Reject("unsupported_op", f"{_label(n)} divides by the scores")
-        if c is not None:
-            if kind == "div":
-                c = 1.0 / c
-            if post:
-                plan.qk_scale *= c
-            else:
-                plan.pre_scale *= c
-            return
-        if not isinstance(other, fx.Node):
-            raise _Reject("unsupported_op", f"{_label(n)}: unrecognised operand {other!r}")
-        if is_shape_scalar(other):
-            # e.g. 1/sqrt(q.size(-1)): kept as a graph scalar so it follows the runtime shape
-            (plan.post_nodes if post else plan.pre_nodes).append((other, kind))
-            return
-        shape = node_shape(other)
-        if shape is None:
-            raise _Reject("shape_unknown", f"no shape for {other.name}")
-        if node_dtype(other) == torch.bool and kind == "mul":
-            self._require_canonical(n, cur_perm, reshaped)
-            plan.masks.append(_Mask(other, False, 0.0, post, plan.pre_scale))
-            return
-        ab = M.interpret(gm, other)
-        if kind == "mul" and isinstance(ab, M.Abs) and ab.kind == "pred":
-            # a 0/1 tensor built from index comparisons or lengths: a zero-fill mask
-            self._require_canonical(n, cur_perm, reshaped)
-            plan.masks.append(_Mask(other, False, 0.0, post, plan.pre_scale))
-            return
-        val = const_value(gm, other)
-        if kind == "mul" and isinstance(val, torch.Tensor) and bool(((val == 0) | (val == 1)).all()):
-            self._require_canonical(n, cur_perm, reshaped)
-            plan.masks.append(_Mask(other, False, 0.0, post, plan.pre_scale))
-            return
-        tags = M.dim_tags(gm, other)
-        rank = len(node_shape(n) or ())
-        # A factor constant along the keys (a literal 1 there, not a size that
-        # happens to be 1 in the example) commutes with the key sum: applied to
-        # q before the activation or to the output after it. Never read from
-        # the example's sizes: a [B, 1, 1] gate at B = 1 is not a scalar.
-        if tags is not None and len(tags) <= rank and M.is_broadcast_along(tags, 0):
-            self._require_canonical(n, cur_perm, reshaped)
-            if not post and any(m.fill != 0.0 for m in plan.masks if not m.post):
-                raise _Reject("score_scaled_by_tensor",
-                              f"{_label(n)} scales masked scores by {other.name}: the fill would change")
-            (plan.post_tensors if post else plan.pre_tensors).append((other, kind))
-            return
-        raise _Reject("score_scaled_by_tensor",
-                      f"{_label(n)} scales the scores by {other.name} of shape {list(shape)}")
-
-    def _mask_of(self, gm, n, post, pre_scale_now) -> _Mask:
-        kind = C.op_kind(n, gm)
-        if kind == "masked_fill":
-            mask, fill = C.arg(n, 1, "mask"), C.arg(n, 2, "value")
-            invert = True
-        else:
-            cond, a, b = n.args[0], n.args[1], n.args[2] if len(n.args) > 2 else n.kwargs.get("other")
-            main = self._main_input(gm, n)
-            if a is main:
-                mask, fill, invert = cond, b, False
-            else:
-                mask, fill, invert = cond, a, True
-        f = C.scalar(fill)
-        if f is None and isinstance(fill, fx.Node):
-            v = const_value(gm, fill)
-            if isinstance(v, torch.Tensor) and v.numel() == 1:
-                f = float(v.item())
-        if f is None:
-            raise _Reject("unsupported_op", f"{_label(n)} fills masked scores with a tensor")
-        if not isinstance(mask, fx.Node) or node_dtype(mask) not in (torch.bool, None):
-            raise _Reject("unsupported_op", f"{_label(n)}: mask is not a bool tensor")
-        return _Mask(mask, invert, f, post, pre_scale_now)
-
-    def _check_masks(self, gm, plan: _Plan):
-        act = plan.act
-        for m in plan.masks:
-            fill = m.fill * (plan.pre_scale / m.pre_scale_at) if not m.post and m.fill not in (0.0,) else m.fill
-            if act == R.SOFTMAX:
-                if m.post:
-                    raise _Reject("mask_after_softmax", "scores are masked after the softmax")
-                if fill == 0.0:
-                    raise _Reject("zero_mask_before_softmax",
-                                  "scores are zeroed before softmax; exp(0) != 0 so they still count")
-                if not (fill <= -1e4):
-                    raise _Reject("mask_fill_nonzero", f"softmax mask fill {fill} is not -inf")
-                continue
-            if m.post:
-                if fill != 0.0:
-                    raise _Reject("mask_fill_nonzero", f"activated scores are filled with {fill}")
-                continue
-            out = R.act_fwd(torch.tensor([fill], dtype=torch.float32), act)
-            if bool(torch.isnan(out).any()):
-                if not self.config.convert_nan_masks:
-                    raise _Reject(
-                        "neg_inf_mask_nan",
-                        f"scores are masked with {fill} before {act}, and {act}({fill}) is NaN: "
-                        "the model outputs NaN there. Mask with 0 instead (exact, since "
-                        f"{act}(0) = 0), or set GDPAConfig.convert_nan_masks=True")
-                plan.notes.append(f"-inf mask before {act} converted to zero masking")
-            elif float(out.abs().max()) != 0.0:
-                raise _Reject("mask_fill_nonzero",
-                              f"masked scores are filled with {fill} and {act}({fill}) != 0")
-        if act == R.SOFTMAX:
-            # What a query row with every key masked returns, as the model
-            # computes it: all its scores equal a finite fill -> uniform; -inf -> NaN.
-            fills = {math.isinf(m.fill) for m in plan.masks}
-            if len(fills) > 1:
-                raise _Reject("mask_fills_differ",
-                              "scores are masked with both -inf and a finite fill: a fully masked "
-                              "row would attend uniformly to only some keys")
-            if fills:
-                plan.masked_rows = "nan" if fills.pop() else "uniform"
-            return
-        for b in plan.biases:
-            if b.masks_before:
-                raise _Reject("score_bias", f"{b.node.name} is added to scores that are already "
-                              "masked: masked scores would no longer be zero")
-
     # ------------------------------------------------------------------ emission
 
-    def _emit_attention(self, gm, m1: C.MatmulView, m2: C.MatmulView, plan: _Plan) -> dict:
+    def _emit_attention(self, gm, match: "A.AttentionMatch") -> dict:
+        """Emit the gdpa call for a match. Never rejects: every check is in the matcher."""
         g = gm.graph
-        rank = len(node_shape(m1.node))
-        if rank < 2 or rank > 4:
-            raise _Reject("rank", f"scores of rank {rank}; GDPA handles 2..4")
-        # --- the key operand, checked before anything is emitted
-        base, perm, n_stripped = C.strip_permutes(m1.rhs, gm)
-        if perm is None:
-            raise _Reject("shape_unknown", f"no shape metadata on {m1.rhs.name}")
-        x_perm = C.compose(perm, m1.rhs_perm) if m1.rhs_perm else perm   # X = base.permute(x_perm)
-        k_perm = C.compose(x_perm, C.swap_last(len(x_perm)))             # k = base.permute(k_perm)
-        explicit = n_stripped > 0 or m1.rhs_perm is not None
-        if explicit and k_perm[-1] != len(k_perm) - 1:
-            raise _Reject("key_not_transposed",
-                          f"key {base.name} is permuted by {x_perm}: the product contracts over its "
-                          f"dim {x_perm[-2]}, not its feature dim; this is not q·kᵀ")
-        dts = {node_dtype(m1.lhs), node_dtype(base), node_dtype(m2.rhs)}
-        if len(dts) != 1:
-            raise _Reject("mixed_dtypes", f"q, k, v dtypes {sorted(map(str, dts))}")
+        m1, m2, plan, mp = match.m1, match.m2, match.plan, match.masks
+        base, k_perm, rank = match.key, match.k_perm, match.rank
         q_shape = _permuted(node_shape(m1.lhs), m1.lhs_perm)
         k_shape = _permuted(node_shape(base), k_perm)
         v_shape = _permuted(node_shape(m2.rhs), m2.rhs_perm)
-        if None in (q_shape, k_shape, v_shape):
-            raise _Reject("shape_unknown", "missing shapes on q/k/v")
-        nb = max(len(q_shape), len(k_shape), len(v_shape)) - 2
-        if nb > 2:
-            raise _Reject("rank", f"{nb} batch dims; GDPA handles at most 2 (batch, heads)")
         Tq, d = q_shape[-2:]
         Tk, dv = v_shape[-2:]
-        if Tq < self.config.min_q_len or Tk < self.config.min_kv_len:
-            raise _Reject("too_small", f"Tq={Tq}, Tk={Tk} below the configured minimum")
-        mp = self._plan_masks(gm, plan, rank)
         window, q_masks, k_masks, attn_mask_parts = mp["window"], mp["q_masks"], mp["k_masks"], \
             mp["attn_mask_parts"]
-        batch_dims_ok = nb >= 1 and len(q_shape) - 2 == nb
-        if (mp["kv_len"] or mp["q_len"]) and not batch_dims_ok:
-            raise _Reject("mask_layout", "a length mask on scores without a leading batch dim of q")
 
         with g.inserting_before(m2.node):
             q = _permute(g, m1.lhs, m1.lhs_perm)
@@ -567,9 +195,7 @@ class GDPAFusion(Pass):
                 col, col_shape = _key_mask_column(g, f)
                 k = g.call_function(operator.mul, (k, col))
                 k_shape = _broadcast(k_shape, col_shape)
-            nb = max(len(q_shape), len(k_shape), len(v_shape)) - 2
-            if nb > 2:
-                raise _Reject("rank", f"{nb} batch dims after masking; GDPA handles at most 2")
+            nb = match.nb
             q, k, v = (_to4d(g, t, len(s) - 2, nb) for t, s in ((q, q_shape), (k, k_shape), (v, v_shape)))
             kwargs = dict(activation=plan.act,
                           qk_scale=_scalar_expr(g, plan.qk_scale, plan.post_nodes),
@@ -620,46 +246,6 @@ class GDPAFusion(Pass):
             "first_matmul": m1.node.name, "masks_folded": len(q_masks) + len(k_masks) + len(mp["kv_len"]) + len(mp["q_len"]),
             "lengths_from_masks": len(mp["kv_len"]) + len(mp["q_len"]),
         }
-
-    def _plan_masks(self, gm, plan: _Plan, rank: int) -> dict:
-        """Each mask's meaning, read symbolically (:mod:`recopt.graph.masks`), as GDPA arguments.
-
-        Pointwise: causal / window / lengths / key and query masks (zero
-        masking), or a reason. Softmax: causal where a factor is exactly
-        causal; everything else stays an ``attn_mask`` (exact).
-        """
-        out = dict(window=None, causal=False, q_masks=[], k_masks=[], kv_len=[], q_len=[],
-                   attn_mask_parts=None)
-        parts = []
-        for m in plan.masks:
-            factors = [m.node] if m.invert else _and_factors(gm, m.node)
-            for f in factors:
-                if node_shape(f) is None:
-                    raise _Reject("shape_unknown", f"no shape for mask {f.name}")
-                got = M.keep_parts(gm, f, m.invert, rank)
-                if plan.act == R.SOFTMAX:
-                    if isinstance(got, M.MaskParts) and got.causal and got.window is None and not (
-                            got.kv_lengths or got.q_lengths or got.key_masks or got.query_masks):
-                        out["causal"] = True
-                    else:
-                        parts.append(("keep", f, m.invert))
-                    continue
-                if not isinstance(got, M.MaskParts):
-                    raise _Reject(*got)
-                out["causal"] |= got.causal
-                if got.window is not None:
-                    out["window"] = got.window if out["window"] is None else min(out["window"], got.window)
-                out["kv_len"] += got.kv_lengths
-                out["q_len"] += got.q_lengths
-                out["k_masks"] += [_Lazy("not", n) if inv else n for n, inv in got.key_masks]
-                out["q_masks"] += [_Lazy("not", n) if inv else n for n, inv in got.query_masks]
-        if plan.act == R.SOFTMAX:
-            out["attn_mask_parts"] = parts or None
-        for node, _off in out["kv_len"] + out["q_len"]:
-            dt = node_dtype(node)
-            if dt is not None and (dt.is_floating_point or dt == torch.bool):
-                raise _Reject("mask_not_separable", f"lengths {node.name} are not integers ({dt})")
-        return out
 
     # ------------------------------------------------------------------ pattern C
 
@@ -881,76 +467,6 @@ def _mha_mask(g, kpm, attn_mask, heads: int):
 # ---------------------------------------------------------------------------- helpers
 
 
-class _Lazy:
-    """A mask factor to be negated when emitted (``~mask``)."""
-
-    def __init__(self, op, node):
-        self.op, self.node = op, node
-        self.name = f"~{node.name}"
-
-
-def _name(f) -> str:
-    return f.name if hasattr(f, "name") else str(f)
-
-
-def _label(n: fx.Node) -> str:
-    if n.op == "call_module":
-        return f"{n.name} (module {n.target})"
-    return f"{n.name} ({getattr(n.target, '__name__', n.target)})"
-
-
-def _side_inputs(nodes: list, depth: int) -> set:
-    """Nodes feeding ``nodes`` through their inputs, up to ``depth`` steps back."""
-    out: set = set()
-    frontier = list(nodes)
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for a in n.all_input_nodes:
-                if a not in out:
-                    out.add(a)
-                    nxt.append(a)
-        frontier = nxt
-    return out
-
-
-def _other_operand(n: fx.Node, main) -> Any:
-    args = list(n.args[:2]) if len(n.args) >= 2 else list(n.args) + list(n.kwargs.values())
-    for a in args:
-        if a is not main:
-            return a
-    return None
-
-
-def _and_factors(gm, node) -> list:
-    """Split ``a & b & c`` into its factors (only nodes used by this product)."""
-    if C.op_kind(node, gm) == "and" and all(isinstance(a, fx.Node) for a in node.args[:2]):
-        return _and_factors(gm, node.args[0]) + _and_factors(gm, node.args[1])
-    return [node]
-
-
-def _band_width(gm, f) -> Optional[int]:
-    """w if the (constant) mask ``f`` is exactly ``|i - j| <= w`` over its last two dims."""
-    node = f.node if isinstance(f, _Lazy) else f
-    val = const_value(gm, node)
-    if not isinstance(val, torch.Tensor) or val.dim() < 2:
-        return None
-    val = val.bool()
-    if isinstance(f, _Lazy):
-        val = ~val
-    m = val.reshape(-1, *val.shape[-2:])
-    if not bool((m == m[:1]).all()):
-        return None
-    m = m[0]
-    i = torch.arange(m.shape[0])[:, None]
-    j = torch.arange(m.shape[1])[None, :]
-    dist = (i - j).abs()
-    if not bool(m.any()):
-        return None
-    w = int(dist[m].max())
-    return w if bool((m == (dist <= w)).all()) else None
-
-
 def _scalar_expr(g, value: float, nodes: list):
     """``value`` times/divided by shape-derived scalar nodes, as a graph value."""
     out = value
@@ -980,13 +496,13 @@ def _permute(g: fx.Graph, node, perm):
 
 
 def _materialize(g, f):
-    if isinstance(f, _Lazy):
+    if isinstance(f, A.Negated):
         return g.call_function(operator.invert, (f.node,))
     return f
 
 
 def _mask_shape(f) -> tuple:
-    return tuple(node_shape(f.node if isinstance(f, _Lazy) else f))
+    return tuple(node_shape(f.node if isinstance(f, A.Negated) else f))
 
 
 def _key_mask_column(g, f):
@@ -1026,7 +542,7 @@ def _training_flag(g: fx.Graph) -> fx.Node:
     return g.create_node("get_attr", "training")
 
 
-def _scaled_bias(g, b: "_Bias", plan: _Plan):
+def _scaled_bias(g, b, plan: A.AttentionPlan):
     """The bias as GDPA adds it: after the whole pre-activation scale.
 
     ``(s + b) * c`` is ``c*s + c*b``: scale factors applied after the bias
@@ -1078,7 +594,7 @@ def _copy_meta(new: fx.Node, old: fx.Node):
             new.meta[key] = old.meta[key]
 
 
-def _pattern_name(plan: _Plan, nb: int, Tq: int, Tk: int) -> str:
+def _pattern_name(plan: A.AttentionPlan, nb: int, Tq: int, Tk: int) -> str:
     if plan.act == R.SOFTMAX:
         return "softmax_attention"
     if plan.act == "silu" and plan.qk_scale != 1.0:
