@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of GDPA (generalized dot-product attention).
 
 This is what the op runs where no fast kernel applies (CPU, or triton not
-installed) and what every kernel is tested against. Semantics (SPEC §3.2/§3.8),
+installed) and what every kernel is tested against. Semantics,
 per sample b, head h, query row i and key row j::
 
     s_ij = pre_scale * <q_i, k_j> + bias[b,h,i,j]   # fp32; bias optional, broadcast

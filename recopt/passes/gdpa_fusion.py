@@ -1,25 +1,23 @@
-"""GDPA fusion: find attention-like matmul chains in an fx graph and call GDPA.
+"""GDPA fusion: rewrite attention-like matmul chains in an fx graph into one GDPA call.
 
-Patterns (SPEC §11.1; docs/gdpa.md has the user-facing list):
+Patterns (docs/gdpa.md has the user-facing list):
 
-- **A, attention** — anchored on the second matmul ``o = P @ v`` and walking
-  back through ``P``'s producers to a first matmul ``S = q @ X``::
-
-      S -> [scale] -> [mask] -> act | softmax -> [scale] -> [dropout(eval)] -> @ v
-
-  in any spelling the canonicaliser knows (``@``/matmul/bmm/einsum,
-  transpose/permute/mT, module or functional activations, ``where``/
-  ``masked_fill``/bool-multiply masks). The first operand ``X`` is taken as
-  ``kᵀ`` *as computed*, so the rewrite is exact whatever the layout.
-  HSTU's ``silu(q kᵀ α) / N`` and the two-layer PFFN ``act(S W1ᵀ) W2`` (one
-  head; never split into heads) are instances.
+- **A, attention** — described by the one attention matcher,
+  :func:`recopt.graph.attention.match_attention` (scores, scale, bias, mask
+  read symbolically, normaliser, dropout, layout), which raises a reason when
+  the region is not expressible; this pass only emits the call, and never
+  rejects after emitting. HSTU's ``silu(q kᵀ α + rab) / N * mask`` and the
+  two-layer PFFN ``act(S W1ᵀ) W2`` (one head; never split into heads) are
+  instances.
 - **C, re-associated PFFN** — ``s @ (A @ B)ᵀ`` where ``A @ B`` builds a
   per-sample weight from a shared one (InterFormer's single-layer PFFN):
   rewritten to ``gdpa(s, B, Aᵀ, "raw")`` when that saves FLOPs; the d×d
   weight is never built.
-- ``F.scaled_dot_product_attention`` calls and ``nn.MultiheadAttention``
-  modules → GDPA's softmax mode (SDPA underneath), MHA split into its
-  projections so later passes see the linears.
+- ``F.scaled_dot_product_attention`` calls (``is_causal`` included) and
+  ``nn.MultiheadAttention`` modules (masks, either ``batch_first``, dropout
+  following the graph's mode) → GDPA's softmax mode, MHA split into its
+  projections so later passes see the linears. Encoders are opened first by
+  the ``decompose_attention`` pass (:mod:`recopt.passes.gdpa.decompose`).
 
 Every candidate gets a :class:`~recopt.passes.base.Site`; a rejected one
 carries a reason code (``REASONS`` lists them).

@@ -1,4 +1,4 @@
-"""Sliding-window self-attention (Kunlun, SPEC §4.2 / §11.4).
+"""Sliding-window self-attention (Kunlun).
 
 Two passes share one matcher:
 
