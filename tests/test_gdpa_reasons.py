@@ -39,3 +39,15 @@ def test_emitted_codes_are_declared_and_documented():
     documented = _documented()
     assert declared == documented, (f"in REASONS, not in docs/gdpa.md: {sorted(declared - documented)}; "
                                     f"documented, not declared: {sorted(documented - declared)}")
+
+
+def test_site_statuses_are_an_enum_that_reads_as_text():
+    import json
+
+    from recopt.report import REJECTED, REWRITTEN, RunStatus, Site, SiteStatus
+
+    s = Site(pass_name="p", node="n", status=REWRITTEN)
+    assert s.status is SiteStatus.REWRITTEN and s.status == "rewritten" and f"{s.status}" == "rewritten"
+    assert json.loads(json.dumps(s.to_dict()))["status"] == "rewritten"
+    assert {x.value for x in SiteStatus} == {"rewritten", "rejected"} and REJECTED == "rejected"
+    assert {x.value for x in RunStatus} == {"applied", "no_change", "rolled_back", "failed"}
