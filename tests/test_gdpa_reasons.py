@@ -5,6 +5,8 @@ from pathlib import Path
 import recopt.graph.attention as attention_mod
 import recopt.graph.masks as masks_mod
 import recopt.passes.gdpa.decompose as decompose_mod
+import recopt.passes.gdpa.pffn as pffn_mod
+import recopt.passes.gdpa.sdpa as sdpa_mod
 import recopt.passes.gdpa_fusion as fusion_mod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +35,7 @@ def _documented() -> set:
 
 
 def test_emitted_codes_are_declared_and_documented():
-    emitted = _emitted(fusion_mod, attention_mod, masks_mod, decompose_mod)
+    emitted = _emitted(fusion_mod, attention_mod, masks_mod, decompose_mod, sdpa_mod, pffn_mod)
     declared = set(fusion_mod.REASONS) | set(decompose_mod.REASONS)
     assert emitted <= declared, f"emitted but not in REASONS: {sorted(emitted - declared)}"
     documented = _documented()
