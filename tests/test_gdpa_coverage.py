@@ -322,3 +322,30 @@ def test_band_attention_pass_reads_the_band_symbolically():
     res = BandAttention().run(gm, PassContext(target=None, example_inputs=big))
     assert [s.status for s in res.sites] == ["rewritten"], [(s.reason_code, s.reason) for s in res.sites]
     torch.testing.assert_close(res.graph_module(*big), model(*big))
+
+
+@pytest.mark.parametrize("kind,code", [
+    ("no_diagonal", "mask_not_separable"),     # triu(diagonal=0) drops the diagonal: not causal
+    ("lagged", "mask_not_separable"),          # 1 <= i - j <= 3: not a symmetric band
+    ("random", "mask_not_separable"),          # data-dependent query x key mask
+])
+def test_mask_decoys_are_left_alone(kind, code):
+    class Decoy(nn.Module):
+        def forward(self, q, k, v):
+            T = q.size(2)
+            i = torch.arange(T, device=q.device)
+            if kind == "no_diagonal":
+                drop = torch.triu(torch.ones((T, T), dtype=torch.bool, device=q.device))
+            elif kind == "lagged":
+                d = i[:, None] - i[None, :]
+                drop = (d < 1) | (d > 3)
+            else:
+                drop = (q[..., :1] @ k[..., :1].transpose(-1, -2)) > 0
+            s = (q @ k.transpose(-1, -2)).masked_fill(drop, 0.0)
+            return F.gelu(s) @ v
+
+    q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
+    res, gm = fuse(Decoy(), q, k, v)
+    assert [(s.status, s.reason_code) for s in res.sites] == [("rejected", code)], \
+        [(s.reason_code, s.reason) for s in res.sites]
+    assert n_gdpa(gm) == 0
