@@ -26,17 +26,13 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 
 from recopt.graph import attention as A
 from recopt.graph import canon as C
-from recopt.graph.nodes import get_module, is_getitem, is_parameter, node_dtype, node_shape
+from recopt.graph.nodes import node_dtype, node_shape
 from recopt.ops import gdpa as gdpa_fn
 from recopt.ops import gdpa_ref as R
 from recopt.ops.gdpa import gdpa_flops, reference_reason

@@ -1,19 +1,14 @@
 """Graph-building helpers shared by the attention rewrites (layouts, masks, scalars, metadata)."""
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 
 from recopt.graph import attention as A
 from recopt.graph import canon as C
-from recopt.graph.nodes import get_module, is_getitem, is_parameter, node_dtype, node_shape
-from recopt.ops import gdpa as gdpa_fn
-from recopt.ops.gdpa import gdpa_flops
+from recopt.graph.nodes import node_shape
 
 
 

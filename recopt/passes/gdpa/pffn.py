@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import math
-import operator
 
-import torch
-import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
-
-from recopt.graph import attention as A
 from recopt.graph import canon as C
-from recopt.graph.nodes import get_module, is_getitem, is_parameter, node_dtype, node_shape
+from recopt.graph.nodes import is_parameter, node_dtype, node_shape
 from recopt.ops import gdpa as gdpa_fn
-from recopt.ops.gdpa import gdpa_flops
 
 from .emit import _broadcast, _copy_meta, _from4d, _permute, _permuted, _swap, _to4d
 

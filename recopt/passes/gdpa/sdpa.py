@@ -10,9 +10,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from recopt.graph import attention as A
 from recopt.graph import canon as C
-from recopt.graph.nodes import get_module, is_getitem, is_parameter, node_dtype, node_shape
+from recopt.graph.nodes import get_module, is_getitem, node_dtype, node_shape
 from recopt.ops import gdpa as gdpa_fn
 from recopt.ops.gdpa import gdpa_flops
 
