@@ -349,3 +349,19 @@ def test_mask_decoys_are_left_alone(kind, code):
     assert [(s.status, s.reason_code) for s in res.sites] == [("rejected", code)], \
         [(s.reason_code, s.reason) for s in res.sites]
     assert n_gdpa(gm) == 0
+
+
+def test_additive_mask_row_of_neg_inf_stays_nan():
+    """softmax(s + m) with a row of m all -inf is NaN in the model: also after fusion."""
+    class Add(nn.Module):
+        def forward(self, q, k, v, m):
+            return torch.softmax(q @ k.transpose(-1, -2) * 0.5 + m, dim=-1) @ v
+
+    q, k, v = (torch.randn(2, 2, 4, 8) for _ in range(3))
+    m = torch.zeros(2, 1, 4, 4)
+    m[1, :, 2] = float("-inf")
+    m[0, :, :, 3] = -1e9
+    res, gm = fuse(Add(), q, k, v, m)
+    assert [s.status for s in res.sites] == ["rewritten"]
+    check_same(Add(), gm, (q, k, v, m), grad=False)
+    assert torch.isnan(gm(q, k, v, m)[1, :, 2]).all()

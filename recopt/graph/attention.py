@@ -437,6 +437,9 @@ def _check_masks(gm, plan: _Plan, convert_nan_masks: bool):
                           "row would attend uniformly to only some keys")
         if fills:
             plan.masked_rows = "nan" if fills.pop() else "uniform"
+        elif plan.biases:
+            # only additive masks: a row the model fills with -inf everywhere is NaN
+            plan.masked_rows = "nan"
         return
     for b in plan.biases:
         if b.masks_before:
