@@ -148,3 +148,25 @@ def test_masked_rows_is_checked():
     q = torch.randn(1, 1, 2, 4)
     with pytest.raises(ValueError, match="masked_rows"):
         gdpa(q, q, q, activation="softmax", masked_rows="ones")
+
+
+def test_onnx_translation_follows_causal_and_bias(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import importlib
+
+    rx = importlib.import_module("recopt.export")
+
+    class Causal(torch.nn.Module):
+        def forward(self, q, k, v, bias):
+            return gdpa(q, k, v, activation="silu", causal=True, bias=bias, pre_scale=0.5)
+
+    q, k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
+    bias = torch.randn(1, 2, 5, 5)
+    path = str(tmp_path / "causal.onnx")
+    rx.export(Causal(), (q, k, v, bias), path, n_random_inputs=1)
+    got = rx.load(path)(q, k, v, bias)
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    torch.testing.assert_close(torch.as_tensor(got), R.gdpa_ref(q, k, v, activation="silu", causal=True,
+                                                                  bias=bias, pre_scale=0.5),
+                               rtol=1e-5, atol=1e-5)
