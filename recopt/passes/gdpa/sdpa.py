@@ -82,6 +82,9 @@ def try_mha(p, gm, node, erased):
             problems.append(f"{name} without shape metadata")
     if attn_mask is not None and len(node_shape(attn_mask) or ()) not in (2, 3):
         problems.append("attn_mask that is not [L, S] or [B*heads, L, S]")
+    if mod.training and mod.dropout > 0:
+        # MHA draws its dropout inside SDPA: that random stream cannot be reproduced
+        problems.append(f"dropout {mod.dropout} in training mode")
     if problems:
         return p.rejected(node, "mha_options", "nn.MultiheadAttention with " + ", ".join(problems))
     for u in node.users:
