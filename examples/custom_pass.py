@@ -1,7 +1,10 @@
-"""Write, register and run your own recopt pass (about 20 lines of pass code).
+"""Write, register and run your own recopt pass with the rule layer (about 30 lines).
 
 The pass fuses ``torch.sigmoid(x) * x`` (a hand-written SiLU, common in
-CTR-library code) into one ``F.silu`` call. It is ``exact``: the pass
+CTR-library code) into one ``F.silu`` call, as a rule: ``match`` finds
+candidates, ``check`` returns a reason when one must be left alone, and the
+rewrite is a plain torch function that recopt traces and inlines (it never
+rejects). It is ``exact``: the pass
 manager checks the rewritten graph against the original and would roll it
 back if the outputs moved.
 
@@ -18,31 +21,35 @@ sys.path.insert(0, ".")
 import recopt  # noqa: E402
 
 
+def match_silu(gm, node):
+    """``sigmoid(x) * x`` (either order) -> bindings, or None: not a candidate."""
+    if node.op != "call_function" or node.target not in (operator.mul, torch.mul):
+        return None
+    a, b = node.args[:2]
+    sig, x = (a, b) if _is_sigmoid(a) else (b, a)
+    if not _is_sigmoid(sig) or sig.args[0] is not x:
+        return None
+    return {"x": x, "sigmoid": sig}
+
+
+def check_silu(gm, m):
+    """None if the rewrite is exact here, else a Reason (reported as left alone)."""
+    if len(m["sigmoid"].users) > 1:
+        return recopt.Reason("sigmoid_reused", "the sigmoid is used elsewhere too")
+    return None
+
+
+def silu(x):                      # the replacement: plain torch, traced and inlined
+    return F.silu(x)
+
+
 @recopt.register_pass
-class FuseHandWrittenSiLU(recopt.Pass):
+class FuseHandWrittenSiLU(recopt.RulePass):
     name = "fuse_silu"
     semantics = recopt.Semantics.EXACT
     description = "sigmoid(x) * x -> silu(x)"
-
-    def run(self, gm, ctx):
-        sites = []
-        for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target not in (operator.mul, torch.mul):
-                continue
-            a, b = node.args[:2]
-            sig, x = (a, b) if _is_sigmoid(a) else (b, a)
-            if not _is_sigmoid(sig) or sig.args[0] is not x:
-                continue
-            if len(sig.users) > 1:
-                sites.append(self.rejected(node, "sigmoid_reused", "the sigmoid is used elsewhere too"))
-                continue
-            with gm.graph.inserting_before(node):
-                fused = gm.graph.call_function(F.silu, (x,))
-            node.replace_all_uses_with(fused)
-            sites.append(self.rewritten(node, "sigmoid(x) * x -> silu(x)"))
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        return recopt.PassResult(gm, sites)
+    rules = (recopt.Rule("silu", match_silu, lambda m: (silu, [m["x"]]), check=check_silu,
+                         description="sigmoid(x) * x -> silu(x)"),)
 
 
 def _is_sigmoid(n):

@@ -23,6 +23,7 @@ from .errors import CaptureError, InputError, MissingDependencyError, PassError,
 from .passes.base import Pass, PassConfig, PassContext, PassResult, Semantics, Site
 from .passes.manager import PassManager
 from .passes.registry import available_passes, default_pipeline, register_pass
+from .passes.rules import Reason, Rule, RulePass
 from .report import OptimizationReport
 from .targets import Target, available_targets, get_target
 from .verify import VerifyConfig
@@ -33,6 +34,7 @@ __all__ = [
     "optimize", "OptimizedModel", "capture", "CapturedModel",
     "Pass", "PassConfig", "PassContext", "PassResult", "Semantics", "Site",
     "PassManager", "register_pass", "available_passes", "default_pipeline",
+    "Rule", "RulePass", "Reason",
     "Target", "get_target", "available_targets", "OptimizationReport",
     "RecoptError", "InputError", "CaptureError", "PassError", "VerificationError",
     "MissingDependencyError", "export", "load", "read_manifest", "__version__", "VerifyConfig",

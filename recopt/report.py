@@ -1,17 +1,89 @@
 """OptimizationReport: what each pass did, where, and why not elsewhere."""
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
-from .passes.base import REJECTED, REWRITTEN, Site
+import torch
 
-# Pass-run statuses.
-APPLIED = "applied"
-NO_CHANGE = "no_change"
-ROLLED_BACK = "rolled_back"
-FAILED = "failed"
+
+class _Status(str, enum.Enum):
+    """A status that is also its string (``== "rewritten"``, JSON, f-strings)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class SiteStatus(_Status):
+    """What a pass did at one candidate site."""
+
+    REWRITTEN = "rewritten"
+    REJECTED = "rejected"
+
+
+class RunStatus(_Status):
+    """What became of one pass's run in the pipeline."""
+
+    APPLIED = "applied"
+    NO_CHANGE = "no_change"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+
+
+REWRITTEN, REJECTED = SiteStatus.REWRITTEN, SiteStatus.REJECTED
+APPLIED, NO_CHANGE, ROLLED_BACK, FAILED = (RunStatus.APPLIED, RunStatus.NO_CHANGE,
+                                           RunStatus.ROLLED_BACK, RunStatus.FAILED)
+
+
+@dataclass
+class Site:
+    """One candidate a pass looked at.
+
+    ``status`` is a :class:`SiteStatus` (``"rewritten"`` or ``"rejected"``); a rejected site carries a
+    short stable ``reason_code`` (for tests and tooling) and a sentence
+    ``reason`` for people. FLOP/byte fields are per call of the graph on the
+    example inputs, filled where the pass changes them.
+    """
+
+    pass_name: str
+    node: str
+    status: SiteStatus
+    reason: str = ""
+    reason_code: str = ""
+    module_path: str = ""
+    op: str = ""
+    flops_before: Optional[float] = None
+    flops_after: Optional[float] = None
+    bytes_before: Optional[float] = None
+    bytes_after: Optional[float] = None
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["details"] = _jsonable(d["details"])
+        return d
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if isinstance(x, torch.Size):
+        return list(x)
+    if isinstance(x, (torch.dtype, torch.device)):
+        return str(x)
+    return repr(x)
+
+
 
 
 @dataclass
@@ -26,7 +98,7 @@ class PassRun:
 
     name: str
     semantics: str
-    status: str
+    status: RunStatus
     duration_s: float
     verify_s: float = 0.0
     config: dict = field(default_factory=dict)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from .report import OptimizationReport
+if TYPE_CHECKING:  # type hints only: report.py imports this module
+    from .report import OptimizationReport
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1200px}

@@ -94,8 +94,8 @@ NEGATIVE = {
     "neg_inf_before_gelu": (lambda m, q, k, v, l: F.gelu(torch.where(_keep(k, l), q @ k.transpose(2, 3), float("-inf"))) @ v,
                             "neg_inf_mask_nan"),
     "softmax_over_queries": (lambda m, q, k, v, l: torch.softmax(q @ k.transpose(-1, -2), dim=-2) @ v, "softmax_wrong_dim"),
-    "training_dropout": (lambda m, q, k, v, l: F.dropout(F.gelu(q @ k.transpose(-1, -2)), 0.1, training=True) @ v,
-                         "dropout_training"),
+    "dropout_before_activation": (lambda m, q, k, v, l: F.gelu(F.dropout(q @ k.transpose(-1, -2), 0.1, training=True)) @ v,
+                                  "dropout_training"),
     "sigmoid": (lambda m, q, k, v, l: torch.sigmoid(q @ k.transpose(-1, -2)) @ v, "activation_unsupported"),
     "general_2d_mask": (lambda m, q, k, v, l: F.gelu(torch.where(q[..., :1] @ k[..., :1].transpose(-1, -2) > 0,
                                                                  q @ k.transpose(-1, -2), 0.0)) @ v,
@@ -194,13 +194,15 @@ def test_mha_module_split_into_projections_and_gdpa():
     torch.testing.assert_close(res.graph_module(x, pad), model(x, pad), rtol=1e-5, atol=1e-5)
 
 
-def test_sdpa_call_routed_and_causal_rejected():
+def test_sdpa_call_routed_causal_included():
     q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
-    for causal, status in ((False, "rewritten"), (True, "rejected")):
+    for causal in (False, True):
         model = Fn(lambda m, q, k, v, l, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c))
         res, gm = run(model, q, k, v, torch.tensor([1, 1]))
-        assert [s.status for s in res.sites] == [status]
+        assert [s.status for s in res.sites] == ["rewritten"]
         torch.testing.assert_close(gm(q, k, v, None), model(q, k, v, None))
+        q7, k7, v7 = (torch.randn(3, 2, 7, 8) for _ in range(3))   # other sizes
+        torch.testing.assert_close(gm(q7, k7, v7, None), model(q7, k7, v7, None))
 
 
 def test_plain_mlp_with_weights_is_not_a_candidate():
@@ -235,3 +237,31 @@ def test_config_round_trips_and_switches_patterns_off():
     q, k, v = (torch.randn(2, 2, 6, 8) for _ in range(3))
     res, _ = run(Fn(fn), q, k, v, torch.tensor([3, 6]), config=cfg)
     assert [s.reason_code for s in res.sites] == ["disabled"]
+
+
+@pytest.mark.parametrize("act", ["gelu", "softmax"])
+def test_train_mode_dropout_is_kept_and_follows_the_graph_mode(act):
+    """Dropout after the activation becomes gdpa's dropout_p: same mask under the same
+    seed in train mode, none in eval mode (the graph's own self.training decides)."""
+    class Drop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.3)
+
+        def forward(self, q, k, v, lens):
+            s = q @ k.transpose(-1, -2)
+            p = F.gelu(s) if act == "gelu" else torch.softmax(s, -1)
+            return self.drop(p) @ v
+
+    model = Drop()
+    q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
+    res, gm = run(model, q, k, v, torch.tensor([1, 1]))
+    assert [s.status for s in res.sites] == ["rewritten"]
+    torch.testing.assert_close(gm(q, k, v, None), model(q, k, v, None))     # eval: no dropout
+    model.train(), gm.train()
+    torch.manual_seed(3)
+    want = model(q, k, v, None)
+    torch.manual_seed(3)
+    got = gm(q, k, v, None)
+    torch.testing.assert_close(got, want)
+    assert not torch.equal(got, gm.eval()(q, k, v, None))

@@ -167,7 +167,8 @@ def test_train_graph_rejects_fusing_attention_with_live_dropout():
     assert opt.report.sites_for("gdpa", "rewritten"), "eval graph: MHA fused"
     assert opt.train_report is not None
     assert not opt.train_report.sites_for("gdpa", "rewritten")
-    assert [s.reason_code for s in opt.train_report.sites_for("gdpa", "rejected")] == ["mha_options"]
+    # two MHAs: self.mha, and the encoder layer's self_attn (opened by decompose_attention)
+    assert [s.reason_code for s in opt.train_report.sites_for("gdpa", "rejected")] == ["mha_options"] * 2
     assert "separate graphs" in opt.report.modes_note
 
 

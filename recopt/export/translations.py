@@ -172,15 +172,18 @@ def _dim_scalar(value, axis: int):
 
 
 def gdpa_dense(q, k, v, q_lengths=None, kv_lengths=None, activation: str = "raw",
-               qk_scale: float = 1.0, pre_scale: float = 1.0, window: int = -1):
+               qk_scale: float = 1.0, pre_scale: float = 1.0, window: int = -1,
+               causal: bool = False, bias=None):
     """ONNX translation of ``recopt::gdpa`` (see :func:`recopt.ops.gdpa_ref.gdpa_ref`)."""
     import onnx
 
     return _gdpa_core(q, k, v, q_lengths, kv_lengths, activation, qk_scale, pre_scale, window,
-                      _static_dim(q, 1, "number of query heads"), _static_dim(k, 1, "number of K/V heads"))
+                      _static_dim(q, 1, "number of query heads"), _static_dim(k, 1, "number of K/V heads"),
+                      causal=causal, bias=bias)
 
 
-def _gdpa_core(q, k, v, q_lengths, kv_lengths, activation, qk_scale, pre_scale, window, heads: int, kv_heads: int):
+def _gdpa_core(q, k, v, q_lengths, kv_lengths, activation, qk_scale, pre_scale, window, heads: int, kv_heads: int,
+               causal: bool = False, bias=None):
     import onnx
 
     op = _op()
@@ -193,13 +196,21 @@ def _gdpa_core(q, k, v, q_lengths, kv_lengths, activation, qk_scale, pre_scale, 
         s = op.Cast(s, to=onnx.TensorProto.FLOAT)
     if pre_scale != 1.0:
         s = op.Mul(s, _scalar(pre_scale, s))
+    if bias is not None:
+        s = op.Add(s, op.CastLike(bias, s))
     keep = None
+    if causal:
+        tq, tk = _dim_scalar(q, 2), _dim_scalar(k, 2)
+        i = op.Range(_const_scalar_i64(0), tq, _const_scalar_i64(1))
+        j = op.Range(_const_scalar_i64(0), tk, _const_scalar_i64(1))
+        keep = op.Not(op.Greater(op.Unsqueeze(j, _const_i64([0])), op.Unsqueeze(i, _const_i64([1]))))
     if window is not None and window >= 0:
         tq, tk = _dim_scalar(q, 2), _dim_scalar(k, 2)
         i = op.Range(_const_scalar_i64(0), tq, _const_scalar_i64(1))
         j = op.Range(_const_scalar_i64(0), tk, _const_scalar_i64(1))
         dist = op.Abs(op.Sub(op.Unsqueeze(i, _const_i64([1])), op.Unsqueeze(j, _const_i64([0]))))
-        keep = op.Not(op.Greater(dist, _const_scalar_i64(window)))    # [Tq, Tk]
+        band = op.Not(op.Greater(dist, _const_scalar_i64(window)))    # [Tq, Tk]
+        keep = band if keep is None else op.And(keep, band)
     if kv_lengths is not None:
         kl = op.Unsqueeze(_lengths_mask(kv_lengths, _dim_scalar(k, 2)), _const_i64([1, 2]))  # [B,1,1,Tk]
         keep = kl if keep is None else op.And(keep, kl)

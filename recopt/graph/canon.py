@@ -41,6 +41,7 @@ _FUNCS = {
     torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "matmul", torch.mm: "matmul",
     aten.matmul.default: "matmul", aten.bmm.default: "matmul", aten.mm.default: "matmul",
     torch.einsum: "einsum", aten.einsum.default: "einsum",
+    torch.baddbmm: "baddbmm", aten.baddbmm.default: "baddbmm",
     # linear
     F.linear: "linear", torch._C._nn.linear: "linear", aten.linear.default: "linear",
     torch.addmm: "addmm", aten.addmm.default: "addmm",
@@ -95,6 +96,7 @@ _FUNCS = {
 
 _METHODS = {
     "matmul": "matmul", "bmm": "matmul", "mm": "matmul", "__matmul__": "matmul",
+    "baddbmm": "baddbmm",
     "transpose": "transpose", "swapaxes": "transpose", "swapdims": "transpose",
     "permute": "permute", "t": "t",
     "view": "view", "reshape": "view", "flatten": "view", "unflatten": "view",
@@ -275,6 +277,34 @@ def as_matmul(node: Any, gm: Optional[fx.GraphModule] = None) -> Optional[Matmul
     if kind == "einsum":
         return _einsum_view(node)
     return None
+
+
+@dataclass
+class BaddbmmView:
+    """``node = beta * input + alpha * (batch1 @ batch2)`` (``torch.baddbmm``);
+    ``alpha`` is a float or a graph scalar node (``1 / sqrt(q.size(-1))``)."""
+
+    matmul: MatmulView
+    input: Any
+    beta: float
+    alpha: float
+
+
+def as_baddbmm(node: Any, gm: Optional[fx.GraphModule] = None) -> Optional[BaddbmmView]:
+    """A ``baddbmm`` with constant ``beta``/``alpha`` as a matmul plus a scaled input, or None.
+
+    Not a matmul on its own (:func:`as_matmul` returns None for it): its
+    output includes the added input."""
+    if op_kind(node, gm) != "baddbmm":
+        return None
+    inp, b1, b2 = node.args[0], arg(node, 1, "batch1"), arg(node, 2, "batch2")
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if not all(isinstance(x, fx.Node) for x in (b1, b2)) or scalar(beta) is None:
+        return None
+    if scalar(alpha) is None and not isinstance(alpha, fx.Node):
+        return None
+    return BaddbmmView(MatmulView(node, b1, b2, spelling="baddbmm"), inp, float(beta),
+                       float(alpha) if scalar(alpha) is not None else alpha)
 
 
 def _einsum_operands(node: fx.Node):

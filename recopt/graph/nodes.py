@@ -79,11 +79,24 @@ def _is_shape_access(n: fx.Node) -> bool:
     static metadata, not data."""
     if n.op == "call_function" and n.target is getattr and len(n.args) == 2:
         return n.args[1] in ("shape", "ndim", "device", "dtype")
+    if n.op == "call_function" and n.target in _SYM_SIZE_OPS:
+        return True
     return n.op == "call_method" and n.target in ("size", "dim")
+
+
+# Dynamo's graphs read dynamic sizes with these (``torch.ops.aten.sym_size.int(x, 1)``).
+_SYM_SIZE_OPS = tuple(
+    op for op in (getattr(getattr(torch.ops.aten, "sym_size", None), "int", None),
+                  getattr(getattr(torch.ops.aten, "sym_size", None), "default", None)) if op is not None)
 
 
 def _shape_access_value(n: fx.Node) -> Any:
     x = n.args[0]
+    if n.op == "call_function" and n.target in _SYM_SIZE_OPS:
+        shape = node_shape(x)
+        if shape is None:
+            raise _TooBig()
+        return shape[n.args[1]] if len(n.args) > 1 else torch.Size(shape)
     if n.op == "call_function" and n.args[1] == "device":
         # Constant masks are evaluated on the CPU only to recognise their
         # structure; the graph keeps computing them on the real device.

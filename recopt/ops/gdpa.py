@@ -46,12 +46,18 @@ BACKEND_ENV = "RECOPT_GDPA_BACKEND"
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def backend_for(q: Tensor, k: Tensor, v: Tensor, activation: str) -> str:
-    """``"triton"`` or ``"reference"``: which implementation runs for these inputs."""
+def backend_for(q: Tensor, k: Tensor, v: Tensor, activation: str, causal: bool = False,
+                bias: Optional[Tensor] = None) -> str:
+    """``"triton"`` or ``"reference"``: which implementation runs for these inputs.
+
+    ``causal`` and ``bias`` are not in the Triton kernels yet: such calls run
+    the reference (on any device, also under ``RECOPT_GDPA_BACKEND=triton``);
+    :func:`reference_reason` names why, and the gdpa pass reports it.
+    """
     choice = os.environ.get(BACKEND_ENV, "auto").lower()
     if choice not in ("auto", "triton", "reference"):
         raise ValueError(f"{BACKEND_ENV}={choice!r}; use auto, triton or reference")
-    if choice == "reference" or activation == R.SOFTMAX:
+    if choice == "reference" or activation == R.SOFTMAX or reference_reason(causal, bias):
         return "reference"
     usable = (
         HAS_TRITON
@@ -70,6 +76,15 @@ def backend_for(q: Tensor, k: Tensor, v: Tensor, activation: str) -> str:
             )
         return "triton"
     return "triton" if usable and q.is_cuda else "reference"
+
+
+def reference_reason(causal: bool, bias: Optional[Tensor]) -> Optional[str]:
+    """Why a call with these features runs the reference whatever the device, or None."""
+    missing = [n for n, on in (("causal", causal), ("bias", bias is not None)) if on]
+    if missing:
+        return (f"{' and '.join(missing)} not in the Triton GDPA kernels yet: the plain-PyTorch "
+                "reference runs (O(T^2) memory)")
+    return None
 
 
 def _define(name: str):
@@ -111,12 +126,14 @@ def _gdpa_op(
     q: Tensor, k: Tensor, v: Tensor,
     q_lengths: Optional[Tensor], kv_lengths: Optional[Tensor],
     activation: str, qk_scale: float, pre_scale: float, window: int,
+    causal: bool = False, bias: Optional[Tensor] = None,
 ) -> Tensor:
-    if backend_for(q, k, v, activation) == "triton":
+    if backend_for(q, k, v, activation, causal, bias) == "triton":
         return _T.gdpa_fwd(q, k, v, activation=activation, qk_scale=qk_scale,
                            pre_scale=pre_scale, window=window,
                            q_lengths=q_lengths, kv_lengths=kv_lengths)
-    return R.gdpa_ref(q, k, v, q_lengths, kv_lengths, activation, qk_scale, pre_scale, window)
+    return R.gdpa_ref(q, k, v, q_lengths, kv_lengths, activation, qk_scale, pre_scale, window,
+                      causal, bias)
 
 
 @_define("recopt::gdpa_backward")
@@ -124,26 +141,31 @@ def _gdpa_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     q_lengths: Optional[Tensor], kv_lengths: Optional[Tensor],
     activation: str, qk_scale: float, pre_scale: float, window: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    if backend_for(q, k, v, activation) == "triton":
-        return _T.gdpa_bwd(grad_out.contiguous(), q, k, v, activation=activation,
-                           qk_scale=qk_scale, pre_scale=pre_scale, window=window,
-                           q_lengths=q_lengths, kv_lengths=kv_lengths)
-    dq, dk, dv = R.gdpa_bwd_ref(grad_out, q, k, v, q_lengths, kv_lengths, activation,
-                                qk_scale, pre_scale, window)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    causal: bool = False, bias: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dbias)``; ``dbias`` is an empty tensor when ``bias`` is None."""
+    if backend_for(q, k, v, activation, causal, bias) == "triton":
+        dq, dk, dv = _T.gdpa_bwd(grad_out.contiguous(), q, k, v, activation=activation,
+                                 qk_scale=qk_scale, pre_scale=pre_scale, window=window,
+                                 q_lengths=q_lengths, kv_lengths=kv_lengths)
+        return dq, dk, dv, q.new_empty(0)
+    grads = R.gdpa_bwd_ref(grad_out, q, k, v, q_lengths, kv_lengths, activation,
+                           qk_scale, pre_scale, window, causal, bias)
+    dbias = grads[3].contiguous() if bias is not None else q.new_empty(0)
+    return grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), dbias
 
 
 def _setup_dense(ctx, inputs, output):
-    q, k, v, q_lengths, kv_lengths, activation, qk_scale, pre_scale, window = inputs
-    ctx.save_for_backward(q, k, v, q_lengths, kv_lengths)
-    ctx.args = (activation, qk_scale, pre_scale, window)
+    q, k, v, q_lengths, kv_lengths, activation, qk_scale, pre_scale, window, causal, bias = inputs
+    ctx.save_for_backward(q, k, v, q_lengths, kv_lengths, bias)
+    ctx.args = (activation, qk_scale, pre_scale, window, causal)
 
 
 def _backward_dense(ctx, grad_out):
-    q, k, v, q_lengths, kv_lengths = ctx.saved_tensors
-    dq, dk, dv = torch.ops.recopt.gdpa_backward(grad_out, q, k, v, q_lengths, kv_lengths, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    q, k, v, q_lengths, kv_lengths, bias = ctx.saved_tensors
+    dq, dk, dv, dbias = torch.ops.recopt.gdpa_backward(grad_out, q, k, v, q_lengths, kv_lengths,
+                                                       *ctx.args, bias)
+    return dq, dk, dv, None, None, None, None, None, None, None, (dbias if bias is not None else None)
 
 
 _gdpa_op.register_autograd(_backward_dense, setup_context=_setup_dense)
@@ -186,7 +208,7 @@ def _gdpa_jagged_backward_op(
     vp = pad(v, kv_offsets, max_seq_len_kv).transpose(1, 2)
     gp = pad(grad_out, q_offsets, max_seq_len_q).transpose(1, 2)
     dq, dk, dv = R.gdpa_bwd_ref(gp, qp, kp, vp, q_len, kv_len, activation, qk_scale,
-                                pre_scale, window)
+                                pre_scale, window)[:3]
     unpad = R.padded_to_jagged
     return (unpad(dq.transpose(1, 2), q_offsets, q.shape[0]).contiguous(),
             unpad(dk.transpose(1, 2), kv_offsets, k.shape[0]).contiguous(),
@@ -212,10 +234,12 @@ _gdpa_jagged_op.register_autograd(_backward_jagged, setup_context=_setup_jagged)
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def gdpa_flops(B: int, H: int, Tq: int, Tk: int, d: int, dv: int, backward: bool = False) -> int:
-    """FLOPs of GDPA: 2·Tq·Tk·(d + dv) per head forward; the backward (which
-    recomputes the scores) does 2.5× that."""
-    fwd = 2 * B * H * Tq * Tk * (d + dv)
+def gdpa_flops(B: int, H: int, Tq: int, Tk: int, d: int, dv: int, backward: bool = False,
+               bias: bool = False) -> int:
+    """FLOPs of GDPA: 2·Tq·Tk·(d + dv) per head forward (+ Tq·Tk for an additive
+    bias); the backward (which recomputes the scores) does 2.5× that. Causal
+    and window masks are counted dense, like torch's own SDPA formula."""
+    fwd = 2 * B * H * Tq * Tk * (d + dv) + (B * H * Tq * Tk if bias else 0)
     return int(fwd * 2.5) if backward else fwd
 
 
@@ -225,12 +249,14 @@ def _register_flops():
     @register_flop_formula(torch.ops.recopt.gdpa)
     def _fwd(q_shape, k_shape, v_shape, *args, out_shape=None, **kw):
         B, H, Tq, d = q_shape
-        return gdpa_flops(B, H, Tq, k_shape[2], d, v_shape[3])
+        bias = (args[7] if len(args) > 7 else kw.get("bias")) is not None
+        return gdpa_flops(B, H, Tq, k_shape[2], d, v_shape[3], bias=bias)
 
     @register_flop_formula(torch.ops.recopt.gdpa_backward)
     def _bwd(go_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kw):
         B, H, Tq, d = q_shape
-        return gdpa_flops(B, H, Tq, k_shape[2], d, v_shape[3], backward=True)
+        bias = (args[7] if len(args) > 7 else kw.get("bias")) is not None
+        return gdpa_flops(B, H, Tq, k_shape[2], d, v_shape[3], backward=True, bias=bias)
 
     # Jagged: shapes only, so count every query row against the longest key
     # sequence (an upper bound; exact when the K/V side is dense, e.g. PFFN).
@@ -291,10 +317,15 @@ def gdpa(
     kv_lengths: Optional[Tensor] = None,
     broadcast_q: bool = False,
     attn_mask: Optional[Tensor] = None,
+    causal: bool = False,
+    bias: Optional[Tensor] = None,
+    masked_rows: str = "zero",
+    dropout_p: float = 0.0,
+    training: bool = False,
 ) -> Tensor:
     """Generalized dot-product attention on dense (padded) tensors.
 
-    ``o = act(pre_scale · q kᵀ) · qk_scale · v`` with masked scores set to 0.
+    ``o = act(pre_scale · q kᵀ + bias) · qk_scale · v`` with masked scores set to 0.
 
     Args:
         q: ``[B, H, Tq, d]``; with ``broadcast_q`` ``[H, Tq, d]`` or ``[1, H, Tq, d]``
@@ -310,7 +341,22 @@ def gdpa(
         q_lengths, kv_lengths: ``[B]`` integer valid lengths; output rows past
             ``q_lengths`` are 0, keys past ``kv_lengths`` are ignored.
         attn_mask: softmax only: a bool keep-mask or additive float mask
-            broadcastable to ``[B, H, Tq, Tk]``, passed to SDPA.
+            broadcastable to ``[B, H, Tq, Tk]`` (SDPA's convention).
+        causal: keep only keys ``j <= i`` (top-left aligned, as SDPA's ``is_causal``).
+        bias: additive score bias broadcastable to ``[B, H, Tq, Tk]`` (HSTU's
+            relative attention bias), added after ``pre_scale`` and before the
+            activation; differentiable (``dbias``).
+        masked_rows: softmax only: what a query row with no kept key returns —
+            ``"zero"``, ``"uniform"`` (mean of v: a model that fills masked
+            scores with a finite value such as -1e9) or ``"nan"`` (a ``-inf``
+            fill). Pointwise activations give 0 there (act(0) = 0).
+        dropout_p, training: dropout on the activated scores (softmax: the
+            probabilities), applied only when ``training`` is true — a fused
+            graph passes its own ``self.training`` so ``.train()``/``.eval()``
+            keep working. With dropout active the reference runs.
+
+    Causal and bias run the reference until the Triton kernels support them
+    (:func:`reference_reason`).
 
     Returns:
         ``[B, H, Tq, dv]`` in ``q.dtype``.
@@ -324,48 +370,48 @@ def gdpa(
     q, k, v = _broadcast_bh(q, k, v)
     _check_dense(q, k, v, q_lengths, kv_lengths)
     w = _window_arg(window)
+    if masked_rows not in R.MASKED_ROWS:
+        raise ValueError(f"masked_rows must be one of {R.MASKED_ROWS}, got {masked_rows!r}")
+    if bias is not None and bias.dim() > 4:
+        raise ValueError(f"bias must broadcast to [B, H, Tq, Tk], got shape {tuple(bias.shape)}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    p_drop = float(dropout_p) if training else 0.0
     if act == R.SOFTMAX:
-        # SDPA directly: flash on GPU, native autograd, compile-friendly.
-        if attn_mask is not None:
-            return _softmax_with_mask(q, k, v, attn_mask, q_lengths, kv_lengths, qk_scale,
-                                      pre_scale, w)
-        return R.gdpa_ref(q, k, v, q_lengths, kv_lengths, act, qk_scale, pre_scale, w)
+        return _softmax(q, k, v, attn_mask, bias, q_lengths, kv_lengths, qk_scale, pre_scale, w,
+                        bool(causal), masked_rows, p_drop)
     if attn_mask is not None:
         raise ValueError(
             "attn_mask is only supported with activation='softmax'; pointwise GDPA supports "
-            "q_lengths/kv_lengths and window masks (zero masking)")
-    if use_lean(q):  # CPU: plain aten ops, no custom-op dispatch (recopt.ops.gdpa_cpu)
+            "q_lengths/kv_lengths, window and causal masks (zero masking) and an additive bias")
+    if p_drop > 0.0:   # dropout is not in the op (nor its kernels): the reference, autograd
+        return R.gdpa_ref(q, k, v, q_lengths, kv_lengths, act, float(qk_scale), float(pre_scale),
+                          w, bool(causal), bias, dropout_p=p_drop)
+    if use_lean(q) and not causal and bias is None:
+        # CPU: plain aten ops, no custom-op dispatch (recopt.ops.gdpa_cpu); causal and a
+        # bias are not in that path: they go through the op (reference)
         return gdpa_cpu(q, k, v, q_lengths, kv_lengths, act, float(qk_scale), float(pre_scale), w)
     return torch.ops.recopt.gdpa(q, k, v, q_lengths, kv_lengths, act, float(qk_scale),
-                                 float(pre_scale), w)
+                                 float(pre_scale), w, bool(causal), bias)
 
 
-def _softmax_with_mask(q, k, v, attn_mask, q_lengths, kv_lengths, qk_scale, pre_scale, window):
+def _softmax(q, k, v, attn_mask, bias, q_lengths, kv_lengths, qk_scale, pre_scale, window,
+             causal, masked_rows, dropout_p=0.0):
+    """Softmax mode: one keep mask (lengths, window, causal, bool attn_mask) and
+    one additive bias (float attn_mask + bias), then :func:`R.softmax_attention`."""
     Tq, Tk = q.shape[2], k.shape[2]
-    keep = R._keep_mask(q.shape[0], Tq, Tk, q_lengths, kv_lengths, window, q.device)
-    if keep is not None:
+    keep = R._keep_mask(q.shape[0], Tq, Tk, None, kv_lengths, window, q.device, causal)
+    if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            attn_mask = attn_mask & keep
+            keep = attn_mask if keep is None else attn_mask & keep
         else:
-            attn_mask = attn_mask.masked_fill(~keep, float("-inf"))
+            bias = attn_mask if bias is None else bias + attn_mask
     if k.shape[1] != q.shape[1]:
         k = R._expand_kv_heads(k, q.shape[1])
         v = R._expand_kv_heads(v, q.shape[1])
-    if attn_mask.is_floating_point():
-        # An additive float mask (say -1e9 on padding) can mask a whole row
-        # (a length-0 sequence). Eager softmax then attends uniformly and its
-        # backward is tame, while SDPA's fused backward recomputes the
-        # probabilities from a logsumexp that has lost all precision at 1e9
-        # and returns gradients orders of magnitude off. The math path keeps
-        # forward *and* backward equal to the model's own code.
-        s = (q @ k.transpose(-2, -1)) * pre_scale + attn_mask
-        o = torch.softmax(s, dim=-1) @ v
-    else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=pre_scale)
     rows = R._q_row_mask(Tq, q_lengths, q.device)
-    if rows is not None:
-        o = torch.where(rows, o, 0.0)
-    return o * qk_scale if qk_scale != 1.0 else o
+    return R.softmax_attention(q, k, v, keep, rows, qk_scale, pre_scale, bias=bias,
+                               masked_rows=masked_rows, dropout_p=dropout_p)
 
 
 def gdpa_jagged(

@@ -1,18 +1,21 @@
 """Plain-PyTorch reference of GDPA (generalized dot-product attention).
 
 This is what the op runs where no fast kernel applies (CPU, or triton not
-installed) and what every kernel is tested against. Semantics (SPEC §3.2/§3.8),
+installed) and what every kernel is tested against. Semantics,
 per sample b, head h, query row i and key row j::
 
-    s_ij = pre_scale * <q_i, k_j>                   # fp32
+    s_ij = pre_scale * <q_i, k_j> + bias[b,h,i,j]   # fp32; bias optional, broadcast
     s_ij = 0   if j >= kv_len[b] or (window >= 0 and |i - j| > window)
+                  or (causal and j > i)
     p_ij = act(s_ij) * qk_scale                     # no row normalisation
     o_i  = sum_j cast(p_ij, v.dtype) * v_j          # rows i >= q_len[b] are 0
 
 Masked scores are set to **zero**, not -inf: this is exact because every
-supported activation has act(0) == 0. ``"softmax"`` is the one exception: it
-normalises rows, masks with -inf, and is served by
-``F.scaled_dot_product_attention`` (fully masked rows give 0).
+supported activation has act(0) == 0, so a row whose keys are all masked
+gives 0. ``causal`` keeps ``j <= i`` (top-left aligned, as
+``F.scaled_dot_product_attention(is_causal=True)``). ``"softmax"`` normalises
+rows and masks with -inf; a row with no kept key returns what
+``masked_rows`` says (see :func:`softmax_attention`).
 
 Shapes: dense ``q [B, H, Tq, d]``, ``k [B, Hkv, Tk, d]``, ``v [B, Hkv, Tk, dv]``
 with ``H % Hkv == 0`` (GQA); jagged tensors are ``values [sum T_b, H, d]`` with
@@ -126,13 +129,16 @@ def _expand_kv_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // hkv, dim=1)
 
 
-def _keep_mask(B, Tq, Tk, q_lengths, kv_lengths, window, device):
+def _keep_mask(B, Tq, Tk, q_lengths, kv_lengths, window, device, causal=False):
     """[B|1, 1, Tq, Tk] bool: which scores are kept (None = all)."""
     keep = None
+    i = torch.arange(Tq, device=device)[:, None]
+    j = torch.arange(Tk, device=device)[None, :]
     if window is not None and window >= 0:
-        i = torch.arange(Tq, device=device)[:, None]
-        j = torch.arange(Tk, device=device)[None, :]
         keep = ((i - j).abs() <= window)[None, None]
+    if causal:
+        c = (j <= i)[None, None]
+        keep = c if keep is None else keep & c
     if kv_lengths is not None:
         j = torch.arange(Tk, device=device)
         kl = (j[None, :] < kv_lengths.to(device).view(-1, 1))[:, None, None, :]
@@ -158,42 +164,103 @@ def gdpa_ref(
     qk_scale: float = 1.0,
     pre_scale: float = 1.0,
     window: int = -1,
+    causal: bool = False,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Dense GDPA forward: ``q [B,H,Tq,d]``, ``k [B,Hkv,Tk,d]``, ``v [B,Hkv,Tk,dv]`` → ``[B,H,Tq,dv]``.
 
-    Differentiable with plain autograd (tests use that to check the explicit
-    backward). Output dtype is ``q.dtype``.
+    ``bias`` (additive, broadcastable to ``[B,H,Tq,Tk]``) is added to the
+    scaled scores before masking and the activation. ``dropout_p > 0`` drops
+    activated scores (probabilities for softmax) as ``F.dropout`` in training. Differentiable with plain
+    autograd (tests use that to check the explicit backward). Output dtype is
+    ``q.dtype``.
     """
     act = canonical_activation(activation)
     B, H, Tq, _ = q.shape
     Tk = k.shape[2]
     k = _expand_kv_heads(k, H)
     v = _expand_kv_heads(v, H)
-    keep = _keep_mask(B, Tq, Tk, q_lengths, kv_lengths, window, q.device)
+    keep = _keep_mask(B, Tq, Tk, q_lengths, kv_lengths, window, q.device, causal)
     rows = _q_row_mask(Tq, q_lengths, q.device)
     if act == SOFTMAX:
-        return _softmax_ref(q, k, v, keep, rows, qk_scale, pre_scale)
+        return softmax_attention(q, k, v, keep, rows, qk_scale, pre_scale, bias=bias,
+                                 dropout_p=dropout_p)
     s = _acc(torch.matmul(q, k.transpose(-2, -1))) * pre_scale
+    if bias is not None:
+        s = s + _acc(bias)
     if keep is not None:
         s = torch.where(keep, s, 0.0)
     p = act_fwd(s, act) * qk_scale
+    if dropout_p > 0.0:
+        p = F.dropout(p, dropout_p, training=True)
     o = torch.matmul(p.to(v.dtype), v)
     if rows is not None:
         o = torch.where(rows, o, 0.0)
     return o.to(q.dtype)
 
 
-def _softmax_ref(q, k, v, keep, rows, qk_scale, pre_scale):
-    """Softmax attention through SDPA; rows with no kept key give 0 (not NaN)."""
+MASKED_ROWS = ("zero", "uniform", "nan")
+
+
+def softmax_attention(q, k, v, keep, rows, qk_scale, pre_scale, bias=None, masked_rows="zero",
+                      dropout_p=0.0):
+    """Softmax attention ``softmax(pre_scale·q kᵀ + bias, masked by keep) @ v · qk_scale``.
+
+    ``q [B,H,Tq,d]``, ``k``/``v`` already expanded to H heads; ``keep`` a bool
+    mask broadcastable to ``[B,H,Tq,Tk]`` (None: all kept); ``bias`` additive
+    (finite or -inf entries, as the model wrote them). A query row with no
+    kept key gives, by ``masked_rows``:
+
+    - ``"zero"``: 0 (and no gradient), the convention of length masks;
+    - ``"uniform"``: the mean of v over all Tk keys — what the model computes
+      when it fills masked scores with a finite value (``masked_fill(-1e9)``):
+      every score of the row is equal, so softmax is uniform;
+    - ``"nan"``: NaN (and NaN gradients into v) — what the model computes with
+      a ``-inf`` fill or an all-padded ``key_padding_mask``.
+
+    A row whose biased scores are all -inf gives 0 with ``"zero"`` (as
+    ``F.scaled_dot_product_attention`` on the CPU) and NaN otherwise (as a
+    model's own softmax). Rows past ``q_lengths`` (``rows``) give 0.
+    ``dropout_p > 0``: the probabilities are dropped as ``F.dropout`` does.
+    """
+    if masked_rows not in MASKED_ROWS:
+        raise ValueError(f"masked_rows must be one of {MASKED_ROWS}, got {masked_rows!r}")
     any_key = None
     if keep is not None:
-        # A row with no kept key would be NaN (and poison the backward):
-        # let it attend to everything, then zero it.
+        # A row with no kept key: let it attend to everything (no NaN in the
+        # fused computation or its backward), then replace it.
         any_key = keep.any(dim=-1, keepdim=True)
         keep = keep | ~any_key
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=pre_scale)
+    if dropout_p > 0.0 and bias is None:
+        bias = torch.zeros((), dtype=torch.float32, device=q.device)
+    if bias is None:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=pre_scale)
+    else:
+        # Math path: an additive mask of -1e9 loses all precision in SDPA's
+        # fused backward (logsumexp at 1e9); eager keeps the model's numbers.
+        s = _acc(torch.matmul(q, k.transpose(-2, -1))) * pre_scale + _acc(bias)
+        if keep is not None:
+            s = s.masked_fill(~keep, float("-inf"))
+        if masked_rows == "zero":
+            # SDPA's convention: a row whose scores are all -inf gives 0, not NaN
+            dead = torch.isneginf(s).all(dim=-1, keepdim=True)
+            s = s.masked_fill(dead, 0.0)
+            any_key = ~dead if any_key is None else any_key & ~dead
+        p = torch.softmax(s, dim=-1)
+        if dropout_p > 0.0:
+            p = F.dropout(p, dropout_p, training=True)
+        o = torch.matmul(p.to(v.dtype), v)
     if any_key is not None:
-        o = torch.where(any_key, o, 0.0)
+        if masked_rows == "zero":
+            fill = torch.zeros((), dtype=o.dtype, device=o.device)
+        else:
+            fill = v.mean(dim=-2, keepdim=True).to(o.dtype)
+            if masked_rows == "nan":
+                # NaN in the empty rows only, and NaN gradients into v only
+                # from them (as the model's softmax of an all -inf row).
+                fill = fill * torch.where(any_key, 0.0, float("nan")).to(o.dtype)
+        o = torch.where(any_key, o, fill)
     if rows is not None:
         o = torch.where(rows, o, 0.0)
     if qk_scale != 1.0:
@@ -201,29 +268,48 @@ def _softmax_ref(q, k, v, keep, rows, qk_scale, pre_scale):
     return o.to(q.dtype)
 
 
+def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
+    """Sum a broadcast gradient back to ``shape`` (the bias's own shape)."""
+    shape = tuple(shape)
+    lead = t.dim() - len(shape)
+    if lead:
+        t = t.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def _head_sum(t: torch.Tensor, hkv: int) -> torch.Tensor:
+    H = t.shape[1]
+    return t if hkv == H else t.unflatten(1, (hkv, H // hkv)).sum(2)
+
+
 def gdpa_bwd_ref(
     grad_out, q, k, v, q_lengths=None, kv_lengths=None, activation="raw",
-    qk_scale=1.0, pre_scale=1.0, window=-1,
+    qk_scale=1.0, pre_scale=1.0, window=-1, causal=False, bias=None,
 ):
-    """Explicit GDPA backward (SPEC §3.2), recomputing the scores.
+    """Explicit GDPA backward, recomputing the scores.
 
-    Returns ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed).
+    Returns ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed), and
+    ``dbias`` shaped like ``bias`` as a fourth element when ``bias`` is given.
     Nothing O(T²) is kept beyond this call.
     """
     act = canonical_activation(activation)
     if act == SOFTMAX:
-        return _softmax_bwd(grad_out, q, k, v, q_lengths, kv_lengths, qk_scale, pre_scale, window)
+        return _softmax_bwd(grad_out, q, k, v, q_lengths, kv_lengths, qk_scale, pre_scale,
+                            window, causal, bias)
     B, H, Tq, _ = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     ke = _acc(_expand_kv_heads(k, H))
     ve = _expand_kv_heads(v, H)
     qf = _acc(q)
-    keep = _keep_mask(B, Tq, Tk, q_lengths, kv_lengths, window, q.device)
+    keep = _keep_mask(B, Tq, Tk, q_lengths, kv_lengths, window, q.device, causal)
     rows = _q_row_mask(Tq, q_lengths, q.device)
     if rows is not None:
         keep = rows if keep is None else keep & rows
     go = _acc(grad_out)
     s = torch.matmul(qf, ke.transpose(-2, -1)) * pre_scale
+    if bias is not None:
+        s = s + _acc(bias)
     if keep is not None:
         s = torch.where(keep, s, 0.0)
         go = torch.where(rows, go, 0.0) if rows is not None else go
@@ -235,23 +321,27 @@ def gdpa_bwd_ref(
         ds = torch.where(keep, ds, 0.0)
     dq = torch.matmul(ds, ke) * pre_scale
     dk = torch.matmul(ds.transpose(-2, -1), qf) * pre_scale
-    if Hkv != H:
-        dk = dk.unflatten(1, (Hkv, H // Hkv)).sum(2)
-        dv = dv.unflatten(1, (Hkv, H // Hkv)).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    out = (dq.to(q.dtype), _head_sum(dk, Hkv).to(k.dtype), _head_sum(dv, Hkv).to(v.dtype))
+    if bias is not None:
+        out = out + (_sum_to(ds, bias.shape).to(bias.dtype),)
+    return out
 
 
-def _softmax_bwd(grad_out, q, k, v, q_lengths, kv_lengths, qk_scale, pre_scale, window):
+def _softmax_bwd(grad_out, q, k, v, q_lengths, kv_lengths, qk_scale, pre_scale, window,
+                 causal=False, bias=None):
     """Explicit softmax-attention backward (used only when the custom op itself
-    is called with "softmax"; :func:`recopt.ops.gdpa` routes softmax to SDPA)."""
+    is called with "softmax"; :func:`recopt.ops.gdpa` routes softmax to
+    :func:`softmax_attention` and plain autograd). Rows with no kept key give 0."""
     B, H, Tq, _ = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     ke = _acc(_expand_kv_heads(k, H))
     ve = _acc(_expand_kv_heads(v, H))
     qf = _acc(q)
-    keep = _keep_mask(B, Tq, Tk, q_lengths, kv_lengths, window, q.device)
+    keep = _keep_mask(B, Tq, Tk, q_lengths, kv_lengths, window, q.device, causal)
     rows = _q_row_mask(Tq, q_lengths, q.device)
     s = torch.matmul(qf, ke.transpose(-2, -1)) * pre_scale
+    if bias is not None:
+        s = s + _acc(bias)
     any_key = None
     if keep is not None:
         any_key = keep.any(dim=-1, keepdim=True)
@@ -267,10 +357,10 @@ def _softmax_bwd(grad_out, q, k, v, q_lengths, kv_lengths, qk_scale, pre_scale, 
     ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
     dq = torch.matmul(ds, ke) * pre_scale
     dk = torch.matmul(ds.transpose(-2, -1), qf) * pre_scale
-    if Hkv != H:
-        dk = dk.unflatten(1, (Hkv, H // Hkv)).sum(2)
-        dv = dv.unflatten(1, (Hkv, H // Hkv)).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    out = (dq.to(q.dtype), _head_sum(dk, Hkv).to(k.dtype), _head_sum(dv, Hkv).to(v.dtype))
+    if bias is not None:
+        out = out + (_sum_to(ds, bias.shape).to(bias.dtype),)
+    return out
 
 
 # ----------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Optional
 import torch
 import torch.fx as fx
 
+from ..report import REJECTED, REWRITTEN, Site, _jsonable  # noqa: F401  (the report's vocabulary)
+
 
 class Semantics(str, enum.Enum):
     """What a pass promises about the function the model computes.
@@ -35,8 +37,6 @@ class Semantics(str, enum.Enum):
     ARCHITECTURE = "architecture"
 
 
-REWRITTEN = "rewritten"
-REJECTED = "rejected"
 
 
 @dataclass
@@ -75,49 +75,6 @@ class PassConfig:
     @classmethod
     def from_json(cls, text: str) -> "PassConfig":
         return cls.from_dict(json.loads(text))
-
-
-@dataclass
-class Site:
-    """One candidate a pass looked at.
-
-    ``status`` is ``"rewritten"`` or ``"rejected"``; a rejected site carries a
-    short stable ``reason_code`` (for tests and tooling) and a sentence
-    ``reason`` for people. FLOP/byte fields are per call of the graph on the
-    example inputs, filled where the pass changes them.
-    """
-
-    pass_name: str
-    node: str
-    status: str
-    reason: str = ""
-    reason_code: str = ""
-    module_path: str = ""
-    op: str = ""
-    flops_before: Optional[float] = None
-    flops_after: Optional[float] = None
-    bytes_before: Optional[float] = None
-    bytes_after: Optional[float] = None
-    details: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["details"] = _jsonable(d["details"])
-        return d
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    if isinstance(x, torch.Size):
-        return list(x)
-    if isinstance(x, (torch.dtype, torch.device)):
-        return str(x)
-    return repr(x)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""ExFM auxiliary-head pass (SPEC §8, Eq. 3–5): an ``architecture`` pass.
+"""ExFM auxiliary-head pass: an ``architecture`` pass.
 
 ``aux_head`` rewrites a student's traced graph that returns one logit tensor
 into one that returns ``(serving_logit, distill_logit[, distill2_logit])``:

@@ -1,25 +1,23 @@
-"""GDPA fusion: find attention-like matmul chains in an fx graph and call GDPA.
+"""GDPA fusion: rewrite attention-like matmul chains in an fx graph into one GDPA call.
 
-Patterns (SPEC §11.1; docs/gdpa.md has the user-facing list):
+Patterns (docs/gdpa.md has the user-facing list):
 
-- **A, attention** — anchored on the second matmul ``o = P @ v`` and walking
-  back through ``P``'s producers to a first matmul ``S = q @ X``::
-
-      S -> [scale] -> [mask] -> act | softmax -> [scale] -> [dropout(eval)] -> @ v
-
-  in any spelling the canonicaliser knows (``@``/matmul/bmm/einsum,
-  transpose/permute/mT, module or functional activations, ``where``/
-  ``masked_fill``/bool-multiply masks). The first operand ``X`` is taken as
-  ``kᵀ`` *as computed*, so the rewrite is exact whatever the layout.
-  HSTU's ``silu(q kᵀ α) / N`` and the two-layer PFFN ``act(S W1ᵀ) W2`` (one
-  head; never split into heads) are instances.
+- **A, attention** — described by the one attention matcher,
+  :func:`recopt.graph.attention.match_attention` (scores, scale, bias, mask
+  read symbolically, normaliser, dropout, layout), which raises a reason when
+  the region is not expressible; this pass only emits the call, and never
+  rejects after emitting. HSTU's ``silu(q kᵀ α + rab) / N * mask`` and the
+  two-layer PFFN ``act(S W1ᵀ) W2`` (one head; never split into heads) are
+  instances.
 - **C, re-associated PFFN** — ``s @ (A @ B)ᵀ`` where ``A @ B`` builds a
   per-sample weight from a shared one (InterFormer's single-layer PFFN):
   rewritten to ``gdpa(s, B, Aᵀ, "raw")`` when that saves FLOPs; the d×d
   weight is never built.
-- ``F.scaled_dot_product_attention`` calls and ``nn.MultiheadAttention``
-  modules → GDPA's softmax mode (SDPA underneath), MHA split into its
-  projections so later passes see the linears.
+- ``F.scaled_dot_product_attention`` calls (``is_causal`` included) and
+  ``nn.MultiheadAttention`` modules (masks, either ``batch_first``, dropout
+  following the graph's mode) → GDPA's softmax mode, MHA split into its
+  projections so later passes see the linears. Encoders are opened first by
+  the ``decompose_attention`` pass (:mod:`recopt.passes.gdpa.decompose`).
 
 Every candidate gets a :class:`~recopt.passes.base.Site`; a rejected one
 carries a reason code (``REASONS`` lists them).
@@ -28,22 +26,22 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 
+from recopt.graph import attention as A
 from recopt.graph import canon as C
-from recopt.graph.nodes import (
-    const_value, get_module, is_getitem, is_parameter, is_shape_scalar, node_dtype, node_shape,
-)
+from recopt.graph.nodes import node_dtype, node_shape
 from recopt.ops import gdpa as gdpa_fn
 from recopt.ops import gdpa_ref as R
-from recopt.ops.gdpa import gdpa_flops
+from recopt.ops.gdpa import gdpa_flops, reference_reason
 
+from .gdpa import pffn, sdpa
+from .gdpa.emit import (
+    _broadcast, _combine_softmax_mask, _copy_meta, _from4d, _key_mask_column, _lengths_expr,
+    _materialize, _permute, _permuted, _scalar_expr, _scaled_bias, _to4d, _training_flag,
+)
 from .base import Pass, PassConfig, PassContext, PassResult, Semantics
 from .registry import register_pass
 
@@ -55,15 +53,16 @@ REASONS = {
     "key_not_transposed": "the key operand is a permutation that does not contract over the key's feature (last) dim",
     "activation_unsupported": "activation outside GDPA's set",
     "two_activations": "more than one activation between the matmuls",
+    "mask_fills_differ": "softmax scores masked with both -inf and a finite fill",
     "neg_inf_mask_nan": "-inf masking before an activation with act(-inf) = NaN (silu, gelu, hardswish)",
     "mask_fill_nonzero": "masked scores are filled with a value whose activation is not 0",
     "mask_after_softmax": "a mask applied after softmax (no renormalisation)",
     "zero_mask_before_softmax": "scores zeroed (not -inf) before softmax",
-    "mask_not_separable": "a query x key mask that is neither a band nor a key/query padding mask",
+    "mask_not_separable": "a query x key mask that is not causal, a band, lengths or a key/query mask",
     "mask_layout": "a mask or tensor scale applied in a permuted/reshaped layout",
-    "score_bias": "an additive score bias before a pointwise activation",
-    "score_scaled_by_tensor": "scores multiplied by a non-scalar tensor",
-    "dropout_training": "dropout active (training mode)",
+    "score_bias": "a score bias added after a mask, or a constant bias",
+    "score_scaled_by_tensor": "scores multiplied by a tensor that varies along the keys",
+    "dropout_training": "dropout before the activation, twice, or with non-constant p/training",
     "softmax_wrong_dim": "softmax over an axis other than the keys",
     "layout": "the second matmul does not contract over the keys of the first",
     "rank": "operand rank outside 2..4",
@@ -72,7 +71,6 @@ REASONS = {
     "disabled": "pattern switched off in GDPAConfig",
     "too_small": "sizes below GDPAConfig minimums",
     "no_flop_gain": "re-association would not reduce FLOPs",
-    "causal_not_supported": "causal attention (GDPA supports band and padding masks only)",
     "sdpa_dropout": "SDPA with dropout_p > 0",
     "mha_options": "nn.MultiheadAttention options the rewrite does not cover",
     "attention_weights_used": "the attention weights output of nn.MultiheadAttention is used",
@@ -103,42 +101,6 @@ class GDPAConfig(PassConfig):
     min_kv_len: int = 1
 
 
-class _Reject(Exception):
-    def __init__(self, code: str, reason: str):
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-_MAX_CHAIN = 16
-_CHAIN_KINDS = {
-    "permute", "transpose", "t", "permute_attr", "view", "identity", "cast", "dropout",
-    "gelu", "silu", "relu", "leaky_relu", "hardswish", "softmax", "sigmoid",
-    "mul", "div", "add", "sub", "neg", "pow", "square", "where", "masked_fill",
-}
-
-
-@dataclass
-class _Mask:
-    node: fx.Node          # bool tensor
-    invert: bool           # True: node marks dropped scores
-    fill: Any              # python float, or "mul" for a bool multiply (fill 0)
-    post: bool             # applied after the activation
-    pre_scale_at: float    # pre_scale accumulated when the mask was applied
-
-
-@dataclass
-class _Plan:
-    act: str = "raw"
-    pre_scale: float = 1.0
-    qk_scale: float = 1.0
-    pre_nodes: list = field(default_factory=list)     # shape-derived scalar nodes: (node, op)
-    post_nodes: list = field(default_factory=list)
-    pre_tensors: list = field(default_factory=list)   # (node, op) with op in mul/div
-    post_tensors: list = field(default_factory=list)
-    masks: list = field(default_factory=list)
-    biases: list = field(default_factory=list)        # (node, sign)
-    notes: list = field(default_factory=list)
 
 
 @register_pass
@@ -164,9 +126,9 @@ class GDPAFusion(Pass):
             if kind in ("matmul", "einsum"):
                 site = self._try_matmul(gm, node, erased)
             elif kind == "sdpa":
-                site = self._try_sdpa(gm, node, erased)
+                site = sdpa.try_sdpa(self, gm, node, erased)
             elif kind == "mha":
-                site = self._try_mha(gm, node, erased)
+                site = sdpa.try_mha(self, gm, node, erased)
             if site is not None:
                 sites.append(site)
         gm.graph.eliminate_dead_code()
@@ -177,317 +139,54 @@ class GDPAFusion(Pass):
     # ------------------------------------------------------------------ pattern A / C
 
     def _try_matmul(self, gm, m2_node, erased):
-        m2 = C.as_matmul(m2_node, gm)
-        if m2 is None:
+        region = A.find_region(gm, m2_node)
+        if region is None:
+            m2 = C.as_matmul(m2_node, gm)
+            if m2 is not None and self.config.reassociate_pffn:
+                return pffn.try_reassociate(self, gm, m2, erased)
             return None
-        found = self._find_chain(gm, m2)
-        if found is None:
-            if self.config.reassociate_pffn:
-                return self._try_reassociate(gm, m2, erased)
-            return None
-        m1, path = found
-        # Two matmuls with trained weights on both right-hand sides are an
-        # ordinary MLP, not attention: not a candidate.
-        if is_parameter(gm, m1.rhs) and is_parameter(gm, m2.rhs):
-            return None
+        m1, m2, path = region
         try:
-            plan = self._analyze(gm, m1, m2, path)
-            if plan.act == R.SOFTMAX and not self.config.softmax:
-                raise _Reject("disabled", "softmax attention fusion is off (GDPAConfig.softmax)")
-            if plan.act != R.SOFTMAX and not self.config.attention:
-                raise _Reject("disabled", "attention fusion is off (GDPAConfig.attention)")
-            info = self._emit_attention(gm, m1, m2, plan)
-        except _Reject as r:
+            match = A.match_attention(gm, m1, m2, path, convert_nan_masks=self.config.convert_nan_masks)
+            act = match.plan.act
+            if act == R.SOFTMAX and not self.config.softmax:
+                raise A.Mismatch("disabled", "softmax attention fusion is off (GDPAConfig.softmax)")
+            if act != R.SOFTMAX and not self.config.attention:
+                raise A.Mismatch("disabled", "attention fusion is off (GDPAConfig.attention)")
+            Tq, Tk = match.q_shape[-2], match.v_shape[-2]
+            if Tq < self.config.min_q_len or Tk < self.config.min_kv_len:
+                raise A.Mismatch("too_small", f"Tq={Tq}, Tk={Tk} below the configured minimum")
+        except A.Mismatch as r:
             return self.rejected(m2_node, r.code, r.reason,
                                  details={"first_matmul": m1.node.name,
                                           "chain": [n.name for n in path]})
+        info = self._emit_attention(gm, match)
         erased.add(m2_node)
         return self.rewritten(m2_node, info.pop("reason"), flops_before=info["flops"],
                               flops_after=info["flops"], details=info)
 
-    def _main_input(self, gm, node) -> Optional[fx.Node]:
-        """The input of a chain node that carries the score tensor."""
-        kind = C.op_kind(node, gm)
-        shape = node_shape(node)
-        tensors = [a for a in node.args if isinstance(a, fx.Node)]
-        if kind in ("where",):
-            cands = [a for a in node.args[1:3] if isinstance(a, fx.Node)]
-            full = [a for a in cands if node_shape(a) == shape]
-            return (full or cands or [None])[0]
-        if kind in ("mul", "div", "add", "sub"):
-            full = [a for a in tensors if node_shape(a) == shape and node_dtype(a) != torch.bool]
-            if full:
-                return full[0]
-            return tensors[0] if tensors else None
-        if kind == "einsum":
-            return None
-        if node.args and isinstance(node.args[0], fx.Node):
-            return node.args[0]
-        full = [a for a in tensors if node_shape(a) == shape]
-        return full[0] if full else None
-
-    def _find_chain(self, gm, m2: C.MatmulView):
-        """(first matmul view, path of nodes from after it up to m2's lhs) or None."""
-        cur = m2.lhs
-        path = []
-        for _ in range(_MAX_CHAIN):
-            if not isinstance(cur, fx.Node) or cur.op in ("placeholder", "get_attr", "output"):
-                return None
-            m1 = C.as_matmul(cur, gm)
-            if m1 is not None:
-                return m1, list(reversed(path))
-            # Walk only through ops that can sit between attention matmuls
-            # (plus reductions, so "softmax-like" normalisations are reported).
-            if C.op_kind(cur, gm) not in _CHAIN_KINDS | {"reduction"}:
-                return None
-            nxt = self._main_input(gm, cur)
-            if nxt is None:
-                return None
-            path.append(cur)
-            cur = nxt
-        return None
-
-    def _analyze(self, gm, m1: C.MatmulView, m2: C.MatmulView, path: list) -> _Plan:
-        plan = _Plan()
-        chain = [m1.node] + path
-        feeding = _side_inputs(chain[1:] + [m2.node], depth=3)
-        for i, n in enumerate(chain):
-            expected = chain[i + 1] if i + 1 < len(chain) else m2.node
-            others = [u for u in n.users if u is not expected]
-            if others:
-                kinds = {C.op_kind(u, gm) for u in others}
-                if kinds & {"reduction", "softmax"} and any(u in feeding for u in others):
-                    raise _Reject("reduction_between_matmuls",
-                                  f"{n.name} is reduced by {', '.join(u.name for u in others)} "
-                                  "between the matmuls (a row normalisation GDPA does not compute)")
-                raise _Reject("score_used_twice",
-                              f"{n.name} is also used by {', '.join(u.name for u in others)}; "
-                              "fusing would drop that use")
-        rank = len(node_shape(m1.node) or ())
-        if not rank:
-            raise _Reject("shape_unknown", f"no shape metadata on {m1.node.name}")
-        cur_perm = m1.out_perm or tuple(range(rank))
-        reshaped = False
-        prev_kind = None
-        for n in path:
-            kind = C.op_kind(n, gm)
-            if kind not in _CHAIN_KINDS:
-                code = "reduction_between_matmuls" if kind == "reduction" else "unsupported_op"
-                raise _Reject(code, f"{_label(n)} between the matmuls is not expressible in GDPA")
-            act_seen = plan.act != "raw" or any(isinstance(x, str) and x == "act" for x in plan.notes)
-            if kind in ("permute", "transpose", "t", "permute_attr"):
-                p = C.as_permute(n, gm)
-                if p is None or reshaped:
-                    raise _Reject("layout", f"cannot follow the layout change at {n.name}")
-                cur_perm = C.compose(cur_perm, p[1])
-            elif kind == "view":
-                reshaped = node_shape(n) != node_shape(m1.node) or not C.is_identity(cur_perm)
-            elif kind in ("identity", "cast"):
-                pass
-            elif kind == "dropout":
-                self._check_dropout(gm, n)
-            elif kind in ("gelu", "silu", "relu", "leaky_relu", "hardswish", "softmax", "sigmoid"):
-                av = C.as_activation(n, gm)
-                if av.name is None:
-                    raise _Reject("activation_unsupported", f"{_label(n)}: {av.unsupported}")
-                if act_seen:
-                    raise _Reject("two_activations", f"second activation {_label(n)}")
-                if av.name == R.SOFTMAX:
-                    dim = av.dim if av.dim is not None else -1
-                    if not isinstance(dim, int):
-                        raise _Reject("softmax_wrong_dim", f"softmax dim {dim!r} is not static")
-                    dim = dim + rank if dim < 0 else dim
-                    if reshaped or cur_perm[dim] != rank - 1:
-                        raise _Reject("softmax_wrong_dim",
-                                      f"{n.name} normalises over dim {dim}, not over the keys")
-                plan.act = av.name
-                plan.notes.append("act")
-            elif kind in ("pow", "square") or (kind == "mul" and n.args[0] is n.args[1]):
-                exp2 = kind == "square" or kind == "mul" or C.scalar(C.arg(n, 1, "exponent")) == 2.0
-                if plan.act == "relu" and prev_kind == "relu" and exp2:
-                    plan.act = "relu_square"
-                else:
-                    raise _Reject("unsupported_op", f"{_label(n)} is not relu(x)**2")
-            elif kind in ("mul", "div", "neg"):
-                self._scale_or_mask(gm, n, kind, plan, act_seen, cur_perm, reshaped)
-            elif kind in ("add", "sub"):
-                other = _other_operand(n, self._main_input(gm, n))
-                if not isinstance(other, fx.Node):
-                    raise _Reject("score_bias", f"{_label(n)} adds a constant to the scores")
-                if act_seen:
-                    raise _Reject("unsupported_op", f"{_label(n)} adds to the activated scores")
-                self._require_canonical(n, cur_perm, reshaped)
-                plan.biases.append((other, 1.0 if kind == "add" else -1.0))
-            elif kind in ("where", "masked_fill"):
-                self._require_canonical(n, cur_perm, reshaped)
-                plan.masks.append(self._mask_of(gm, n, act_seen, plan.pre_scale))
-            prev_kind = kind if kind not in ("identity", "cast") else prev_kind
-        # The second matmul must read the scores with keys on its contraction axis.
-        lhs2 = m2.lhs_perm or tuple(range(rank))
-        if reshaped:
-            if not C.is_identity(cur_perm) or not C.is_identity(lhs2) or node_shape(m2.lhs) != node_shape(m1.node):
-                raise _Reject("layout", "scores are reshaped between the matmuls")
-        elif C.compose(cur_perm, lhs2) != tuple(range(rank)):
-            raise _Reject("layout", "the second matmul does not contract over the keys of the "
-                          f"first (score layout {C.compose(cur_perm, lhs2)})")
-        self._check_masks(gm, plan)
-        return plan
-
-    def _require_canonical(self, n, cur_perm, reshaped):
-        if reshaped or not C.is_identity(cur_perm):
-            raise _Reject("mask_layout", f"{n.name} masks/scales scores in a permuted or reshaped layout")
-
-    def _check_dropout(self, gm, n):
-        mod = get_module(gm, n)
-        if mod is not None:
-            if mod.training and mod.p > 0:
-                raise _Reject("dropout_training", f"{n.target} is in training mode (p={mod.p})")
-            return
-        p = C.arg(n, 1, "p", 0.5)
-        training = C.arg(n, 2, "training", C.arg(n, 2, "train", True))
-        if training and p:
-            raise _Reject("dropout_training", f"{_label(n)} has training=True, p={p}")
-
-    def _scale_or_mask(self, gm, n, kind, plan: _Plan, post: bool, cur_perm, reshaped):
-        if kind == "neg":
-            c, other = -1.0, None
-        else:
-            main = self._main_input(gm, n)
-            other = _other_operand(n, main)
-            c = C.scalar(other)
-            if kind == "div" and other is n.args[0]:
-                raise _Reject("unsupported_op", f"{_label(n)} divides by the scores")
-        if c is not None:
-            if kind == "div":
-                c = 1.0 / c
-            if post:
-                plan.qk_scale *= c
-            else:
-                plan.pre_scale *= c
-            return
-        if not isinstance(other, fx.Node):
-            raise _Reject("unsupported_op", f"{_label(n)}: unrecognised operand {other!r}")
-        if is_shape_scalar(other):
-            # e.g. 1/sqrt(q.size(-1)): kept as a graph scalar so it follows the runtime shape
-            (plan.post_nodes if post else plan.pre_nodes).append((other, kind))
-            return
-        shape = node_shape(other)
-        if shape is None:
-            raise _Reject("shape_unknown", f"no shape for {other.name}")
-        if node_dtype(other) == torch.bool and kind == "mul":
-            self._require_canonical(n, cur_perm, reshaped)
-            plan.masks.append(_Mask(other, False, 0.0, post, plan.pre_scale))
-            return
-        if math.prod(shape) == 1:
-            (plan.post_tensors if post else plan.pre_tensors).append((other, kind))
-            return
-        val = const_value(gm, other)
-        if kind == "mul" and isinstance(val, torch.Tensor) and bool(((val == 0) | (val == 1)).all()):
-            self._require_canonical(n, cur_perm, reshaped)
-            plan.masks.append(_Mask(other, False, 0.0, post, plan.pre_scale))
-            return
-        raise _Reject("score_scaled_by_tensor",
-                      f"{_label(n)} scales the scores by {other.name} of shape {list(shape)}")
-
-    def _mask_of(self, gm, n, post, pre_scale_now) -> _Mask:
-        kind = C.op_kind(n, gm)
-        if kind == "masked_fill":
-            mask, fill = C.arg(n, 1, "mask"), C.arg(n, 2, "value")
-            invert = True
-        else:
-            cond, a, b = n.args[0], n.args[1], n.args[2] if len(n.args) > 2 else n.kwargs.get("other")
-            main = self._main_input(gm, n)
-            if a is main:
-                mask, fill, invert = cond, b, False
-            else:
-                mask, fill, invert = cond, a, True
-        f = C.scalar(fill)
-        if f is None and isinstance(fill, fx.Node):
-            v = const_value(gm, fill)
-            if isinstance(v, torch.Tensor) and v.numel() == 1:
-                f = float(v.item())
-        if f is None:
-            raise _Reject("unsupported_op", f"{_label(n)} fills masked scores with a tensor")
-        if not isinstance(mask, fx.Node) or node_dtype(mask) not in (torch.bool, None):
-            raise _Reject("unsupported_op", f"{_label(n)}: mask is not a bool tensor")
-        return _Mask(mask, invert, f, post, pre_scale_now)
-
-    def _check_masks(self, gm, plan: _Plan):
-        act = plan.act
-        for m in plan.masks:
-            fill = m.fill * (plan.pre_scale / m.pre_scale_at) if not m.post and m.fill not in (0.0,) else m.fill
-            if act == R.SOFTMAX:
-                if m.post:
-                    raise _Reject("mask_after_softmax", "scores are masked after the softmax")
-                if fill == 0.0:
-                    raise _Reject("zero_mask_before_softmax",
-                                  "scores are zeroed before softmax; exp(0) != 0 so they still count")
-                if not (fill <= -1e4):
-                    raise _Reject("mask_fill_nonzero", f"softmax mask fill {fill} is not -inf")
-                continue
-            if m.post:
-                if fill != 0.0:
-                    raise _Reject("mask_fill_nonzero", f"activated scores are filled with {fill}")
-                continue
-            out = R.act_fwd(torch.tensor([fill], dtype=torch.float32), act)
-            if bool(torch.isnan(out).any()):
-                if not self.config.convert_nan_masks:
-                    raise _Reject(
-                        "neg_inf_mask_nan",
-                        f"scores are masked with {fill} before {act}, and {act}({fill}) is NaN: "
-                        "the model outputs NaN there. Mask with 0 instead (exact, since "
-                        f"{act}(0) = 0), or set GDPAConfig.convert_nan_masks=True")
-                plan.notes.append(f"-inf mask before {act} converted to zero masking")
-            elif float(out.abs().max()) != 0.0:
-                raise _Reject("mask_fill_nonzero",
-                              f"masked scores are filled with {fill} and {act}({fill}) != 0")
-        if plan.biases:
-            if act == R.SOFTMAX:
-                return
-            raise _Reject("score_bias", "an additive score bias before a pointwise activation "
-                          "is not expressible in GDPA")
-
     # ------------------------------------------------------------------ emission
 
-    def _emit_attention(self, gm, m1: C.MatmulView, m2: C.MatmulView, plan: _Plan) -> dict:
+    def _emit_attention(self, gm, match: "A.AttentionMatch") -> dict:
+        """Emit the gdpa call for a match. Never rejects: every check is in the matcher."""
         g = gm.graph
-        rank = len(node_shape(m1.node))
-        if rank < 2 or rank > 4:
-            raise _Reject("rank", f"scores of rank {rank}; GDPA handles 2..4")
-        # --- the key operand, checked before anything is emitted
-        base, perm, n_stripped = C.strip_permutes(m1.rhs, gm)
-        if perm is None:
-            raise _Reject("shape_unknown", f"no shape metadata on {m1.rhs.name}")
-        x_perm = C.compose(perm, m1.rhs_perm) if m1.rhs_perm else perm   # X = base.permute(x_perm)
-        k_perm = C.compose(x_perm, C.swap_last(len(x_perm)))             # k = base.permute(k_perm)
-        explicit = n_stripped > 0 or m1.rhs_perm is not None
-        if explicit and k_perm[-1] != len(k_perm) - 1:
-            raise _Reject("key_not_transposed",
-                          f"key {base.name} is permuted by {x_perm}: the product contracts over its "
-                          f"dim {x_perm[-2]}, not its feature dim; this is not q·kᵀ")
-        dts = {node_dtype(m1.lhs), node_dtype(base), node_dtype(m2.rhs)}
-        if len(dts) != 1:
-            raise _Reject("mixed_dtypes", f"q, k, v dtypes {sorted(map(str, dts))}")
+        m1, m2, plan, mp = match.m1, match.m2, match.plan, match.masks
+        base, k_perm, rank = match.key, match.k_perm, match.rank
         q_shape = _permuted(node_shape(m1.lhs), m1.lhs_perm)
         k_shape = _permuted(node_shape(base), k_perm)
         v_shape = _permuted(node_shape(m2.rhs), m2.rhs_perm)
-        if None in (q_shape, k_shape, v_shape):
-            raise _Reject("shape_unknown", "missing shapes on q/k/v")
-        nb = max(len(q_shape), len(k_shape), len(v_shape)) - 2
-        if nb > 2:
-            raise _Reject("rank", f"{nb} batch dims; GDPA handles at most 2 (batch, heads)")
         Tq, d = q_shape[-2:]
         Tk, dv = v_shape[-2:]
-        if Tq < self.config.min_q_len or Tk < self.config.min_kv_len:
-            raise _Reject("too_small", f"Tq={Tq}, Tk={Tk} below the configured minimum")
-        window, q_masks, k_masks, attn_mask_parts = self._plan_masks(gm, plan, rank)
+        window, q_masks, k_masks, attn_mask_parts = mp["window"], mp["q_masks"], mp["k_masks"], \
+            mp["attn_mask_parts"]
 
         with g.inserting_before(m2.node):
             q = _permute(g, m1.lhs, m1.lhs_perm)
             k = _permute(g, base, k_perm)
             v = _permute(g, m2.rhs, m2.rhs_perm)
-            for t, op in plan.pre_tensors:
+            for t, op in plan.pre_tensors:   # constant along the keys: scales q's rows
                 q = g.call_function(operator.mul if op == "mul" else operator.truediv, (q, t))
+                q_shape = _broadcast(q_shape, node_shape(t))
             for f in q_masks:  # [.., Tq, 1] row masks: zero query rows
                 q = g.call_function(operator.mul, (q, _materialize(g, f)))
                 q_shape = _broadcast(q_shape, _mask_shape(f))
@@ -495,20 +194,34 @@ class GDPAFusion(Pass):
                 col, col_shape = _key_mask_column(g, f)
                 k = g.call_function(operator.mul, (k, col))
                 k_shape = _broadcast(k_shape, col_shape)
-            nb = max(len(q_shape), len(k_shape), len(v_shape)) - 2
-            if nb > 2:
-                raise _Reject("rank", f"{nb} batch dims after masking; GDPA handles at most 2")
+            nb = match.nb
             q, k, v = (_to4d(g, t, len(s) - 2, nb) for t, s in ((q, q_shape), (k, k_shape), (v, v_shape)))
             kwargs = dict(activation=plan.act,
                           qk_scale=_scalar_expr(g, plan.qk_scale, plan.post_nodes),
                           pre_scale=_scalar_expr(g, plan.pre_scale, plan.pre_nodes),
                           window=window)
-            if attn_mask_parts is not None:
-                kwargs["attn_mask"] = _combine_softmax_mask(g, attn_mask_parts, rank, nb)
+            biases = [("bias", _scaled_bias(g, b, plan), b.sign) for b in plan.biases]
+            if plan.act == R.SOFTMAX:
+                parts = (attn_mask_parts or []) + biases
+                if parts:
+                    kwargs["attn_mask"] = _combine_softmax_mask(g, parts, rank, nb)
+                if plan.masked_rows != "zero":
+                    kwargs["masked_rows"] = plan.masked_rows
+            elif biases:
+                kwargs["bias"] = _combine_softmax_mask(g, biases, rank, nb)
+            if mp["causal"]:
+                kwargs["causal"] = True
+            if plan.dropout is not None:
+                p, training = plan.dropout
+                kwargs["dropout_p"] = p
+                kwargs["training"] = _training_flag(g) if training == "graph" else True
+            for key, lens in (("kv_lengths", mp["kv_len"]), ("q_lengths", mp["q_len"])):
+                if lens:
+                    kwargs[key] = _lengths_expr(g, lens)
             out = g.call_function(gdpa_fn, (q, k, v), kwargs)
-            for t, op in plan.post_tensors:
-                out = g.call_function(operator.mul if op == "mul" else operator.truediv, (out, t))
             out = _from4d(g, out, nb)
+            for t, op in plan.post_tensors:  # constant along the keys: scales output rows
+                out = g.call_function(operator.mul if op == "mul" else operator.truediv, (out, t))
             if m2.out_perm is not None:
                 out = g.call_method("permute", (out, *m2.out_perm))
             want = node_dtype(m2.node)
@@ -525,391 +238,18 @@ class GDPAFusion(Pass):
                       + (f" ({'; '.join(x for x in plan.notes if x != 'act')})" if len(plan.notes) > 1 else ""),
             "pattern": kind, "activation": plan.act, "pre_scale": plan.pre_scale,
             "qk_scale": plan.qk_scale, "window": window, "Tq": Tq, "Tk": Tk, "d": d, "dv": dv,
-            "batch": batch, "batch_dims": nb, "flops": flops,
-            "first_matmul": m1.node.name, "masks_folded": len(q_masks) + len(k_masks),
+            "batch": batch, "batch_dims": nb, "flops": flops, "causal": bool(mp["causal"]),
+            "bias": bool(plan.biases), "masked_rows": plan.masked_rows,
+            "kernel": (reference_reason(bool(mp["causal"]), plan.biases or None)
+                       if plan.act != R.SOFTMAX else None) or "default backend",
+            "first_matmul": m1.node.name, "masks_folded": len(q_masks) + len(k_masks) + len(mp["kv_len"]) + len(mp["q_len"]),
+            "lengths_from_masks": len(mp["kv_len"]) + len(mp["q_len"]),
         }
-
-    def _plan_masks(self, gm, plan: _Plan, rank: int):
-        """Split masks into (window, q-row masks, key masks, softmax attn_mask parts)."""
-        if plan.act == R.SOFTMAX:
-            parts = []
-            for m in plan.masks:
-                parts.append(("keep", m.node, m.invert))
-            for node, sign in plan.biases:
-                parts.append(("bias", node, sign))
-            return None, [], [], (parts or None)
-        window = None
-        q_masks, k_masks = [], []
-        for m in plan.masks:
-            factors = [m.node] if m.invert else _and_factors(gm, m.node)
-            for f in factors:
-                shape = node_shape(f)
-                if shape is None:
-                    raise _Reject("shape_unknown", f"no shape for mask {f.name}")
-                shape = (1,) * max(0, rank - len(shape)) + tuple(shape)
-                if m.invert:
-                    f = _Lazy("not", f)
-                if shape[-2] == 1:
-                    k_masks.append(f)
-                elif shape[-1] == 1:
-                    q_masks.append(f)
-                else:
-                    w = _band_width(gm, f)
-                    if w is None:
-                        raise _Reject("mask_not_separable",
-                                      f"mask {_name(f)} of shape {list(shape)} depends on both the "
-                                      "query and key index and is not a symmetric band |i-j| <= w")
-                    window = w if window is None else min(window, w)
-        return window, q_masks, k_masks, None
 
     # ------------------------------------------------------------------ pattern C
 
-    def _try_reassociate(self, gm, m2: C.MatmulView, erased):
-        base, perm, _ = C.strip_permutes(m2.rhs, gm)
-        m1 = C.as_matmul(base, gm)
-        if m1 is None or perm is None or len(base.users) != 1:
-            return None
-        rank = len(perm)
-        xp = C.compose(perm, m2.rhs_perm) if m2.rhs_perm else perm   # X = C1_actual.permute(xp)
-        cp = C.compose(m1.out_perm, xp) if m1.out_perm else xp       # X = C1_canon.permute(cp)
-        ident, swap = tuple(range(rank)), C.swap_last(rank)
-        if cp not in (ident, swap):
-            return None
-        a_shape = _permuted(node_shape(m1.lhs), m1.lhs_perm)
-        b_shape = _permuted(node_shape(m1.rhs), m1.rhs_perm)
-        s_shape = _permuted(node_shape(m2.lhs), m2.lhs_perm)
-        if None in (a_shape, b_shape, s_shape):
-            return None
-        # Only a per-sample weight built from a shared one: one side batch-free.
-        shared = len(a_shape) == 2 or len(b_shape) == 2 or is_parameter(gm, m1.lhs) or is_parameter(gm, m1.rhs)
-        if not shared or rank < 3:
-            return None
-        Bsz = math.prod(_broadcast(a_shape[:-2], b_shape[:-2], s_shape[:-2]))
-        (m_, n_), (_, e_) = a_shape[-2:], b_shape[-2:]
-        T = s_shape[-2]
-        # C1 = A @ B is [m, e]; s @ C1 (or C1ᵀ) costs T·m·e either way.
-        before = 2 * Bsz * (m_ * n_ * e_ + T * m_ * e_)
-        after = 2 * Bsz * T * n_ * (m_ + e_)
-        if not self.config.reassociate_pffn:
-            return None
-        if after >= before:
-            return self.rejected(m2.node, "no_flop_gain",
-                                 f"re-associating would cost {after:.3g} FLOPs vs {before:.3g}",
-                                 flops_before=before, flops_after=after)
-        dts = {node_dtype(m2.lhs), node_dtype(m1.lhs), node_dtype(m1.rhs)}
-        if len(dts) != 1:
-            return self.rejected(m2.node, "mixed_dtypes", f"dtypes {sorted(map(str, dts))}")
-        g = gm.graph
-        with g.inserting_before(m2.node):
-            a = _permute(g, m1.lhs, m1.lhs_perm)       # [*, m, n]
-            b = _permute(g, m1.rhs, m1.rhs_perm)       # [*, n, e]
-            q = _permute(g, m2.lhs, m2.lhs_perm)       # [*, T, din]
-            if cp == ident:   # s @ (A B) = (s A) B: k = Aᵀ, v = B
-                k, v = g.call_method("transpose", (a, -2, -1)), b
-                k_shape, v_shape = _swap(a_shape), b_shape
-            else:             # s @ (A B)ᵀ = (s Bᵀ) Aᵀ: k = B, v = Aᵀ
-                k, v = b, g.call_method("transpose", (a, -2, -1))
-                k_shape, v_shape = b_shape, _swap(a_shape)
-            nb = max(len(s_shape), len(k_shape), len(v_shape)) - 2
-            if nb > 2:
-                return None
-            q, k, v = (_to4d(g, t, len(s) - 2, nb) for t, s in ((q, s_shape), (k, k_shape), (v, v_shape)))
-            out = g.call_function(gdpa_fn, (q, k, v), dict(activation="raw"))
-            out = _from4d(g, out, nb)
-            if m2.out_perm is not None:
-                out = g.call_method("permute", (out, *m2.out_perm))
-        _copy_meta(out, m2.node)
-        m2.node.replace_all_uses_with(out)
-        g.erase_node(m2.node)
-        erased.add(m2.node)
-        return self.rewritten(
-            m2.node, f"pffn_reassociated: s @ ({m1.spelling} product) re-associated; the per-sample "
-            f"{m_}x{e_} weight is no longer built", flops_before=before, flops_after=after,
-            details={"pattern": "pffn_reassociated", "activation": "raw", "first_matmul": m1.node.name},
-        )
 
-    # ------------------------------------------------------------------ SDPA calls
-
-    def _try_sdpa(self, gm, node, erased):
-        if not self.config.sdpa_calls:
-            return None
-        q, k, v = node.args[:3]
-        mask = C.arg(node, 3, "attn_mask")
-        dropout = C.arg(node, 4, "dropout_p", 0.0)
-        causal = C.arg(node, 5, "is_causal", False)
-        scale = C.arg(node, 6, "scale")
-        gqa = node.kwargs.get("enable_gqa", False)
-        if causal:
-            return self.rejected(node, "causal_not_supported",
-                                 "is_causal=True: left as SDPA (GDPA has band and padding masks only)")
-        if dropout:
-            return self.rejected(node, "sdpa_dropout", f"dropout_p={dropout}: left as SDPA")
-        shapes = [node_shape(t) for t in (q, k, v)]
-        if any(s is None or len(s) != 4 for s in shapes):
-            return self.rejected(node, "rank", "SDPA call on non-4-D tensors: left as is")
-        if not isinstance(scale, (int, float, type(None))):
-            return self.rejected(node, "unsupported_op", "non-constant SDPA scale")
-        if shapes[1][1] != shapes[0][1] and not gqa:
-            return self.rejected(node, "unsupported_op", "head counts differ without enable_gqa")
-        pre = float(scale) if scale is not None else 1.0 / math.sqrt(shapes[0][-1])
-        kwargs = dict(activation="softmax", pre_scale=pre)
-        if mask is not None:
-            kwargs["attn_mask"] = mask
-        g = gm.graph
-        with g.inserting_before(node):
-            out = g.call_function(gdpa_fn, (q, k, v), kwargs)
-        _copy_meta(out, node)
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
-        erased.add(node)
-        B, H, Tq, d = shapes[0]
-        fl = gdpa_flops(B, H, Tq, shapes[1][2], d, shapes[2][3])
-        return self.rewritten(out, "sdpa: F.scaled_dot_product_attention routed through gdpa(softmax)",
-                              flops_before=fl, flops_after=fl,
-                              details={"pattern": "sdpa", "activation": "softmax"})
-
-    # ------------------------------------------------------------------ nn.MultiheadAttention
-
-    def _try_mha(self, gm, node, erased):
-        if not self.config.mha_modules:
-            return None
-        mod: nn.MultiheadAttention = get_module(gm, node)
-        query = node.args[0] if node.args else node.kwargs.get("query")
-        key = C.arg(node, 1, "key")
-        value = C.arg(node, 2, "value")
-        kpm = C.arg(node, 3, "key_padding_mask")
-        need_weights = C.arg(node, 4, "need_weights", True)
-        attn_mask = C.arg(node, 5, "attn_mask")
-        causal = C.arg(node, 7, "is_causal", False)
-        problems = []
-        if mod.bias_k is not None or mod.add_zero_attn:
-            problems.append("bias_k/bias_v or add_zero_attn")
-        if mod.training and mod.dropout > 0:
-            problems.append(f"dropout {mod.dropout} in training mode")
-        if causal:
-            problems.append("is_causal")
-        if attn_mask is not None:
-            problems.append("attn_mask (key_padding_mask is supported)")
-        if not mod.batch_first:
-            problems.append("batch_first=False")
-        if problems:
-            return self.rejected(node, "mha_options", "nn.MultiheadAttention with " + ", ".join(problems))
-        for u in node.users:
-            if not is_getitem(u):
-                return self.rejected(node, "mha_options", f"output used directly by {u.name}")
-            if u.args[1] == 1 and len(u.users) > 0:
-                return self.rejected(node, "attention_weights_used",
-                                     f"attention weights ({u.name}) are used downstream")
-        E, H = mod.embed_dim, mod.num_heads
-        dh = E // H
-        g = gm.graph
-        path = str(node.target)
-        with g.inserting_before(node):
-            if mod._qkv_same_embed_dim:
-                w = g.get_attr(f"{path}.in_proj_weight")
-                ws = [g.call_function(operator.getitem, (w, slice(i * E, (i + 1) * E))) for i in range(3)]
-            else:
-                ws = [g.get_attr(f"{path}.{n}") for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
-            if mod.in_proj_bias is not None:
-                b = g.get_attr(f"{path}.in_proj_bias")
-                bs = [g.call_function(operator.getitem, (b, slice(i * E, (i + 1) * E))) for i in range(3)]
-            else:
-                bs = [None] * 3
-            heads = []
-            for x, wi, bi in zip((query, key, value), ws, bs):
-                y = g.call_function(F.linear, (x, wi, bi))
-                y = g.call_method("unflatten", (y, -1, (H, dh)))
-                heads.append(g.call_method("transpose", (y, 1, 2)))
-            kwargs = dict(activation="softmax", pre_scale=1.0 / math.sqrt(dh))
-            if kpm is not None:
-                keep = g.call_function(operator.invert, (kpm,)) if node_dtype(kpm) in (torch.bool, None) \
-                    else g.call_function(operator.eq, (kpm, 0))
-                keep = g.call_method("unsqueeze", (g.call_method("unsqueeze", (keep, 1)), 1))
-                kwargs["attn_mask"] = keep
-            o = g.call_function(gdpa_fn, tuple(heads), kwargs)
-            o = g.call_method("flatten", (g.call_method("transpose", (o, 1, 2)), -2))
-            ow = g.get_attr(f"{path}.out_proj.weight")
-            ob = g.get_attr(f"{path}.out_proj.bias") if mod.out_proj.bias is not None else None
-            out = g.call_function(F.linear, (o, ow, ob))
-        for u in list(node.users):
-            if u.args[1] == 0:
-                _copy_meta(out, u)
-                u.replace_all_uses_with(out)
-            g.erase_node(u)  # the weights output has no users (checked above)
-        g.erase_node(node)
-        erased.add(node)
-        return self.rewritten(out, f"mha: nn.MultiheadAttention {path} split into projections + gdpa(softmax)",
-                              module_path=path, details={"pattern": "mha", "activation": "softmax"})
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-class _Lazy:
-    """A mask factor to be negated when emitted (``~mask``)."""
-
-    def __init__(self, op, node):
-        self.op, self.node = op, node
-        self.name = f"~{node.name}"
-
-
-def _name(f) -> str:
-    return f.name if hasattr(f, "name") else str(f)
-
-
-def _label(n: fx.Node) -> str:
-    if n.op == "call_module":
-        return f"{n.name} (module {n.target})"
-    return f"{n.name} ({getattr(n.target, '__name__', n.target)})"
-
-
-def _side_inputs(nodes: list, depth: int) -> set:
-    """Nodes feeding ``nodes`` through their inputs, up to ``depth`` steps back."""
-    out: set = set()
-    frontier = list(nodes)
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for a in n.all_input_nodes:
-                if a not in out:
-                    out.add(a)
-                    nxt.append(a)
-        frontier = nxt
-    return out
-
-
-def _other_operand(n: fx.Node, main) -> Any:
-    args = list(n.args[:2]) if len(n.args) >= 2 else list(n.args) + list(n.kwargs.values())
-    for a in args:
-        if a is not main:
-            return a
-    return None
-
-
-def _and_factors(gm, node) -> list:
-    """Split ``a & b & c`` into its factors (only nodes used by this product)."""
-    if C.op_kind(node, gm) == "and" and all(isinstance(a, fx.Node) for a in node.args[:2]):
-        return _and_factors(gm, node.args[0]) + _and_factors(gm, node.args[1])
-    return [node]
-
-
-def _band_width(gm, f) -> Optional[int]:
-    """w if the (constant) mask ``f`` is exactly ``|i - j| <= w`` over its last two dims."""
-    node = f.node if isinstance(f, _Lazy) else f
-    val = const_value(gm, node)
-    if not isinstance(val, torch.Tensor) or val.dim() < 2:
-        return None
-    val = val.bool()
-    if isinstance(f, _Lazy):
-        val = ~val
-    m = val.reshape(-1, *val.shape[-2:])
-    if not bool((m == m[:1]).all()):
-        return None
-    m = m[0]
-    i = torch.arange(m.shape[0])[:, None]
-    j = torch.arange(m.shape[1])[None, :]
-    dist = (i - j).abs()
-    if not bool(m.any()):
-        return None
-    w = int(dist[m].max())
-    return w if bool((m == (dist <= w)).all()) else None
-
-
-def _scalar_expr(g, value: float, nodes: list):
-    """``value`` times/divided by shape-derived scalar nodes, as a graph value."""
-    out = value
-    for node, op in nodes:
-        out = g.call_function(operator.mul if op == "mul" else operator.truediv, (out, node))
-    return out
-
-
-def _permuted(shape, perm):
-    if shape is None:
-        return None
-    return tuple(shape[p] for p in perm) if perm is not None else tuple(shape)
-
-
-def _swap(shape):
-    return tuple(shape[:-2]) + (shape[-1], shape[-2])
-
-
-def _broadcast(*shapes):
-    return tuple(torch.broadcast_shapes(*[torch.Size(s) for s in shapes]))
-
-
-def _permute(g: fx.Graph, node, perm):
-    if perm is None or C.is_identity(perm):
-        return node
-    return g.call_method("permute", (node, *perm))
-
-
-def _materialize(g, f):
-    if isinstance(f, _Lazy):
-        return g.call_function(operator.invert, (f.node,))
-    return f
-
-
-def _mask_shape(f) -> tuple:
-    return tuple(node_shape(f.node if isinstance(f, _Lazy) else f))
-
-
-def _key_mask_column(g, f):
-    """A key mask over [*batch, 1, Tk] (or [Tk]) as a column [*batch, Tk, 1] to multiply k."""
-    shape = _mask_shape(f)
-    m = _materialize(g, f)
-    if len(shape) >= 2:
-        m = g.call_function(torch.select, (m, -2, 0))
-        shape = shape[:-2] + shape[-1:]
-    return g.call_method("unsqueeze", (m, -1)), shape + (1,)
-
-
-def _combine_softmax_mask(g, parts, rank: int, nb: int):
-    """One SDPA attn_mask (bool keep or additive float) in [B, H, Tq, Tk] layout."""
-    keep, bias = None, None
-    for kind, node, flag in parts:
-        r = len(node_shape(node) or ())
-        for _ in range(rank - r):
-            node = g.call_method("unsqueeze", (node, 0))
-        node = _to4d(g, node, rank - 2, nb)
-        if kind == "keep":
-            k = g.call_function(operator.invert, (node,)) if flag else node
-            keep = k if keep is None else g.call_function(operator.and_, (keep, k))
-        else:
-            b = node if flag > 0 else g.call_function(operator.neg, (node,))
-            bias = b if bias is None else g.call_function(operator.add, (bias, b))
-    if bias is None:
-        return keep
-    if keep is not None:
-        bias = g.call_function(torch.masked_fill, (bias, g.call_function(operator.invert, (keep,)), float("-inf")))
-    return bias
-
-
-def _to4d(g, node, nbatch: int, nb: int):
-    """Give an operand with ``nbatch`` batch dims the [B, H, T, d] layout (nb = target batch rank)."""
-    for _ in range(nb - nbatch):
-        node = g.call_method("unsqueeze", (node, 0))
-    if nb == 1:
-        node = g.call_method("unsqueeze", (node, 1))
-    elif nb == 0:
-        node = g.call_method("unsqueeze", (g.call_method("unsqueeze", (node, 0)), 0))
-    return node
-
-
-def _from4d(g, node, nb: int):
-    if nb == 1:
-        return g.call_method("squeeze", (node, 1))
-    if nb == 0:
-        return g.call_method("squeeze", (g.call_method("squeeze", (node, 0)), 0))
-    return node
-
-
-def _copy_meta(new: fx.Node, old: fx.Node):
-    for key in ("tensor_meta", "val", "nn_module_stack", "stack_trace"):
-        if key in old.meta:
-            new.meta[key] = old.meta[key]
-
-
-def _pattern_name(plan: _Plan, nb: int, Tq: int, Tk: int) -> str:
+def _pattern_name(plan: A.AttentionPlan, nb: int, Tq: int, Tk: int) -> str:
     if plan.act == R.SOFTMAX:
         return "softmax_attention"
     if plan.act == "silu" and plan.qk_scale != 1.0:

@@ -14,6 +14,7 @@ _REGISTRY: dict[str, type] = {}
 _BUILTIN_MODULES = (
     "recopt.passes.canonicalize",
     "recopt.passes.dead_code",
+    "recopt.passes.gdpa",
     "recopt.passes.gdpa_fusion",
     "recopt.passes.fp8",
     "recopt.passes.kunlun",

@@ -1,6 +1,6 @@
 """Pass "sparse2d": gather plain embedding tables into TorchRec collections.
 
-The first half of 2D sparse parallelism (SPEC §9, §11.6). On one process the
+The first half of 2D sparse parallelism. On one process the
 pass is EXACT: it changes where the tables live, not what the model computes.
 Sharding happens later, when :func:`recopt.distributed.shard_2d` places the
 rewritten model on ranks.

@@ -1,4 +1,4 @@
-"""CompSkip (Kunlun, SPEC §4.3 / §11.2): a static per-layer schedule that skips
+"""CompSkip (Kunlun): a static per-layer schedule that skips
 sub-blocks of a stack of identical layers. Architecture pass: retrain after it.
 
 Default schedule (layer 0 is even)::

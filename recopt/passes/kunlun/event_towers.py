@@ -1,4 +1,4 @@
-"""Event-level personalization (Kunlun, SPEC §4.4 / §11.7): a config transform.
+"""Event-level personalization (Kunlun): a config transform.
 
 Each event type of a :class:`recopt.models.Kunlun` has its own sequence tower
 (:class:`recopt.models.EventTowerConfig`: ``d_model``, ``n_heads``,

@@ -1,4 +1,4 @@
-"""HSP in place of PMA (Kunlun, SPEC §4.1 / §11.3). Architecture pass: retrain.
+"""HSP in place of PMA (Kunlun). Architecture pass: retrain.
 
 Recognises a PMA-style pooler: a module that owns learned queries
 (``seeds [k, d]`` or ``[1, k, d]``) and attends with them over one sequence
@@ -8,7 +8,7 @@ Recognises a PMA-style pooler: a module that owns learned queries
 called on the same ``(S, key_keep)``; the output shape is unchanged, so the
 consumers are untouched.
 
-Warm start (``HSPConfig.warm_start``, default on; inferred, SPEC §11.3):
+Warm start (``HSPConfig.warm_start``, default on; inferred):
 ``E_seed[:k] = seeds``, ``Z_1 = [I_k; 0]``, ``W_1 = I``, the other Kronecker
 terms small random, and the attention projections copied from the PMA
 (recopt ``MultiHeadAttention`` or ``nn.MultiheadAttention``). HSP normalises

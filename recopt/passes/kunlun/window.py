@@ -1,4 +1,4 @@
-"""Sliding-window self-attention (Kunlun, SPEC §4.2 / §11.4).
+"""Sliding-window self-attention (Kunlun).
 
 Two passes share one matcher:
 
@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from recopt.graph import canon as C
+from recopt.graph.masks import MaskParts, keep_parts
 from recopt.graph.nodes import const_value, depends_on_inputs, get_module, node_shape
 from recopt.ops import gdpa_ref as R
 
@@ -257,22 +258,26 @@ class _WindowBase(Pass):
         return chain
 
     def _split_keep(self, gm, keep, chain: _Chain, invert: bool):
+        """Key masks and bands, read symbolically (:func:`recopt.graph.masks.keep_parts`):
+        a band's width comes from how it is built, never from the example's length."""
         factors = [keep] if invert else _and_factors(gm, keep)
         for f in factors:
-            shape = node_shape(f)
-            if shape is None:
+            if node_shape(f) is None:
                 raise _Reject("unsupported_op", f"no shape for mask {f.name}")
-            shape = (1,) * (4 - len(shape)) + tuple(shape)
-            if shape[-2] == 1:
-                if invert:
-                    f = ("not", f)
-                chain.key_masks.append(f)
-                continue
-            w = _band_width(gm, f, invert)
-            if w is None:
-                raise _Reject("mask_not_band", f"mask {getattr(f, 'name', f)} of shape {list(shape)} depends on "
-                              "both query and key index and is not a symmetric band |i - j| <= w")
-            chain.band = w if chain.band is None else min(chain.band, w)
+            got = keep_parts(gm, f, invert, 4)
+            if not isinstance(got, MaskParts):
+                raise _Reject("mask_not_band", got[1])
+            if got.causal or got.q_lengths or got.query_masks:
+                raise _Reject("mask_not_band", f"mask {f.name} is causal or masks queries: "
+                              "not a symmetric band or key padding")
+            if (got.key_masks or got.kv_lengths) and got.window is not None:
+                raise _Reject("mask_not_band", f"mask {f.name} combines a band and key padding in "
+                              "one tensor; write them as two masks joined by &")
+            if got.key_masks or got.kv_lengths:
+                # key-only: kept as the original factor (multiplied into k)
+                chain.key_masks.append(("not", f) if invert else f)
+            if got.window is not None:
+                chain.band = got.window if chain.band is None else min(chain.band, got.window)
 
     def _decide(self, chain: _Chain):
         T = chain.T
@@ -452,24 +457,6 @@ def _and_factors(gm, node) -> list:
     if C.op_kind(node, gm) == "and" and all(isinstance(a, fx.Node) for a in node.args[:2]):
         return _and_factors(gm, node.args[0]) + _and_factors(gm, node.args[1])
     return [node]
-
-
-def _band_width(gm, f, invert: bool) -> Optional[int]:
-    val = const_value(gm, f)
-    if not isinstance(val, torch.Tensor) or val.dim() < 2:
-        return None
-    m = val.bool()
-    if invert:
-        m = ~m
-    m = m.reshape(-1, *m.shape[-2:])
-    if not bool((m == m[:1]).all()) or not bool(m.any()):
-        return None
-    m = m[0]
-    i = torch.arange(m.shape[0])[:, None]
-    j = torch.arange(m.shape[1])[None, :]
-    dist = (i - j).abs()
-    w = int(dist[m].max())
-    return w if bool((m == (dist <= w)).all()) else None
 
 
 def _untranspose(kt: fx.Node) -> Optional[fx.Node]:

@@ -1,0 +1,11 @@
+"""Attention rewrites by job.
+
+- :mod:`.decompose` — the ``decompose_attention`` pass: opens encoder leaves (runs first);
+- :mod:`.sdpa` — SDPA calls and ``nn.MultiheadAttention`` → GDPA softmax mode;
+- :mod:`.pffn` — PFFN re-association;
+- :mod:`.emit` — graph-building helpers they share.
+
+The ``gdpa`` pass (:mod:`recopt.passes.gdpa_fusion`) drives the attention chain
+(matched by :mod:`recopt.graph.attention`), ``sdpa`` and ``pffn``.
+"""
+from . import decompose  # noqa: F401  (registers decompose_attention)

@@ -1,0 +1,164 @@
+"""decompose_attention: open ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` leaves.
+
+Symbolic tracing keeps ``torch.nn`` modules as opaque leaves, so the attention
+inside an encoder was never a candidate of any pass. This canonicalisation
+pass runs first and replaces each encoder (layer) call by the plain ops of
+its documented computation — ``self_attn`` (an ``nn.MultiheadAttention``
+call that the ``gdpa`` pass then fuses), the norms, the feed-forward block
+and the dropout modules — traced from :func:`encoder_layer` below. Both
+``norm_first`` settings are covered. The dropout modules stay modules, so
+they follow ``.train()`` / ``.eval()`` at run time exactly as in the layer.
+
+Only the exact classes are opened (a subclass may override ``forward``).
+Numerics: the layer's own "fast path" (eval, no grad) is a fused kernel of
+the same math; outputs agree to float tolerance, except that
+``nn.TransformerEncoder``'s nested-tensor fast path returns 0 at padded
+positions where the documented math does not (reason ``nested_tensor_padding``
+is reported when that path could be taken).
+
+Reason codes: ``encoder_subclass``, ``encoder_options``, ``nested_tensor_padding``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+import torch.nn as nn
+
+from recopt.graph.canon import arg
+from recopt.graph.nodes import get_module
+
+from ..base import Pass, PassConfig, PassContext, PassResult, Semantics
+from ..registry import register_pass
+
+REASONS = {
+    "encoder_subclass": "a subclass of nn.TransformerEncoder(Layer) (its forward may differ)",
+    "encoder_options": "an encoder call whose options are not constants",
+    "nested_tensor_padding": "nn.TransformerEncoder that may take its nested-tensor fast path "
+                             "(outputs 0 at padded positions)",
+}
+
+
+def encoder_layer(layer: nn.TransformerEncoderLayer, src, src_mask, key_padding_mask):
+    """``nn.TransformerEncoderLayer.forward`` as plain ops on its submodules."""
+
+    def sa_block(x):
+        x = layer.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=key_padding_mask,
+                            need_weights=False)[0]
+        return layer.dropout1(x)
+
+    def ff_block(x):
+        return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
+
+    x = src
+    if layer.norm_first:
+        x = x + sa_block(layer.norm1(x))
+        x = x + ff_block(layer.norm2(x))
+    else:
+        x = layer.norm1(x + sa_block(x))
+        x = layer.norm2(x + ff_block(x))
+    return x
+
+
+def encoder(enc: nn.TransformerEncoder, src, mask, key_padding_mask):
+    """``nn.TransformerEncoder.forward`` (documented math) as its layers, then the final norm."""
+    x = src
+    for layer in enc.layers:
+        x = encoder_layer(layer, x, mask, key_padding_mask)
+    if enc.norm is not None:
+        x = enc.norm(x)
+    return x
+
+
+class _Traced(nn.Module):
+    """Root for tracing :func:`encoder`/:func:`encoder_layer` on the real submodules."""
+
+    def __init__(self, mod: nn.Module, fn, has_mask: bool, has_kpm: bool):
+        super().__init__()
+        self.m, self.fn, self.has_mask, self.has_kpm = mod, fn, has_mask, has_kpm
+
+    def forward(self, src, mask, kpm):
+        return self.fn(self.m, src, mask if self.has_mask else None, kpm if self.has_kpm else None)
+
+
+@dataclass
+class DecomposeConfig(PassConfig):
+    """``encoders``: open nn.TransformerEncoder / nn.TransformerEncoderLayer calls."""
+
+    encoders: bool = True
+
+
+@register_pass
+class DecomposeAttention(Pass):
+    """Replace encoder leaves by their plain ops so attention passes see them."""
+
+    name = "decompose_attention"
+    semantics = Semantics.EXACT
+    config_cls = DecomposeConfig
+    default_targets = ("*",)
+    before = ("gdpa", "band_attention", "sliding_window")
+    description = "open nn.TransformerEncoder(Layer) leaves into MHA + norms + FFN (exact)"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        sites = []
+        if not self.config.encoders:
+            return PassResult(gm, sites)
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module":
+                continue
+            mod = get_module(gm, node)
+            if isinstance(mod, nn.TransformerEncoderLayer):
+                site = self._open(gm, node, mod, encoder_layer, ("src_mask", "src_key_padding_mask"))
+            elif isinstance(mod, nn.TransformerEncoder):
+                site = self._open(gm, node, mod, encoder, ("mask", "src_key_padding_mask"))
+            else:
+                continue
+            sites.append(site)
+        if any(s.status == "rewritten" for s in sites):
+            gm.graph.eliminate_dead_code()
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, sites)
+
+    def _open(self, gm, node, mod, fn, mask_names):
+        exact = type(mod) is (nn.TransformerEncoderLayer if fn is encoder_layer else nn.TransformerEncoder)
+        layers = [mod] if fn is encoder_layer else list(mod.layers)
+        if not exact or any(type(m) is not nn.TransformerEncoderLayer for m in layers):
+            return self.rejected(node, "encoder_subclass",
+                                 f"{node.target} is {type(mod).__name__}: its forward may differ from "
+                                 "nn.TransformerEncoder(Layer)'s; left as a leaf")
+        src = node.args[0] if node.args else node.kwargs.get("src")
+        mask = arg(node, 1, mask_names[0])
+        kpm = arg(node, 2, mask_names[1])
+        for x in (mask, kpm):
+            if x is not None and not isinstance(x, fx.Node):
+                return self.rejected(node, "encoder_options", f"{node.target}: a mask that is not a tensor")
+        if fn is encoder and kpm is not None and getattr(mod, "use_nested_tensor", False):
+            return self.rejected(node, "nested_tensor_padding",
+                                 f"{node.target} was built with enable_nested_tensor=True and gets a "
+                                 "key padding mask: in eval without grad its fast path returns 0 at "
+                                 "padded positions; build it with enable_nested_tensor=False to fuse")
+        sub = fx.Tracer().trace(_Traced(mod, fn, mask is not None, kpm is not None))
+        path = str(node.target)
+        env = {}
+        inputs = {"src": src, "mask": mask, "kpm": kpm}
+        g = gm.graph
+        with g.inserting_before(node):
+            for n in sub.nodes:
+                if n.op == "placeholder":
+                    env[n] = inputs[n.target]
+                elif n.op == "output":
+                    out = fx.node.map_arg(n.args[0], lambda x: env[x])
+                else:
+                    new = g.node_copy(n, lambda x: env[x])
+                    if n.op in ("call_module", "get_attr"):
+                        new.target = path + str(n.target)[1:]      # "m.xxx" -> "<path>.xxx"
+                    new.meta.pop("tensor_meta", None)
+                    env[n] = new
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        return self.rewritten(out, f"{type(mod).__name__} {path} opened into self-attention, norms and "
+                                   f"feed-forward ({len(layers)} layer{'s' if len(layers) > 1 else ''})",
+                              module_path=path,
+                              details={"layers": len(layers),
+                                       "norm_first": [bool(m.norm_first) for m in layers]})

@@ -1,0 +1,102 @@
+"""No import cycles in recopt/ (static: every import statement, function-level included),
+and recopt.passes imports nothing from recopt.models."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "recopt"
+
+# Cycles entirely inside recopt.fp8 (owned by the FP8 work, being reworked while this
+# test was written) are tolerated here; any other cycle fails.
+PENDING_PACKAGES = ("recopt.fp8.",)
+# capture <-> verify and ops.gdpa <-> ops.gdpa_cpu (function-level imports both ways, merged
+# at the end of this session): reported to their owners; these pairs only, nothing else.
+PENDING_CYCLES = {frozenset({"recopt.capture", "recopt.verify"}),
+                  frozenset({"recopt.ops.gdpa", "recopt.ops.gdpa_cpu"})}   # gdpa_cpu imports gdpa in a function
+
+
+def _modules() -> dict:
+    mods = {}
+    for p in ROOT.rglob("*.py"):
+        parts = p.relative_to(ROOT.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        mods[name] = p
+    return mods
+
+
+def _type_checking_only(tree) -> set:
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            skip |= {id(n) for b in node.body for n in ast.walk(b)}
+    return skip
+
+
+def _edges(mods: dict) -> dict:
+    edges = {m: set() for m in mods}
+    for m, path in mods.items():
+        tree = ast.parse(path.read_text())
+        skip = _type_checking_only(tree)
+        is_pkg = path.name == "__init__.py"
+        for node in ast.walk(tree):
+            if id(node) in skip or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                base = node.module or ""
+                if node.level:
+                    pkg = m.split(".") if is_pkg else m.split(".")[:-1]
+                    pkg = pkg[:len(pkg) - node.level + 1]
+                    base = ".".join(pkg + ([base] if base else []))
+                subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in mods]
+                targets = subs + ([base] if len(subs) < len(node.names) else [])
+            # importing one's own ancestor package is not a cycle (it is initialising)
+            edges[m] |= {t for t in targets if t in mods and t != m and not m.startswith(t + ".")}
+    return edges
+
+
+def _cycles(edges: dict) -> set:
+    index, low, stack, on, out = {}, {}, [], set(), set()
+    counter = [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.add(frozenset(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    cycles = _cycles(_edges(_modules()))
+    bad = [sorted(c) for c in cycles
+           if c not in PENDING_CYCLES and not all(m.startswith(PENDING_PACKAGES) for m in c)]
+    assert not bad, f"import cycles: {bad}"
+
+
+def test_graph_and_attention_passes_import_no_models():
+    edges = _edges(_modules())
+    for m in ("recopt.graph.attention", "recopt.graph.masks", "recopt.passes.gdpa_fusion",
+              "recopt.passes.gdpa.decompose", "recopt.passes.rules", "recopt.passes.kunlun.window"):
+        assert not any(t.startswith("recopt.models") for t in edges[m]), (m, edges[m])
