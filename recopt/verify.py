@@ -478,7 +478,11 @@ class Verifier:
                     err = "outside the captured graph's shape guards"
                     continue
                 try:
-                    out = run_deterministic(gm, args, self.config.seed, training=self._run_training)
+                    # gm.forward, not gm(...): fx's call wrapper prints the generated code to
+                    # stderr on every exception, and a rejected set is an expected outcome here.
+                    probe = gm.forward if isinstance(gm, torch.fx.GraphModule) else gm
+                    out = run_deterministic(probe, args, self.config.seed, module=gm if probe is not gm else None,
+                                            training=self._run_training)
                 except Exception as e:  # the original rejects this set: it is not one the model accepts
                     err = _first_line(e)
                     continue
