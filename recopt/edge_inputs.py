@@ -51,6 +51,9 @@ class InputInfo:
     # Per dim: "batch", a sequence size (int, the example's size), or None (fixed).
     dims: list = field(default_factory=list)
     id_bound: Optional[tuple] = None  # [lo, hi) for ids
+    # Per-position [lo, hi) over the batch (shape [1, *rest]) for int inputs of
+    # dim >= 2: the columns of a sparse-id matrix feed tables of different sizes.
+    position_bounds: Optional[tuple] = None
     length_of: Optional[int] = None  # the sequence size a lengths tensor counts into
 
 
@@ -229,6 +232,8 @@ def infer_input_kinds(args: tuple, gm: Optional[fx.GraphModule] = None, names: O
             info.id_bound = (0, bounds[i])
         elif info.kind == INT and a.numel():
             info.id_bound = (int(a.min()), int(a.max()) + 1)
+            if a.dim() >= 2 and dims[0] == "batch":
+                info.position_bounds = (a.amin(dim=0, keepdim=True), a.amax(dim=0, keepdim=True) + 1)
     return [infos[i] for i, _ in tensors], batch, seq_sizes
 
 
@@ -292,6 +297,12 @@ class _Sampler:
             if n <= x.numel():
                 return x[:n].clone()
             return torch.cat([x, x[-1:].expand(n - x.numel())])
+        if info.kind == INT and info.position_bounds is not None and tuple(shape[1:]) == tuple(x.shape[1:]):
+            # Only the batch changes: draw each position inside the example's range at that position.
+            lo_p, hi_p = info.position_bounds
+            u = torch.rand(shape, generator=g, dtype=torch.float64).to(x.device)
+            drawn = lo_p.to(torch.float64) + torch.floor(u * (hi_p - lo_p).to(torch.float64))
+            return torch.minimum(drawn, (hi_p - 1).to(torch.float64)).to(dtype=x.dtype)
         if info.kind in (IDS, INT) and info.id_bound is not None:
             lo, hi = info.id_bound
             if hi > lo:

@@ -200,3 +200,22 @@ def test_report_states_the_sets_and_a_dim_the_model_hard_codes_is_kept_fixed():
     assert rep.verify_sets[0] == "the example inputs" and "batch 1" not in rep.verify_sets
     assert any("batch size kept fixed at 5" in n for n in rep.notes)
     assert f"on {len(rep.verify_sets)} input sets" in rep.to_text()
+
+
+def test_sparse_id_columns_feeding_tables_of_different_sizes_still_get_batch_1():
+    """Each column of a [B, F] id matrix feeds its own table: redrawn ids stay in that column's range."""
+
+    class MultiTable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tables = nn.ModuleList([nn.Embedding(n, 4) for n in (500, 7, 40)])
+            self.out = nn.Linear(12, 1)
+
+        def forward(self, ids):
+            return self.out(torch.cat([t(ids[:, j]) for j, t in enumerate(self.tables)], dim=-1))
+
+    torch.manual_seed(0)
+    ids = torch.stack([torch.randint(0, n, (16,)) for n in (500, 7, 40)], dim=1)
+    opt = recopt.optimize(MultiTable().eval(), (ids,), target="cpu")
+    assert "batch 1" in opt.report.verify_sets, opt.report.notes
+    assert not any("batch size kept fixed" in n for n in opt.report.notes)
