@@ -399,7 +399,7 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
     # training) and verified in both; a separate eval graph in eval mode.
     first_mode = model.training if not dependent else False
     gm, report = manager.run(_shared_copy(cap_eval.graph_module, first_mode), args, report,
-                             reference=(cap_eval.example_output, cap_eval.flops),
+                             reference=(cap_eval.example_output, cap_eval.flops, cap_eval.flops_incomplete),
                              training=None if not dependent else False,
                              input_filter=cap_eval.guards_hold if cap_eval.guards else None)
     cap_eval = _with_pass_guards(cap_eval, manager.guards, report)
@@ -416,7 +416,8 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
                                           capture_diagnostics=list(cap_train.diagnostics),
                                           guards=list(cap_train.guards), modes=["train"])
         gm_t, train_report = manager.run(_shared_copy(cap_train.graph_module, True), args, train_report,
-                                         reference=(cap_train.example_output, cap_train.flops), training=True,
+                                         reference=(cap_train.example_output, cap_train.flops,
+                                                    cap_train.flops_incomplete), training=True,
                                          input_filter=cap_train.guards_hold if cap_train.guards else None)
         graphs["train"], captured["train"] = gm_t, _with_pass_guards(cap_train, manager.guards, train_report)
         runners["train"] = lower(gm_t, backend, settings["compile_options"])
