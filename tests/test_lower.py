@@ -262,3 +262,41 @@ def test_registered_backend_takes_options_and_mode(no_inductor):
     torch._dynamo.reset()
     with torch.no_grad(), pytest.raises(Exception, match="unknown key.*'passs'"):
         torch.compile(m, backend="recopt", options={"passs": ["gdpa"]})(x)
+
+
+# -- the GPU suite's inference section (runs on a GPU; its CPU-safe plumbing here) --
+
+def test_gpu_suite_inference_section_checks_outputs_and_honours_its_deadline(monkeypatch):
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_suite as G
+
+    assert "inference" in G.SECTIONS and "inference" in G.BUDGET_S
+    res = G.inference_section("cpu", deadline=time.time() - 1, batch=2, repeats=2)
+    assert res["variants"] == {"recopt inductor": {"skipped": "time budget"},
+                               "recopt inductor + CUDA graphs": {"skipped": "time budget"}}
+    assert [v["name"] for v in res["timing"]["variants"]] == ["eager"]
+    # With the deadline open: the CUDA-graph variant on a CPU is recorded as an error (raised before
+    # capture), never a silent lowering without CUDA graphs. The plain variant stands in as the model.
+    class Stand:
+        report = type("R", (), {"backend": "inductor"})()
+
+        def __call__(self, *a):
+            return model_seen[0](*a)
+
+    model_seen, real = [], recopt.optimize
+
+    def fake_optimize(m, a, **kw):
+        if kw.get("cuda_graphs"):
+            return real(m, a, **kw)
+        model_seen.append(m)
+        return Stand()
+
+    monkeypatch.setattr(recopt, "optimize", fake_optimize)
+    res = G.inference_section("cpu", deadline=time.time() + 600, batch=2, repeats=2)
+    assert res["variants"]["recopt inductor"]["rel_err_vs_eager"] == 0.0
+    assert "InputError" in res["variants"]["recopt inductor + CUDA graphs"]["error"]
+    assert [v["name"] for v in res["timing"]["variants"]] == ["eager", "recopt inductor"]
