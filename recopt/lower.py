@@ -371,7 +371,7 @@ def compile_backend(passes: Any = None, target: Any = "auto", *, configs: Option
                     verify: Any = True, strict: bool = False) -> RecoptBackend:
     """A torch.compile backend running ``passes`` for ``target`` on each graph, then Inductor.
 
-    ``torch.compile(model, backend=recopt.compile_backend(passes=["default", "kunlun_structure"],
+    ``torch.compile(model, backend=recopt.compile_backend(passes=["default", "compskip"],
     target="h100"))``. Arguments as in :func:`recopt.optimize` (``passes=None``:
     the target's default pipeline). The backend's ``reports`` list holds a
     report per compiled graph. torch.compile's ``mode=`` is honoured
