@@ -236,16 +236,25 @@ class RecoptBackend:
         from .passes.manager import PassManager
         from .report import OptimizationReport
 
+        import time
+
+        from .verify import VerifyConfig
+
+        t0 = time.perf_counter()
         training = is_training_graph(gm, example_inputs)
+        verify = VerifyConfig.coerce(settings["verify"])
+        if not training:  # no gradient can flow through an inference graph: checking them means nothing
+            verify = dataclasses.replace(verify, gradients=False)
         report = OptimizationReport(target=settings["target"].to_dict(), backend="inductor",
                                     capture_method="dynamo (torch.compile backend)",
                                     modes=["train" if training else "eval"])
         report.modes_note = (
             "training graph (grad mode on and parameters or inputs require grad): exact rewrites verified on "
-            "gradients too" if training else "inference graph (grad mode off or nothing requires grad)")
+            "gradients too" if training else
+            "inference graph (grad mode off or nothing requires grad): outputs verified, not gradients")
         try:
             manager = PassManager(settings["passes"], settings["target"], configs=settings["configs"],
-                                  verify=settings["verify"], strict=settings["strict"])
+                                  verify=verify, strict=settings["strict"])
             new_gm = _run_passes(manager, gm, example_inputs, report, training)
         except Exception as e:
             if settings["strict"]:
@@ -257,9 +266,11 @@ class RecoptBackend:
             report.backend = "inductor (graph unchanged: recopt failed)"
             self.errors.append(e)
             del self.errors[:-16]
+            report.total_s = time.perf_counter() - t0
             self._keep(report)
             warnings.warn(message, stacklevel=2)
             return compile_fx(gm, example_inputs, config_patches=config_patches or None)
+        report.total_s = time.perf_counter() - t0
         self._keep(report)
         return compile_fx(new_gm, example_inputs, config_patches=config_patches or None)
 

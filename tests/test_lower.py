@@ -210,6 +210,7 @@ def test_backend_decides_training_from_grad_mode_and_verifies_gradients(no_induc
         torch.testing.assert_close(f(x), m(x))
     infer = be.reports[-1]
     assert infer.modes == ["eval"] and infer.pass_run("test_detach_weights").status == "applied"
+    assert "outputs verified, not gradients" in infer.modes_note and not infer.notes
 
 
 def test_backend_graph_reads_the_parameters_dynamo_passes_at_each_call(no_inductor):
