@@ -333,8 +333,6 @@ def optimize(
     manager = PassManager(passes, tgt, configs=configs, verify=verify, strict=strict, options=options,
                           progress=progress)
     report = OptimizationReport(target=tgt.to_dict(), backend=plan.describe())
-    if plan.note:
-        report.notes.append(plan.note)
     # The caller's model, inputs and RNG come back bit-identical whatever
     # capture, FLOP counting, verification or a misbehaving pass did.
     model_state = ModuleState(model)
@@ -448,6 +446,8 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
         report.modes_note = (f"eval only; train mode runs the original model eagerly (mode-dependent: {shown}), "
                              f"because the train-mode capture failed: {train_failure}")
         report.notes.append(report.modes_note)
+    if plan.note:
+        report.notes.append(plan.report_note(train_compiled="train" in runners))
     report.total_s = time.perf_counter() - t_start
     return OptimizedModel(graphs, report, captured, runners, model, settings, training=model.training,
                           train_report=train_report)

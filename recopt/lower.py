@@ -65,8 +65,9 @@ class LoweringPlan:
 
     ``eval`` / ``train``: keyword arguments for ``torch.compile`` (None for
     the eager backend). ``cuda_graphs``: whether the eval graph records CUDA
-    graphs. ``note``: the sentence the report carries about it ("" when
-    there is nothing to say).
+    graphs. ``note`` / ``train_note``: what the report says about the eval
+    and the train lowering ("" when there is nothing to say); see
+    :meth:`report_note`.
     """
 
     backend: str
@@ -74,6 +75,12 @@ class LoweringPlan:
     train: Optional[dict]
     cuda_graphs: bool = False
     note: str = ""
+    train_note: str = ""
+
+    def report_note(self, train_compiled: bool) -> str:
+        """The report's note; the train sentence only where a train graph is lowered (not where
+        train mode runs the original model)."""
+        return " ".join(n for n in (self.note, self.train_note if train_compiled else "") if n)
 
     @property
     def same_for_both(self) -> bool:
@@ -145,11 +152,11 @@ def lowering_plan(backend: str, compile_options: Optional[dict] = None, cuda_gra
     shown = ", ".join(f"{k}={v!r}" for k, v in eval_opts.items())
     note = (f"CUDA graphs: the eval graph is compiled with torch.compile({shown}): static shapes, each new "
             "input shape compiles and records its own graph; torch copies the inputs into the graph's static "
-            "buffers, and an output is overwritten by the next call (clone it to keep it). Train mode runs "
-            "the Inductor lowering without CUDA graphs"
-            + (f" (torch.compile({', '.join(f'{k}={v!r}' for k, v in train_opts.items())}))" if train_opts else "")
-            + ".")
-    return LoweringPlan("inductor", eval_opts, train_opts, cuda_graphs=True, note=note)
+            "buffers, and an output is overwritten by the next call (clone it to keep it).")
+    train_note = ("Train mode runs the Inductor lowering without CUDA graphs"
+                  + (f" (torch.compile({', '.join(f'{k}={v!r}' for k, v in train_opts.items())}))"
+                     if train_opts else "") + ".")
+    return LoweringPlan("inductor", eval_opts, train_opts, cuda_graphs=True, note=note, train_note=train_note)
 
 
 def check_cuda_graph_device(args: tuple, model: Optional[torch.nn.Module] = None) -> None:

@@ -59,7 +59,8 @@ def test_cuda_graphs_go_to_the_eval_graph_only(kwargs, eval_opts, train_opts):
     p = L.lowering_plan("inductor", **kwargs)
     assert p.cuda_graphs and p.eval == eval_opts and p.train == train_opts and not p.same_for_both
     assert p.describe() == "inductor + CUDA graphs (eval graph)"
-    assert "Train mode runs the Inductor lowering without CUDA graphs" in p.note and "static shapes" in p.note
+    assert "static shapes" in p.note and "Train mode runs the Inductor lowering without CUDA graphs" in p.train_note
+    assert p.report_note(True) == f"{p.note} {p.train_note}" and p.report_note(False) == p.note
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -120,7 +121,8 @@ def test_optimize_lowers_eval_with_cuda_graphs_and_train_without(monkeypatch, mo
     assert rec.calls == [{"mode": "reduce-overhead", "dynamic": False}, {}]
     assert opt.report.backend == "inductor + CUDA graphs (eval graph)"
     assert any(n.startswith("CUDA graphs: the eval graph is compiled with torch.compile(mode='reduce-overhead', "
-                            "dynamic=False)") for n in opt.report.notes)
+                            "dynamic=False)") and "Train mode runs the Inductor lowering without CUDA graphs" in n
+               for n in opt.report.notes)
     assert "CUDA graphs" in opt.report.to_text()
     opt.eval()(x)
     opt.train()(x)
