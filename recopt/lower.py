@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
@@ -242,9 +243,6 @@ class RecoptBackend:
 
         from .passes.manager import PassManager
         from .report import OptimizationReport
-
-        import time
-
         from .verify import VerifyConfig
 
         t0 = time.perf_counter()
@@ -259,9 +257,10 @@ class RecoptBackend:
             "training graph (grad mode on and parameters or inputs require grad): exact rewrites verified on "
             "gradients too" if training else
             "inference graph (grad mode off or nothing requires grad): outputs verified, not gradients")
+        # Outside the try: a bad pass name or config is the caller's error, raised, never skipped.
+        manager = PassManager(settings["passes"], settings["target"], configs=settings["configs"],
+                              verify=verify, strict=settings["strict"])
         try:
-            manager = PassManager(settings["passes"], settings["target"], configs=settings["configs"],
-                                  verify=verify, strict=settings["strict"])
             new_gm = _run_passes(manager, gm, example_inputs, report, training)
         except Exception as e:
             if settings["strict"]:

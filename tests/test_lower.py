@@ -265,6 +265,9 @@ def test_registered_backend_takes_options_and_mode(no_inductor):
     torch._dynamo.reset()
     with torch.no_grad(), pytest.raises(Exception, match="unknown key.*'passs'"):
         torch.compile(m, backend="recopt", options={"passs": ["gdpa"]})(x)
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(Exception, match="no_such_pass"):   # an error, not a warning
+        torch.compile(m, backend="recopt", options={"passes": ["no_such_pass"]})(x)
 
 
 # -- the GPU suite's inference section (runs on a GPU; its CPU-safe plumbing here) --
