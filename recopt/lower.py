@@ -322,7 +322,9 @@ def _run_passes(manager, gm: fx.GraphModule, example_inputs: list, report, train
 
     from .capture import propagate_shapes
 
-    gm = copy.deepcopy(gm)  # Dynamo's own graph stays as it was: it is compiled unchanged if recopt fails
+    # Dynamo's own graph stays as it was (it is compiled unchanged if recopt fails); any tensor it
+    # holds is shared with the copy, not duplicated.
+    gm = copy.deepcopy(gm, {id(t): t for t in list(gm.parameters()) + list(gm.buffers())})
     lifted, user_args = _unlift_parameters(gm, example_inputs)
     propagate_shapes(gm, tuple(user_args))
     gm, _ = manager.run(gm, tuple(user_args), report, training=training)
