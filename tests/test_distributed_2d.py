@@ -256,14 +256,19 @@ def full_batch_losses(world):
     return out
 
 
+# Timeouts only bound a failing job; a passing one never waits for them. They are generous because
+# 4 ranks importing torch and torchrec on a loaded 2-core machine can reach a collective minutes apart.
+_TIMEOUTS = dict(timeout_s=300, job_timeout_s=900)
+
+
 @pytest.fixture(scope="module")
 def run_t4():
-    return launch(train_worker, 4, (2, True, None), sharding_group_size=2, timeout_s=60, job_timeout_s=240)
+    return launch(train_worker, 4, (2, True, None), sharding_group_size=2, **_TIMEOUTS)
 
 
 @pytest.fixture(scope="module")
 def run_t2():
-    return launch(train_worker, 2, (2, False, "row_wise"), sharding_group_size=2, timeout_s=60, job_timeout_s=240)
+    return launch(train_worker, 2, (2, False, "row_wise"), sharding_group_size=2, **_TIMEOUTS)
 
 
 def _check_against_reference(results, world, L, momentum_scaling):
@@ -352,16 +357,21 @@ def test_world_size_not_divisible_by_L_fails_before_start(monkeypatch):
     assert spawned == []
 
 
-def dying_worker(ctx, mode):
+def dying_worker(ctx, mode, hang_timeout_s=3):
+    import datetime
+
     import torch.distributed as dist
 
     t = torch.ones(1)
-    dist.all_reduce(t)
+    dist.all_reduce(t)                                  # the ranks are in step from here on
+    # The short timeout is set on a group made now, not on the whole job: ranks of a loaded
+    # machine may reach the job's rendezvous seconds apart, which must not be what times out.
+    group = dist.new_group(timeout=datetime.timedelta(seconds=hang_timeout_s)) if mode == "hang" else None
     if ctx.rank == 1:
         if mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(120)                                 # "hang": never joins the collective
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t.item()
 
 
@@ -382,9 +392,9 @@ def test_killed_rank_ends_the_job_with_a_clear_error():
 
 def test_hung_collective_ends_within_the_process_group_timeout():
     # Rank 1 sleeps (120 s) instead of joining; the job may run 600 s. Rank 0's
-    # collective times out after 3 s and raises: that, not the job timeout
-    # or rank 1 waking up, is what the message names.
+    # collective, in a group with a 3 s timeout, times out and raises: that, not
+    # the job timeout or rank 1 waking up, is what the message names.
     with pytest.raises(DistributedJobError, match="rank 0 of 2 raised") as e:
-        launch(dying_worker, 2, ("hang",), timeout_s=3, job_timeout_s=600)
+        launch(dying_worker, 2, ("hang",), timeout_s=300, job_timeout_s=600)
     assert "job_timeout_s" not in str(e.value) and "exited with code" not in str(e.value)
     assert "Timed out waiting 3000ms" in str(e.value)   # gloo's own timeout, as set by timeout_s
