@@ -95,9 +95,10 @@ class _Recorder:
     """Stands in for torch.compile: records the options and tags each runner with them."""
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.ran = [], []
 
     def __call__(self, gm, backend=None, **opts):
+        assert backend == "inductor"
         self.calls.append(dict(opts))
 
         def run(*args, _opts=dict(opts)):
@@ -106,13 +107,10 @@ class _Recorder:
 
         return run
 
-    ran: list = []
-
 
 @pytest.mark.parametrize("model_cls", [Attn, WithDropout], ids=["one_graph_for_both_modes", "mode_dependent"])
 def test_optimize_lowers_eval_with_cuda_graphs_and_train_without(monkeypatch, model_cls):
     rec = _Recorder()
-    rec.ran = []
     monkeypatch.setattr(L.torch, "compile", rec)
     monkeypatch.setattr(recopt.api, "check_cuda_graph_device", lambda args, model=None: None)  # a CPU stand-in
     model = model_cls().eval()
