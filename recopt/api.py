@@ -291,7 +291,8 @@ def optimize(
       with the reason in the report).
     - ``capture_method``: ``"auto"``, ``"symbolic_trace"`` or ``"dynamo"``.
     - ``leaf_modules``: module types kept whole (not traced through).
-    - ``compile_options``: keyword arguments for ``torch.compile`` (inductor).
+    - ``compile_options``: keyword arguments for ``torch.compile`` (inductor
+      only: with ``backend="eager"`` they are an error, not ignored).
     - ``cuda_graphs``: ``True`` lowers the **eval** graph with Inductor's CUDA
       graphs (``torch.compile(mode="reduce-overhead", dynamic=False)``: static
       shapes, one recorded graph per input shape; torch copies inputs into
