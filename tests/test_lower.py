@@ -302,3 +302,19 @@ def test_gpu_suite_inference_section_checks_outputs_and_honours_its_deadline(mon
     assert res["variants"]["recopt inductor"]["rel_err_vs_eager"] == 0.0
     assert "InputError" in res["variants"]["recopt inductor + CUDA graphs"]["error"]
     assert [v["name"] for v in res["timing"]["variants"]] == ["eager", "recopt inductor"]
+
+
+def test_optimize_rolls_back_a_rewrite_that_loses_every_parameter_gradient():
+    # The verifier hole the backend test found, in optimize's own path: a candidate whose outputs no
+    # longer reach any parameter used to count as "nothing differentiable" and pass.
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 4))
+
+        def forward(self, x):
+            return torch.relu(x @ self.w)
+
+    opt = recopt.optimize(Two().train(), (torch.randn(3, 8),), target="cpu", passes=[DetachWeights(False)])
+    run = opt.report.pass_run("test_detach_weights")
+    assert run.status == "rolled_back" and "no longer depend on any trainable parameter" in run.message
