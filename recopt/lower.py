@@ -421,7 +421,8 @@ def recopt_backend(gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> C
 
 def register_dynamo_backend() -> None:
     """Register :func:`recopt_backend` as torch.compile backend ``"recopt"`` (idempotent)."""
-    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+    from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS, register_backend
 
-    if "recopt" not in _BACKENDS or _BACKENDS["recopt"] is None:
-        register_backend(name="recopt")(recopt_backend)
+    if "recopt" in _COMPILER_FNS or _BACKENDS.get("recopt") is not None:
+        return  # registered already: by an earlier call, or through the package's entry point
+    register_backend(name="recopt")(recopt_backend)
