@@ -321,13 +321,19 @@ def _run_passes(manager, gm: fx.GraphModule, example_inputs: list, report, train
     import copy
 
     from .capture import propagate_shapes
+    from .state import rng_devices
+    from .verify import run_deterministic
 
     # Dynamo's own graph stays as it was (it is compiled unchanged if recopt fails); any tensor it
     # holds is shared with the copy, not duplicated.
     gm = copy.deepcopy(gm, {id(t): t for t in list(gm.parameters()) + list(gm.buffers())})
     lifted, user_args = _unlift_parameters(gm, example_inputs)
-    propagate_shapes(gm, tuple(user_args))
-    gm, _ = manager.run(gm, tuple(user_args), report, training=training)
+    user_args = tuple(user_args)
+    # The model's buffers are graph inputs too (BatchNorm's running statistics): every run here is
+    # on copies of the inputs, and the caller's RNG stream is left as it was (as optimize does).
+    with torch.random.fork_rng(devices=rng_devices(user_args)):
+        run_deterministic(lambda *a: propagate_shapes(gm, a), user_args, 0, module=gm, training=training)
+        gm, _ = manager.run(gm, user_args, report, training=training)
     return _relift_parameters(gm, lifted, len(example_inputs))
 
 

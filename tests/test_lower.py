@@ -319,3 +319,22 @@ def test_optimize_rolls_back_a_rewrite_that_loses_every_parameter_gradient():
     opt = recopt.optimize(Two().train(), (torch.randn(3, 8),), target="cpu", passes=[DetachWeights(False)])
     run = opt.report.pass_run("test_detach_weights")
     assert run.status == "rolled_back" and "no longer depend on any trainable parameter" in run.message
+
+
+def test_backend_leaves_buffers_and_rng_as_one_call_of_the_model_would(no_inductor):
+    # Dynamo passes BatchNorm's running statistics as graph inputs: recopt's own runs of the graph
+    # (shapes, verification, FLOPs) must neither update them nor move the caller's RNG stream.
+    import copy
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2))
+    ref, x = copy.deepcopy(m), torch.randn(6, 8)
+    f = torch.compile(m, backend=recopt.compile_backend(target="cpu"))
+    torch.manual_seed(1)
+    got, after = f(x), torch.rand(3)
+    torch.manual_seed(1)
+    want, want_after = ref(x), torch.rand(3)
+    torch.testing.assert_close(got, want)                       # same dropout mask: same RNG stream
+    torch.testing.assert_close(after, want_after)
+    assert m[1].num_batches_tracked.item() == ref[1].num_batches_tracked.item() == 1
+    torch.testing.assert_close(m[1].running_mean, ref[1].running_mean)
