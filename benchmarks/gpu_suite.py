@@ -23,6 +23,10 @@ and says so):
 4. ``train``: the bundled Kunlun and InterFormer train steps (forward,
    backward, SGD step) — eager, torch.compile and recopt.optimize —
    side by side, interleaved, medians.
+5. ``inference``: the bundled Kunlun's eval forward at a small batch
+   (run-time overhead dominates there) — eager, recopt with Inductor, and
+   recopt with Inductor + CUDA graphs (``optimize(cuda_graphs=True)``),
+   outputs checked against eager first (:func:`inference_section`).
 
 The report (JSON and a markdown table) records the card, torch/triton/CUDA
 versions and the date. Imports nothing that needs torchrec.
@@ -43,8 +47,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-SECTIONS = ("correctness", "gdpa", "fp8", "train")
-BUDGET_S = {"correctness": 60.0, "gdpa": 150.0, "fp8": 60.0, "train": 90.0}
+SECTIONS = ("correctness", "gdpa", "fp8", "train", "inference")
+BUDGET_S = {"correctness": 60.0, "gdpa": 150.0, "fp8": 60.0, "train": 90.0, "inference": 90.0}
 GDPA_SHAPES = ("pffn_kunlun", "self_attn_1k")  # names in benchmarks/gdpa_bench.py GPU_SHAPES
 
 
@@ -269,6 +273,53 @@ def _train_step(fn, opt, inputs):
     return step
 
 
+def inference_section(device: str, deadline: float, batch: int = 8, repeats: int = 50) -> dict:
+    """Bundled Kunlun eval forward at a small batch: eager vs recopt+Inductor vs recopt+Inductor+CUDA graphs.
+
+    Each variant's output is compared with eager's before anything is timed
+    (a fast wrong lowering is worth nothing); CUDA-graph outputs live in the
+    graph's memory pool, so they are cloned before comparison. Timed under
+    ``torch.no_grad()``, interleaved, medians (:func:`recopt.bench.compare`).
+    A variant past ``deadline`` is skipped and says so.
+    """
+    import torch
+
+    import recopt
+    from recopt.bench import Variant, compare
+    from recopt.data import example_batch
+    from recopt.examples_factory import movielens_like_spec
+    from recopt.models import build_model
+
+    spec = movielens_like_spec()
+    inputs = tuple(t.to(device) for t in example_batch(spec, batch_size=batch).inputs())
+    torch.manual_seed(0)
+    model = build_model("kunlun", spec).to(device).eval()
+    out = {"batch": batch, "variants": {}}
+    with torch.no_grad():
+        want = model(*inputs)
+        want = want[0] if isinstance(want, (tuple, list)) else want
+        runners = [("eager", model)]
+        for label, kw in (("recopt inductor", {}), ("recopt inductor + CUDA graphs", {"cuda_graphs": True})):
+            if time.time() > deadline:
+                out["variants"][label] = {"skipped": "time budget"}
+                continue
+            try:
+                t0 = time.time()
+                opt = recopt.optimize(model, inputs, target="auto", backend="inductor", **kw)
+                for _ in range(3):                      # compile, record, replay
+                    got = opt(*inputs)
+                got = (got[0] if isinstance(got, (tuple, list)) else got).clone()
+                out["variants"][label] = {"backend": opt.report.backend, "setup_s": round(time.time() - t0, 1),
+                                          "rel_err_vs_eager": _rel(got, want)}
+                runners.append((label, opt))
+            except Exception as e:
+                out["variants"][label] = {"error": f"{type(e).__name__}: {str(e)[:300]}",
+                                          "trace": traceback.format_exc(limit=3)[-800:]}
+        variants = [Variant(label, (lambda f=f: f(*inputs))) for label, f in runners]
+        out["timing"] = _result_dict(compare(variants, repeats=repeats, warmup=5, progress=False))
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -288,6 +339,8 @@ def run_suite(sections, device: str, dry_run: bool, quick: bool, batch: int, ste
                 res = gdpa_section(device, deadline, quick)
             elif sec == "fp8":
                 res = fp8_section(device, deadline)
+            elif sec == "inference":
+                res = inference_section(device, deadline)
             else:
                 res = train_section(device, deadline, batch, steps)
             report["sections"][sec] = {"result": res}

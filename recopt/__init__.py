@@ -3,6 +3,8 @@
 The public surface (everything else is internal):
 
 - :func:`optimize` — capture, run passes with verify-each, lower.
+- :func:`compile_backend` — a ``torch.compile`` backend running a chosen pass
+  list for a chosen target (``backend="recopt"`` is the default one).
 - :func:`capture` — torch.fx capture with shape metadata.
 - :class:`Pass`, :class:`PassConfig`, :class:`Semantics`, :func:`register_pass`,
   :class:`PassManager`, :class:`PassResult`, :class:`PassContext`, :class:`Site` — writing and
@@ -17,6 +19,7 @@ The public surface (everything else is internal):
 """
 from .api import OptimizedModel, optimize
 from .capture import CapturedModel, capture
+from .lower import compile_backend
 from . import export  # the package, callable as its export() function
 from .export import load, read_manifest
 from .errors import CaptureError, InputError, MissingDependencyError, PassError, RecoptError, VerificationError
@@ -31,7 +34,7 @@ from .verify import VerifyConfig
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimize", "OptimizedModel", "capture", "CapturedModel",
+    "optimize", "OptimizedModel", "capture", "CapturedModel", "compile_backend",
     "Pass", "PassConfig", "PassContext", "PassResult", "Semantics", "Site",
     "PassManager", "register_pass", "available_passes", "default_pipeline",
     "Rule", "RulePass", "Reason",

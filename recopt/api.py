@@ -15,7 +15,7 @@ from .capture import CapturedModel, capture, check_model_and_inputs, graph_diffe
 from .modes import mode_dependent_modules
 from .state import InputsState, ModuleState, rng_devices
 from .errors import CaptureError, InputError
-from .lower import BACKENDS, default_backend, lower
+from .lower import BACKENDS, check_cuda_graph_device, default_backend, lower, lowering_plan
 from .passes.manager import _LEGACY_VERIFY_KEYWORDS, PassManager, verify_config_with_legacy
 from .report import OptimizationReport
 from .targets import get_target
@@ -260,6 +260,7 @@ def optimize(
     capture_method: str = "auto",
     leaf_modules: Sequence[type] = (),
     compile_options: Optional[dict] = None,
+    cuda_graphs: bool = False,
     progress: bool = False,
     measure: bool = False,
     **options: Any,
@@ -290,7 +291,18 @@ def optimize(
       with the reason in the report).
     - ``capture_method``: ``"auto"``, ``"symbolic_trace"`` or ``"dynamo"``.
     - ``leaf_modules``: module types kept whole (not traced through).
-    - ``compile_options``: keyword arguments for ``torch.compile`` (inductor).
+    - ``compile_options``: keyword arguments for ``torch.compile`` (inductor
+      only: with ``backend="eager"`` they are an error, not ignored).
+    - ``cuda_graphs``: ``True`` lowers the **eval** graph with Inductor's CUDA
+      graphs (``torch.compile(mode="reduce-overhead", dynamic=False)``: static
+      shapes, one recorded graph per input shape; torch copies inputs into
+      static buffers and the next call overwrites an output, so clone one
+      you keep). Train mode runs the same Inductor lowering without CUDA
+      graphs; the report's ``backend`` and notes say so. Needs
+      ``backend="inductor"`` and the model and inputs on a CUDA device (an
+      :class:`~recopt.errors.InputError` otherwise). ``compile_options``
+      with ``mode="reduce-overhead"`` (or ``"max-autotune"``) is treated the
+      same way: CUDA graphs for the eval graph only.
     - ``progress``: show a progress bar over the passes.
     - ``measure``: time the original and the optimized model on the example
       inputs here, interleaved, and record the measured speed-up in
@@ -310,15 +322,18 @@ def optimize(
     legacy = {k: options.pop(k) for k in _LEGACY_VERIFY_KEYWORDS if k in options}
     verify = verify_config_with_legacy(verify, legacy)
     args = check_model_and_inputs(model, example_inputs)
+    plan = lowering_plan(backend, compile_options, cuda_graphs)
+    if plan.cuda_graphs:
+        check_cuda_graph_device(args, model)
     settings = dict(
         target=tgt, passes=passes, configs=configs, backend=backend, on_untraceable=on_untraceable,
         strict=strict, verify=verify, capture_method=capture_method, leaf_modules=leaf_modules,
-        compile_options=compile_options, progress=progress, **options,
+        compile_options=compile_options, cuda_graphs=cuda_graphs, progress=progress, **options,
     )
     # Build the manager before capture, so bad pass names or configs fail fast.
     manager = PassManager(passes, tgt, configs=configs, verify=verify, strict=strict, options=options,
                           progress=progress)
-    report = OptimizationReport(target=tgt.to_dict(), backend=backend)
+    report = OptimizationReport(target=tgt.to_dict(), backend=plan.describe())
     # The caller's model, inputs and RNG come back bit-identical whatever
     # capture, FLOP counting, verification or a misbehaving pass did.
     model_state = ModuleState(model)
@@ -359,6 +374,7 @@ def _with_pass_guards(cap: CapturedModel, guards: list, report: OptimizationRepo
 def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report: OptimizationReport,
                     settings: dict, t_start: float) -> OptimizedModel:
     """Capture and optimize the eval graph and, where the model depends on the mode, the train graph."""
+    plan = lowering_plan(settings["backend"], settings["compile_options"], settings["cuda_graphs"])
     backend = settings["backend"]
     t0 = time.perf_counter()
     try:
@@ -399,15 +415,16 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
     # training) and verified in both; a separate eval graph in eval mode.
     first_mode = model.training if not dependent else False
     gm, report = manager.run(_shared_copy(cap_eval.graph_module, first_mode), args, report,
-                             reference=(cap_eval.example_output, cap_eval.flops),
+                             reference=(cap_eval.example_output, cap_eval.flops, cap_eval.flops_incomplete),
                              training=None if not dependent else False,
                              input_filter=cap_eval.guards_hold if cap_eval.guards else None)
     cap_eval = _with_pass_guards(cap_eval, manager.guards, report)
-    graphs["eval"], captured["eval"], runners["eval"] = gm, cap_eval, lower(gm, backend, settings["compile_options"])
+    graphs["eval"], captured["eval"], runners["eval"] = gm, cap_eval, lower(gm, backend, plan.eval)
     train_report = None
     shown = ", ".join(dependent[:3]) + (" ..." if len(dependent) > 3 else "")
     if not dependent:
-        graphs["train"], captured["train"], runners["train"] = gm, cap_eval, runners["eval"]
+        graphs["train"], captured["train"] = gm, cap_eval
+        runners["train"] = runners["eval"] if plan.same_for_both else lower(gm, backend, plan.train)
         report.modes = ["eval", "train"]
         report.modes_note = "one graph serves train and eval (no layer depends on the mode)"
     elif cap_train is not None:
@@ -416,10 +433,11 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
                                           capture_diagnostics=list(cap_train.diagnostics),
                                           guards=list(cap_train.guards), modes=["train"])
         gm_t, train_report = manager.run(_shared_copy(cap_train.graph_module, True), args, train_report,
-                                         reference=(cap_train.example_output, cap_train.flops), training=True,
+                                         reference=(cap_train.example_output, cap_train.flops,
+                                                    cap_train.flops_incomplete), training=True,
                                          input_filter=cap_train.guards_hold if cap_train.guards else None)
         graphs["train"], captured["train"] = gm_t, _with_pass_guards(cap_train, manager.guards, train_report)
-        runners["train"] = lower(gm_t, backend, settings["compile_options"])
+        runners["train"] = lower(gm_t, backend, plan.train)
         applied = [p.name for p in train_report.passes if p.status == "applied"]
         report.modes = ["eval", "train"]
         report.modes_note = (f"eval and train captured as separate graphs (mode-dependent: {shown}); "
@@ -429,6 +447,8 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
         report.modes_note = (f"eval only; train mode runs the original model eagerly (mode-dependent: {shown}), "
                              f"because the train-mode capture failed: {train_failure}")
         report.notes.append(report.modes_note)
+    if plan.note:
+        report.notes.append(plan.report_note(train_compiled="train" in runners))
     report.total_s = time.perf_counter() - t_start
     return OptimizedModel(graphs, report, captured, runners, model, settings, training=model.training,
                           train_report=train_report)

@@ -139,6 +139,8 @@ class CapturedModel:
     example_output: Any = None
     flops: Optional[float] = None
     training: bool = False
+    # Why ``flops`` is missing or too low (see recopt.costs.FlopCount.incomplete); empty: complete.
+    flops_incomplete: list = field(default_factory=list)
 
     def guards_hold(self, args: tuple) -> bool:
         """Whether every shape guard (Dynamo's and the passes') holds for these call arguments.
@@ -445,14 +447,14 @@ def _graph_differs(model: nn.Module, gm: fx.GraphModule, refs: list, training: b
 def _propagate(gm: fx.GraphModule, args: tuple, training: bool) -> tuple:
     """propagate_shapes in the capture's mode with a fixed seed, counting FLOPs.
 
-    Returns ``(output, flops or None)``; restores the mode and every buffer.
+    Returns ``(output, FlopCount)``; restores the mode and every buffer.
     """
-    from .costs import count_graph_flops
+    from .costs import graph_flop_count
     from .verify import eval_mode_restored, run_deterministic
 
     out = run_deterministic(lambda *a: propagate_shapes(gm, a), args, 0, module=gm, training=training)
     with eval_mode_restored(gm, training):
-        flops = count_graph_flops(gm, args)
+        flops = graph_flop_count(gm, args)
     return out, flops
 
 
@@ -523,7 +525,8 @@ def capture(
                 finally:
                     snapshot.restore()
                 return CapturedModel(gm, m, args, input_names, guards=guards, diagnostics=diagnostics,
-                                     source_module=type(model).__name__, example_output=out, flops=flops,
+                                     source_module=type(model).__name__, example_output=out, flops=flops.total,
+                                     flops_incomplete=flops.incomplete,
                                      training=training)
         finally:
             snapshot.restore()

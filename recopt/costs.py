@@ -8,6 +8,7 @@ in no_grad, and costs little.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -18,6 +19,9 @@ class FlopCounter(TorchDispatchMode):
     """Counts FLOPs of every op with a registered formula while active.
 
     ``counter.total`` is the sum; ``counter.by_op`` maps op name → FLOPs.
+    An op whose formula raises is counted as 0 and named in
+    ``counter.failed`` (op name → ``"ExcType: message"`` of its first
+    failure), so the count goes on but a caller can say it is incomplete.
     """
 
     def __init__(self):
@@ -29,6 +33,7 @@ class FlopCounter(TorchDispatchMode):
         self.registry = flop_registry
         self.total = 0
         self.by_op: dict = {}
+        self.failed: dict = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -36,13 +41,44 @@ class FlopCounter(TorchDispatchMode):
         packet = getattr(func, "_overloadpacket", func)
         formula = self.registry.get(packet)
         if formula is not None:
+            key = str(packet)
             try:
                 n = int(formula(*args, **kwargs, out_val=out))
-            except Exception:
+            except Exception as e:  # a formula's bug must not stop the model; it is recorded
                 n = 0
+                self.failed.setdefault(key, f"{type(e).__name__}: {_first_line(e)}")
             self.total += n
-            key = str(packet)
             self.by_op[key] = self.by_op.get(key, 0) + n
+        return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+@dataclass
+class FlopCount:
+    """FLOPs of one call of a graph, and what the count could not see.
+
+    ``total``: the FLOPs, None if the graph could not be run at all (then
+    ``error`` says why). ``failed``: op name → error of its FLOP formula
+    (those ops counted as 0). ``fake_run_error``: why the shape-only run
+    failed, when the count comes from a real run instead (complete, but
+    it cost real compute).
+    """
+
+    total: Optional[float]
+    failed: dict = field(default_factory=dict)
+    fake_run_error: str = ""
+    error: str = ""
+
+    @property
+    def incomplete(self) -> list:
+        """One line per reason the total is missing or too low (empty: complete)."""
+        out = [f"{op} counted as 0 (its FLOP formula raised {why})" for op, why in sorted(self.failed.items())]
+        if self.total is None:
+            out.append(f"not counted: {self.error}")
         return out
 
 
@@ -53,13 +89,14 @@ def count_flops(fn: Callable, *args: Any, **kwargs: Any) -> tuple:
     return out, float(c.total)
 
 
-def count_graph_flops(gm: torch.nn.Module, args: tuple) -> Optional[float]:
-    """FLOPs of one call of ``gm`` on ``args``, computed without real compute.
+def graph_flop_count(gm: torch.nn.Module, args: tuple) -> FlopCount:
+    """:class:`FlopCount` of one call of ``gm`` on ``args``, computed without real compute.
 
     Runs the graph on fake tensors (shapes and dtypes only) under
     :class:`FlopCounter`. Ops without a fake implementation (some TorchRec
-    modules) make this fall back to a real, counted run. Returns None only
-    if both fail.
+    modules) make this fall back to a real, counted run
+    (``fake_run_error`` says why). ``total`` is None only if both fail
+    (``error`` names both failures).
     """
     import torch.fx as fx
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -79,15 +116,23 @@ def count_graph_flops(gm: torch.nn.Module, args: tuple) -> Optional[float]:
             fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
             with FlopCounter() as counter, torch.enable_grad():
                 fx.Interpreter(gm).run(*fake_args) if isinstance(gm, fx.GraphModule) else gm(*fake_args)
-        return float(counter.total)
-    except Exception:
-        pass
+        return FlopCount(float(counter.total), dict(counter.failed))
+    except Exception as e:  # recorded in fake_run_error; the real run below counts instead
+        fake_error = f"{type(e).__name__}: {_first_line(e)}"
     try:
         with FlopCounter() as counter, torch.enable_grad():
             gm(*args)
-        return float(counter.total)
-    except Exception:
-        return None
+        return FlopCount(float(counter.total), dict(counter.failed), fake_run_error=fake_error)
+    except Exception as e:  # the graph does not run here at all: no count, and why
+        return FlopCount(None, dict(counter.failed), fake_run_error=fake_error,
+                         error=f"the shape-only run failed ({fake_error}) and so did a real run "
+                               f"({type(e).__name__}: {_first_line(e)})")
+
+
+def count_graph_flops(gm: torch.nn.Module, args: tuple) -> Optional[float]:
+    """``graph_flop_count(gm, args).total``: the number alone, for callers that do not
+    report on it. Use :func:`graph_flop_count` to know whether the count is complete."""
+    return graph_flop_count(gm, args).total
 
 
 def graph_activation_bytes(gm: torch.nn.Module) -> Optional[float]:

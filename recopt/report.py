@@ -133,6 +133,9 @@ class OptimizationReport:
     flops_after: Optional[float] = None
     bytes_before: Optional[float] = None
     bytes_after: Optional[float] = None
+    # Why a FLOP figure above is missing or too low: an op whose FLOP formula
+    # raised (counted as 0), or a graph that could not be counted. Empty: complete.
+    flops_incomplete: list = field(default_factory=list)
     capture_s: float = 0.0
     total_s: float = 0.0
     notes: list = field(default_factory=list)
@@ -179,7 +182,8 @@ class OptimizationReport:
         """One line: the measured speed-up on this machine beside the target's predicted one."""
         pred = self.predicted_speedup
         tname = self.target.get("name", "?")
-        pred_s = (f"predicted for {tname}: {pred:.2f}x (roofline of FLOPs and traffic)" if pred is not None
+        pred_s = (f"predicted for {tname}: {pred:.2f}x (roofline of FLOPs and traffic"
+                  + ("; FLOPs incomplete, see above)" if self.flops_incomplete else ")") if pred is not None
                   else f"predicted for {tname}: none (no peak figures for this target)")
         m = self.measured
         if self.measured_speedup is None:
@@ -252,6 +256,8 @@ class OptimizationReport:
                 f"  FLOPs per call: {_human(self.flops_before)} → {_human(self.flops_after)}"
                 + (f" ({_pct(self.flops_before, self.flops_after)})" if self.flops_before else "")
             )
+        if self.flops_incomplete:
+            lines.extend(_wrap(f"FLOPs incomplete: {'; '.join(self.flops_incomplete)}", 100, "  ", "    "))
         if self.bytes_before and self.bytes_after is not None:
             lines.append(
                 f"  activation traffic (estimate): {_human(self.bytes_before)}B → {_human(self.bytes_after)}B"

@@ -122,6 +122,8 @@ def render_html(report: OptimizationReport, title: Optional[str] = None) -> str:
     if report.flops_before is not None and report.flops_after is not None:
         change = (report.flops_after - report.flops_before) / report.flops_before * 100 if report.flops_before else 0
         flops = f"{report.flops_before / 1e6:.2f} → {report.flops_after / 1e6:.2f} MFLOPs per call ({change:+.1f}%)"
+    if report.flops_incomplete:
+        flops = (flops or "-") + f" — FLOPs incomplete: {'; '.join(report.flops_incomplete)}"
     rows = [("target", f"{t.get('name', '?')} (profile v{t.get('version', '?')}: {t.get('source', '')})"),
             ("capture", report.capture_method), ("backend", report.backend), ("FLOPs", flops or "-"),
             ("activation traffic (estimate)",

@@ -594,7 +594,10 @@ class Verifier:
             if mismatch is not None:
                 return f"{mismatch} (on {where})", None
         if cand is None:
-            return None, None
+            # The reference has parameter gradients (ref is not None): a graph
+            # whose output no longer reaches any parameter has lost them all.
+            return (f"the rewritten graph's outputs no longer depend on any trainable parameter: its "
+                    f"parameter gradients are lost (on {where})"), None
         names = {id(p): n for n, p in self._graph.named_parameters()}
         mismatch = compare_gradients(ref, cand, names, grad_rtol)
         if mismatch is not None:

@@ -126,3 +126,83 @@ def test_report_flops_match_flop_counter_mode_before_and_after(make, args):
     assert want_before > 0
     assert opt.report.flops_before == pytest.approx(want_before, rel=0.02)
     assert opt.report.flops_after == pytest.approx(want_after, rel=0.02)
+
+
+# -- an op whose FLOP formula raises: counted as 0 and named (issue #15) ----
+
+@torch.library.custom_op("recopt_test_costs::scale_bad_flops", mutates_args=())
+def _scale_bad_flops(x: torch.Tensor) -> torch.Tensor:
+    return x * 2.0
+
+
+@_scale_bad_flops.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _raising_formula(*args, out_val=None, **kwargs):
+    raise ValueError("formula bug for this test")
+
+
+from torch.utils.flop_counter import register_flop_formula  # noqa: E402
+
+register_flop_formula(torch.ops.recopt_test_costs.scale_bad_flops)(_raising_formula)
+
+
+class _BadFlopsMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.lin(torch.ops.recopt_test_costs.scale_bad_flops(x))
+
+
+def test_counter_names_the_op_whose_formula_raised_and_keeps_counting():
+    from recopt.costs import FlopCounter, graph_flop_count
+
+    x = torch.randn(3, 8)
+    with FlopCounter() as c:
+        _BadFlopsMLP()(x)
+    assert c.total == 2 * 3 * 8 * 4                                   # the linear is still counted
+    assert c.failed == {"recopt_test_costs.scale_bad_flops": "ValueError: formula bug for this test"}
+    fc = graph_flop_count(fx.symbolic_trace(_BadFlopsMLP()), (x,))
+    assert fc.total == 2 * 3 * 8 * 4 and fc.fake_run_error == ""
+    assert fc.incomplete == ["recopt_test_costs.scale_bad_flops counted as 0 "
+                             "(its FLOP formula raised ValueError: formula bug for this test)"]
+
+
+def test_fake_run_failure_is_recorded_and_a_graph_that_cannot_run_is_not_counted():
+    from recopt.costs import graph_flop_count
+
+    class NoFake(nn.Module):            # .item() has no value on fake tensors: the real run counts
+        def forward(self, x):
+            return x @ x.t() * x.sum().item()
+
+    fc = graph_flop_count(NoFake(), (torch.randn(4, 6),))
+    assert fc.total == 2 * 4 * 6 * 4 and fc.incomplete == [] and fc.fake_run_error
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("cannot run")
+
+    fc = graph_flop_count(Broken(), (torch.randn(2),))
+    assert fc.total is None and "cannot run" in fc.error and fc.incomplete == [f"not counted: {fc.error}"]
+    assert count_graph_flops(Broken(), (torch.randn(2),)) is None
+
+
+def test_report_says_flops_are_incomplete_where_flops_and_the_prediction_are_shown():
+    opt = recopt.optimize(_BadFlopsMLP().eval(), (torch.randn(3, 8),), target="h100", backend="eager")
+    rep = opt.report
+    assert len(rep.flops_incomplete) == 1 and "scale_bad_flops counted as 0" in rep.flops_incomplete[0]
+    assert "the graph before the passes" in rep.flops_incomplete[0]
+    text = rep.to_text()
+    assert "FLOPs incomplete: recopt_test_costs.scale_bad_flops counted as 0" in " ".join(text.split())
+    assert rep.predicted_speedup is not None and "FLOPs incomplete" in rep.speedup_line()
+    assert "FLOPs incomplete" in rep.to_html()
+    assert type(rep).from_dict(rep.to_dict()).flops_incomplete == rep.flops_incomplete
+
+
+def test_complete_counts_report_nothing_incomplete():
+    opt = recopt.optimize(_MLP().eval(), (torch.randn(4, 24), torch.randn(8, 5)), target="cpu", backend="eager")
+    assert opt.report.flops_incomplete == [] and "FLOPs incomplete" not in opt.report.to_text()

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from ..costs import count_graph_flops, graph_activation_bytes
+from ..costs import graph_activation_bytes, graph_flop_count
 from ..errors import InputError, PassError, VerificationError
 from ..report import APPLIED, FAILED, NO_CHANGE, ROLLED_BACK, OptimizationReport, PassRun
 from ..guards import compile_guards
@@ -81,6 +81,14 @@ def _shared_tensors(gm: torch.nn.Module) -> dict:
     for t in list(gm.parameters()) + list(gm.buffers()):
         memo[id(t)] = t
     return memo
+
+
+def _note_flops_incomplete(report: OptimizationReport, lines: list, where: str) -> None:
+    """Add each reason a FLOP count is incomplete to ``report.flops_incomplete`` once
+    (a reason already recorded for an earlier graph is not repeated)."""
+    for line in lines:
+        if not any(r.startswith(line + " (") for r in report.flops_incomplete):
+            report.flops_incomplete.append(f"{line} (in {where})")
 
 
 class PassManager:
@@ -136,8 +144,10 @@ class PassManager:
         """Run the pipeline on ``gm``; return ``(graph_module, report)``.
 
         Each pass: copy → run → check → accept or roll back → record.
-        ``reference``: ``(output, flops)`` of ``gm`` on ``example_inputs``
-        when the caller has them (capture does), saving one run of the model.
+        ``reference``: ``(output, flops)`` or ``(output, flops, flops_incomplete)``
+        of ``gm`` on ``example_inputs`` when the caller has them (capture
+        does), saving one run of the model. Reasons a FLOP count is missing
+        or too low (a formula that raised) go to ``report.flops_incomplete``.
         ``input_filter(args) -> bool``: verification sets it refuses are not
         tried (a Dynamo graph's shape guards). ``training``: the mode the
         graph is used in (``None``: both; see :class:`~recopt.verify.Verifier`).
@@ -158,7 +168,12 @@ class PassManager:
         if len(verifier.sets) == 1:
             run_deterministic(gm, example_inputs, self.seed, training=bool(training))
         values.expected = set(values.restore())
-        flops = reference[1] if reference else count_graph_flops(gm, example_inputs)
+        if reference:
+            flops, incomplete = reference[1], list(reference[2]) if len(reference) > 2 else []
+        else:
+            fc = graph_flop_count(gm, example_inputs)
+            flops, incomplete = fc.total, fc.incomplete
+        _note_flops_incomplete(report, incomplete, "the graph before the passes")
         report.notes.extend(verifier.notes)
         if self.verify_config.enabled:
             report.verify_sets = list(verifier.set_names)
@@ -235,7 +250,11 @@ class PassManager:
                 if edited and check.failure is None:
                     check = CheckResult(f"running the rewritten graph left {', '.join(edited[:3])} changed; "
                                         "values restored")
-            new_flops = count_graph_flops(new_gm, example_inputs) if check.failure is None else None
+            new_flops = None
+            if check.failure is None:
+                fc = graph_flop_count(new_gm, example_inputs)
+                new_flops = fc.total
+                _note_flops_incomplete(report, fc.incomplete, f"the graph after {p.name}")
             run.verify_s = time.perf_counter() - t1
             if check.failure is not None:
                 # roll back (the candidate is dropped) and record
