@@ -73,16 +73,17 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     bd, bdv = G._pow2(d), G._pow2(dv)
     big = max(bd, bdv)
     elt = 4 if dtype == torch.float32 else 2
-    narrow = heavy or arch >= 100
     if big >= 256:
         # dK and dV in separate launches (dkdv_passes)
         dkdv, dq = [(16, 64, 4, 1)], [(64, 16, 4, 1)]
     elif big >= 128:
-        dkdv = [(16 if narrow else 32, 64, 4, 2)]
+        # 128 keys over two warpgroups (64 rows each): K, V, dK, dV stay in registers unspilled
+        # on sm_90 (4 warps x 64 keys spills: the score, P, dP and dS tiles on top of them)
+        dkdv = [(16, 128, 8, 2)]
         dq = [(64, 32, 4, 2)]
     else:
-        dkdv = [(32 if narrow else 64, 64, 4, 3), (32, 64, 4, 2)]
-        dq = [(64, 32 if narrow else 64, 4, 3), (64, 32, 4, 2)]
+        dkdv = [(16 if (heavy and arch >= 100) else 32, 128, 8, 2)]
+        dq = [(64, 32 if (heavy or arch >= 100) else 64, 4, 3), (64, 32, 4, 2)]
     if elt == 4:
         dkdv = [(16, 32, 4, 1)]
         dq = [(32, 16, 4, 1)]
@@ -225,3 +226,179 @@ def softmax_bwd(
             *scal, **meta(cfg_dq),
         )
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- compile checks
+#
+# What recopt.kernels.compile_check compiles for the softmax kernels (provider
+# "recopt.ops._gdpa_softmax_triton:compile_specs"): every config the functions above can
+# return, over the head-size classes 16..256, typed as a launch with contiguous tensors
+# specializes them (unit strides constexpr 1, pointers and other strides multiples of 16).
+
+_KERNELS = {
+    "fwd": ("gdpa_softmax_fwd_kernel", ("Q", "K", "V", "O"),
+            ("sqb sqt sqh sqd", "skb skt skh skd", "svb svt svh svd", "sob sot soh sod")),
+    "dkdv": ("gdpa_softmax_bwd_dkdv_kernel", ("Q", "K", "V", "DO", "DK", "DV_"),
+             ("sqb sqt sqh sqd", "skb skt skh skd", "svb svt svh svd", "sdob sdot sdoh sdod",
+              "sdkb sdkt sdkh sdkd", "sdvb sdvt sdvh sdvd")),
+    "dq": ("gdpa_softmax_bwd_dq_kernel", ("Q", "K", "V", "DO", "DQ"),
+           ("sqb sqt sqh sqd", "skb skt skh skd", "svb svt svh svd", "sdob sdot sdoh sdod",
+            "sdqb sdqt sdqh sdqd")),
+}
+
+# variant name -> flags; GQA leaves GROUP a runtime int
+VARIANTS = {
+    "dense": dict(),
+    "lengths": dict(HAS_QLEN=True, HAS_KLEN=True),
+    "jagged": dict(JAGGED=True),
+    "causal": dict(HAS_KLEN=True, CAUSAL=True),
+    "window": dict(HAS_QLEN=True, HAS_KLEN=True, HAS_WINDOW=True),
+    "bias": dict(HAS_BIAS=True, DEAD_NAN=True),
+    "gqa": dict(GQA=True),
+    "light": dict(HAS_QLEN=True, HAS_KLEN=True, GQA=True),
+    "all": dict(JAGGED=True, HAS_WINDOW=True, CAUSAL=True, HAS_BIAS=True, DEAD_NAN=True, GQA=True),
+}
+HEAVY_VARIANTS = ("jagged", "causal", "window", "bias", "all")
+
+
+def _spec(kind: str, variant: str, d: int, dtype, cfg, outs=(True, True)):
+    from recopt.kernels.compile_check import KernelSpec
+
+    flags = dict(JAGGED=False, HAS_QLEN=False, HAS_KLEN=False, HAS_WINDOW=False, CAUSAL=False,
+                 HAS_BIAS=False, DEAD_NAN=False, GQA=False)
+    flags.update(VARIANTS[variant])
+    ty = G._TYPES[dtype]
+    sig, const, div = {}, {}, []
+    if kind == "pre":
+        attr = "gdpa_softmax_bwd_pre_kernel"
+        for p, t in (("O", f"*{ty}"), ("DO", f"*{ty}"), ("DELTA", "*fp32"), ("QOFF", "*i64")):
+            sig[p] = t
+            div.append(p)
+        for group in ("sob sot soh sod", "sdob sdot sdoh sdod"):
+            names = group.split()
+            for n in names[:3]:
+                sig[n] = "i32"
+                div.append(n)
+            const[names[3]] = 1
+        sig.update(smb="i32", smh="i32", H="i32", T_Q="i32", DV="i32")
+        const["smt"] = 1
+        bm, warps = cfg
+        const.update(JAGGED=flags["JAGGED"], BLOCK_M=bm, BLOCK_DV=G._pow2(d))
+        name = f"gdpa_softmax_pre/{variant}/{ty}/d{d}/m{bm}w{warps}"
+        tags = dict(family="gdpa_softmax", kernel="pre", variant=variant, dtype=ty, d=d, BLOCK_M=bm,
+                    num_warps=warps)
+        return KernelSpec(name=name, module="recopt.kernels.gdpa_softmax", attr=attr, signature=sig,
+                          constexprs=const, num_warps=warps, num_stages=1, divisible=tuple(div), tags=tags)
+    attr, ptrs, stride_groups = _KERNELS[kind]
+    for p in ptrs:
+        sig[p] = f"*{ty}"
+        div.append(p)
+    for p in ("M", "L") + (("DELTA",) if kind != "fwd" else ()):
+        sig[p] = "*fp32"
+        div.append(p)
+    for p in ("QOFF", "KOFF", "QLEN", "KLEN"):
+        sig[p] = "*i64"
+        div.append(p)
+    sig["BIAS"] = f"*{ty}"
+    div.append("BIAS")
+    for group in stride_groups:
+        names = group.split()
+        for n in names[:3]:
+            sig[n] = "i32"
+            div.append(n)
+        const[names[3]] = 1
+    sig.update(smb="i32", smh="i32")
+    const["smt"] = 1
+    for n in ("sbb", "sbh", "sbq"):
+        sig[n] = "i32"
+        div.append(n)
+    const["sbk"] = 1
+    for n in ("H", "T_Q", "T_K", "D", "DV", "window", "causal_off"):
+        sig[n] = "i32"
+    div += ["D", "DV"] if d >= 16 else []
+    if flags["GQA"]:
+        sig["GROUP"] = "i32"
+    else:
+        const["GROUP"] = 1
+    sig["qk_scale"] = sig["pre_scale"] = "fp32"
+    bm, bn, warps, stages = cfg
+    const.update(JAGGED=flags["JAGGED"], HAS_QLEN=flags["HAS_QLEN"], HAS_KLEN=flags["HAS_KLEN"],
+                 HAS_WINDOW=flags["HAS_WINDOW"], CAUSAL=flags["CAUSAL"], HAS_BIAS=flags["HAS_BIAS"],
+                 DOT_FP32=dtype == torch.float32, EVEN_D=d == G._pow2(d),
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=G._pow2(d), BLOCK_DV=G._pow2(d))
+    part = ""
+    if kind == "fwd":
+        const["DEAD_NAN"] = flags["DEAD_NAN"]
+    if kind == "dkdv":
+        const.update(OUT_DK=outs[0], OUT_DV=outs[1])
+        part = {(True, True): "", (True, False): "[dk]", (False, True): "[dv]"}[tuple(outs)]
+    name = f"gdpa_softmax_{kind}{part}/{variant}/{ty}/d{d}/m{bm}n{bn}w{warps}s{stages}"
+    tags = dict(family="gdpa_softmax", kernel=kind, variant=variant, dtype=ty, d=d,
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return KernelSpec(name=name, module="recopt.kernels.gdpa_softmax", attr=attr, signature=sig,
+                      constexprs=const, num_warps=warps, num_stages=stages, divisible=tuple(dict.fromkeys(div)),
+                      tags=tags)
+
+
+def launch_configs(kind: str, dtype, arch: int = 90) -> list:
+    """Every (d, config, heavy) the launcher can pick for this kernel kind, dtype and arch."""
+    out = []
+    for d in G.HEAD_DIMS:
+        for heavy in (False, True):
+            for tq, tk in G._SHAPES:
+                if kind == "fwd":
+                    picked = _fwd_config_gpu(tq, tk, d, d, dtype, arch, heavy)
+                else:
+                    picked = _bwd_config_gpu(tq, tk, d, d, dtype, arch, heavy)[0 if kind == "dkdv" else 1]
+                if (d, picked, heavy) not in out:
+                    out.append((d, picked, heavy))
+    return out
+
+
+def compile_specs(level: str = "ci") -> list:
+    """Specs for recopt.kernels.compile_check.
+
+    ``ci`` (11 compiles, kept to about 30 s on 2 idle cores): bf16, the configs the
+    launcher picks for long sequences at d = 128 under masks (compiled with ``all``:
+    jagged, window, causal, bias, NaN rows, GQA) and at d = 64 without (``light``:
+    lengths + GQA; dK/dV with ``all``), on sm_90 and sm_100 (forward and dQ; sm_100's
+    dK/dV spills and is left to ``full``), and the row-term kernel on sm_90. ``full``: every config at every head size 16..256, every variant,
+    bf16 / fp16 / fp32, both archs (a ``slow`` test).
+    """
+    specs, seen = [], set()
+
+    def add(kind, variant, d, dtype, cfg, arch):
+        passes = dkdv_passes(d, d) if kind == "dkdv" else ((True, True),)
+        for outs in passes:
+            s = dataclasses.replace(_spec(kind, variant, d, dtype, cfg, outs), archs=(arch,))
+            if (s.name, s.archs) not in seen:
+                seen.add((s.name, s.archs))
+                specs.append(s)
+
+    for arch in (90, 100):
+        if level == "full":
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                for kind in _KERNELS:
+                    for d, cfg, heavy in launch_configs(kind, dtype, arch):
+                        for variant in VARIANTS:
+                            if heavy == (variant in HEAVY_VARIANTS):
+                                add(kind, variant, d, dtype, cfg, arch)
+                for d in G.HEAD_DIMS:
+                    for variant in ("dense", "jagged"):
+                        add("pre", variant, d, dtype, (64, 4), arch)
+            continue
+        # ci: the long-sequence configs at d = 128 under masks and d = 64 without, bf16, each
+        # compiled with the heaviest variant it serves
+        bf16 = torch.bfloat16
+        for kind in _KERNELS:
+            if arch >= 100 and kind == "dkdv":
+                continue   # known sm_100 spills (docs/kernels.md): compiled at the full level only
+            for d, heavy in ((128, True), (64, kind == "dkdv")):
+                if kind == "fwd":
+                    cfg = _fwd_config_gpu(1024, 1024, d, d, bf16, arch, heavy)
+                else:
+                    cfg = _bwd_config_gpu(1024, 1024, d, d, bf16, arch, heavy)[0 if kind == "dkdv" else 1]
+                add(kind, "all" if heavy else "light", d, bf16, cfg, arch)
+        if arch == 90:
+            add("pre", "jagged", 128, bf16, (64, 4), arch)
+    return specs
