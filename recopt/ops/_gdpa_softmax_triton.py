@@ -82,7 +82,7 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
         dkdv = [(16, 128, 8, 2)]
         dq = [(64, 32, 4, 2)]
     else:
-        dkdv = [(16 if (heavy and arch >= 100) else 32, 128, 8, 2)]
+        dkdv = [(16 if arch >= 100 else 32, 128, 8, 2)]
         dq = [(64, 32 if (heavy or arch >= 100) else 64, 4, 3), (64, 32, 4, 2)]
     if elt == 4:
         dkdv = [(16, 32, 4, 1)]
