@@ -264,3 +264,28 @@ def test_fused_graph_runs_the_kernel_and_matches_the_model(monkeypatch, fill):
         want.sum().backward()
         for a, b in zip(xs, ys):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_gdpa_jagged_softmax_routes_to_the_kernel(monkeypatch):
+    """gdpa_jagged(activation="softmax"): the kernels (forced) equal the padded reference,
+    values and gradients, with empty and length-1 sequences and a window."""
+    from recopt.ops import gdpa_jagged
+
+    lq, lk = [3, 0, 1, 10], [0, 4, 1, 9]
+    qo = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), device=DEVICE)
+    ko = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), device=DEVICE)
+    q, k, v = _rand((sum(lq), 2, 10), torch.float32, 50), _rand((sum(lk), 1, 10), torch.float32, 51), \
+        _rand((sum(lk), 1, 6), torch.float32, 52)
+    go = _rand((sum(lq), 2, 6), torch.float32, 53)
+    outs = []
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("RECOPT_GDPA_BACKEND", backend)
+        GS.ROUTE_COUNTS.clear()
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = gdpa_jagged(*leaves, qo, ko, activation="softmax", pre_scale=0.4, qk_scale=1.1, window=3)
+        assert bool(GS.ROUTE_COUNTS) == (backend == "triton")
+        o.backward(go)
+        outs.append([o.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*outs):
+        assert rel(a, b) <= 2e-5
+    assert (outs[0][0][:3] == 0).all(), "sample 0 has no keys: zero rows"

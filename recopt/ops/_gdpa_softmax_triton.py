@@ -49,13 +49,14 @@ def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     # (FlashAttention-2's choice on sm_90) except at small head sizes on the plain variant
     bn = 128 if (big <= 64 and t_k > 64 and not heavy and arch < 100) else 64
     if big >= 256:
-        cands = [(bm, 32, 8 if bm == 128 else 4, 2), (64, 32, 4, 2), (64, 16, 4, 1)]
+        # masks/bias at d = 256: 32-row tiles (64 x 32 spilled 40 B on sm_90)
+        cands = [(32, 32, 4, 2)] if heavy else [(bm, 32, 8 if bm == 128 else 4, 2), (32, 32, 4, 2)]
     elif big >= 128:
         cands = [(bm, bn, 8 if bm == 128 else 4, 2), (64, 64, 4, 2)]
     else:
         cands = [(bm, bn, 8 if bm == 128 else 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
-    if elt == 4:  # exact fp32 path (FMA dots): small tiles
-        cands = [(min(c[0], 64), 16, 4, 2) for c in cands]
+    if elt == 4:  # exact fp32 path (FMA dots): small tiles (64 x 16 spilled 32 B)
+        cands = [(32, 16, 4, 2)]
     if t_k <= 32:
         cands = [(c[0], min(c[1], 32), c[2], c[3]) for c in cands]
     return G._prune(cands, bd, bdv, elt)
@@ -74,8 +75,9 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     big = max(bd, bdv)
     elt = 4 if dtype == torch.float32 else 2
     if big >= 256:
-        # dK and dV in separate launches (dkdv_passes)
-        dkdv, dq = [(16, 64, 4, 1)], [(64, 16, 4, 1)]
+        # dK and dV in separate launches (dkdv_passes); 16 x 16 / 16 x 32 tiles compile
+        # without spills on sm_90 (16 x 64 dK/dV spilled 88-424 B, 64 x 16 dQ 384 B)
+        dkdv, dq = [(16, 16, 4, 1)], [(16, 32, 4, 1)]
     elif big >= 128:
         # 128 keys over two warpgroups (64 rows each): K, V, dK, dV stay in registers unspilled
         # on sm_90 (4 warps x 64 keys spills: the score, P, dP and dS tiles on top of them)
@@ -84,8 +86,8 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     else:
         dkdv = [(16 if arch >= 100 else 32, 128, 8, 2)]
         dq = [(64, 32 if (heavy or arch >= 100) else 64, 4, 3), (64, 32, 4, 2)]
-    if elt == 4:
-        dkdv = [(16, 32, 4, 1)]
+    if elt == 4:  # exact fp32 path (FMA dots); 16 x 32 dK/dV spilled 32-40 B
+        dkdv = [(16, 16, 4, 1)]
         dq = [(32, 16, 4, 1)]
     return G._prune(dkdv, bd, bdv, elt), G._prune(dq, bd, bdv, elt)
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import gdpa_ref as R
 from .gdpa_cpu import gdpa_cpu, gdpa_jagged_cpu, use_lean
-from .gdpa_softmax import softmax_fused, softmax_route
+from .gdpa_softmax import softmax_fused, softmax_jagged_fused, softmax_jagged_route, softmax_route
 
 try:  # triton is optional: the reference works with torch alone
     import triton  # noqa: F401
@@ -458,6 +458,9 @@ def gdpa_jagged(
         max_seq_len_kv = int((kv_offsets[1:] - kv_offsets[:-1]).max().item()) if kv_offsets.numel() > 1 else 0
     w = _window_arg(window)
     if act == R.SOFTMAX:
+        if softmax_jagged_route(q, k, v).backend == "triton":
+            return softmax_jagged_fused(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv,
+                                        qk_scale, pre_scale, w)
         return R.gdpa_jagged_ref(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv,
                                  act, qk_scale, pre_scale, w)
     if use_lean(q):  # CPU: plain aten ops, no custom-op dispatch (recopt.ops.gdpa_cpu)

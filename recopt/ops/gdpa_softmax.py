@@ -169,6 +169,41 @@ if HAS_TRITON:
 
     _softmax_op.register_autograd(_backward, setup_context=_setup)
 
+    @_define("recopt::gdpa_softmax_jagged")
+    def _softmax_jagged_op(
+        q: Tensor, k: Tensor, v: Tensor, q_offsets: Tensor, kv_offsets: Tensor,
+        max_seq_len_q: int, max_seq_len_kv: int, qk_scale: float, pre_scale: float, window: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Jagged ``(o, M, L)`` (``M``, ``L``: ``[H, N]``); rows with no kept key give 0."""
+        return _S.softmax_fwd(q, k, v, qk_scale=qk_scale, pre_scale=pre_scale, window=window,
+                              q_offsets=q_offsets, kv_offsets=kv_offsets, max_seq_len_q=max_seq_len_q,
+                              max_seq_len_kv=max_seq_len_kv)
+
+    @_define("recopt::gdpa_softmax_jagged_backward")
+    def _softmax_jagged_backward_op(
+        grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, m: Tensor, lsum: Tensor,
+        q_offsets: Tensor, kv_offsets: Tensor, max_seq_len_q: int, max_seq_len_kv: int,
+        qk_scale: float, pre_scale: float, window: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return _S.softmax_bwd(grad_out.contiguous(), q, k, v, o, m, lsum, qk_scale=qk_scale,
+                              pre_scale=pre_scale, window=window, q_offsets=q_offsets,
+                              kv_offsets=kv_offsets, max_seq_len_q=max_seq_len_q,
+                              max_seq_len_kv=max_seq_len_kv)
+
+    def _setup_jagged(ctx, inputs, output):
+        q, k, v, q_offsets, kv_offsets, *rest = inputs
+        o, m, lsum = output
+        ctx.save_for_backward(q, k, v, o, m, lsum, q_offsets, kv_offsets)
+        ctx.args = tuple(rest)
+
+    def _backward_jagged(ctx, grad_o, grad_m, grad_l):
+        q, k, v, o, m, lsum, q_offsets, kv_offsets = ctx.saved_tensors
+        dq, dk, dv = torch.ops.recopt.gdpa_softmax_jagged_backward(grad_o, q, k, v, o, m, lsum, q_offsets,
+                                                                   kv_offsets, *ctx.args)
+        return (dq, dk, dv) + (None,) * 7
+
+    _softmax_jagged_op.register_autograd(_backward_jagged, setup_context=_setup_jagged)
+
     def _register_flops():
         from torch.utils.flop_counter import register_flop_formula
 
@@ -184,6 +219,15 @@ if HAS_TRITON:
         @register_flop_formula(torch.ops.recopt.gdpa_softmax_backward)
         def _bwd(go_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kw):
             return flops(q_shape, k_shape, v_shape, backward=True)
+
+        # jagged: every query row counted against the longest key sequence (an upper bound)
+        @register_flop_formula(torch.ops.recopt.gdpa_softmax_jagged)
+        def _jfwd(q_shape, k_shape, v_shape, qo, ko, max_q, max_k, *args, out_shape=None, **kw):
+            return 2 * q_shape[0] * q_shape[1] * max_k * (q_shape[2] + v_shape[2])
+
+        @register_flop_formula(torch.ops.recopt.gdpa_softmax_jagged_backward)
+        def _jbwd(go, q_shape, k_shape, v_shape, o, m, lsum, qo, ko, max_q, max_k, *args, out_shape=None, **kw):
+            return int(2.5 * 2 * q_shape[0] * q_shape[1] * max_k * (q_shape[2] + v_shape[2]))
 
     _register_flops()
 
@@ -252,3 +296,37 @@ def softmax_fused(route: SoftmaxRoute, q: Tensor, k: Tensor, v: Tensor, attn_mas
     if masked_rows == "nan":
         fill = fill * torch.where(dead, float("nan"), 0.0).to(o.dtype)
     return torch.where(dead, fill * qk_scale if qk_scale != 1.0 else fill, o)
+
+
+def softmax_jagged_route(q: Tensor, k: Tensor, v: Tensor) -> SoftmaxRoute:
+    """The route of a jagged softmax call (``gdpa_jagged(..., activation="softmax")``): the
+    kernels on CUDA (or forced), else the reference (padding, :func:`R.gdpa_jagged_ref`)."""
+    choice = os.environ.get(BACKEND_ENV, "auto").lower()
+    if choice not in ("auto", "triton", "reference"):
+        raise ValueError(f"{BACKEND_ENV}={choice!r}; use auto, triton or reference")
+    if choice == "reference":
+        return SoftmaxRoute("reference", f"{BACKEND_ENV}=reference")
+    if not HAS_TRITON:
+        return SoftmaxRoute("reference", "triton is not installed (the [gpu] extra): the reference runs")
+    if not (q.dtype in _DTYPES and q.dtype == k.dtype == v.dtype):
+        return SoftmaxRoute("reference", f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype}: the kernels "
+                                         f"take one of {_DTYPES}")
+    if choice == "auto" and not q.is_cuda:
+        return SoftmaxRoute("reference", "CPU tensors: the reference runs (padded)")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return SoftmaxRoute("reference", f"head size {max(q.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}")
+    if choice == "auto" and torch.compiler.is_exporting():
+        return SoftmaxRoute("reference", "exporting: the reference's plain ops are what an exported "
+                                         "program can hold")
+    return SoftmaxRoute("triton", "fused online-softmax Triton kernel on jagged values (O(T) memory)")
+
+
+def softmax_jagged_fused(q, k, v, q_offsets, kv_offsets, max_seq_len_q: int, max_seq_len_kv: int,
+                         qk_scale: float, pre_scale: float, window: int) -> Tensor:
+    """Jagged softmax GDPA through the kernels; rows with no kept key give 0 (the reference's
+    ``masked_rows="zero"``)."""
+    ROUTE_COUNTS[("triton", "jagged")] += 1
+    o, _, _ = torch.ops.recopt.gdpa_softmax_jagged(q, k, v, q_offsets, kv_offsets, int(max_seq_len_q),
+                                                   int(max_seq_len_kv), float(qk_scale), float(pre_scale),
+                                                   int(window))
+    return o
