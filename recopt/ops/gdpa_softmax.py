@@ -12,7 +12,7 @@
 - ``"reference"``: :func:`recopt.ops.gdpa_ref.softmax_attention` (SDPA for
   boolean masks, the model's own math for float masks): CPU tensors, active
   dropout (its random stream is ``F.dropout``'s), a bias that requires grad
-  (no ``dbias`` in the kernels), head sizes over 256, dtypes the kernels do
+  (no ``dbias`` in the kernels), head sizes over 256 (128 in fp32), dtypes the kernels do
   not take, a boolean mask together with a float one when ``masked_rows`` is
   not ``"zero"``, or ``RECOPT_GDPA_BACKEND=reference``.
 
@@ -52,6 +52,7 @@ except Exception:  # pragma: no cover - exercised on installs without triton
 BACKEND_ENV = "RECOPT_GDPA_BACKEND"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+MAX_HEAD_DIM_FP32 = 128
 ROUTE_COUNTS: Counter = Counter()
 
 
@@ -91,8 +92,8 @@ def softmax_route(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor
         why = "dropout in training: drawn by the reference (F.dropout's random stream)"
     elif torch.is_grad_enabled() and any(t.requires_grad for t in float_masks):
         why = "an additive mask/bias that requires grad: dbias is not in the softmax kernels"
-    elif max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        why = f"head size {max(q.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}"
+    elif _head_dim_reason(q, v):
+        why = _head_dim_reason(q, v)
     elif bool_mask and float_masks and masked_rows != "zero":
         why = (f"a boolean and a float mask together with masked_rows={masked_rows!r}: rows the boolean "
                "mask empties are filled, rows the float mask empties are NaN; the reference tells them apart")
@@ -110,6 +111,17 @@ def softmax_route(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor
         return SoftmaxRoute("sdpa", "no mask but causal, no lengths: F.scaled_dot_product_attention "
                                     "(flash) is exact here")
     return SoftmaxRoute("triton", "fused online-softmax Triton kernel (O(T) memory)")
+
+
+def _head_dim_reason(q: Tensor, v: Tensor) -> Optional[str]:
+    """Why this head size keeps the reference, or None."""
+    d = max(q.shape[-1], v.shape[-1])
+    if d > MAX_HEAD_DIM:
+        return f"head size {d} > {MAX_HEAD_DIM}"
+    if q.dtype == torch.float32 and d > MAX_HEAD_DIM_FP32:
+        return (f"fp32 at head size {d} > {MAX_HEAD_DIM_FP32}: the exact-fp32 kernels (FMA dots) spill "
+                "there (1-7 KB of stack, tests/test_gdpa_softmax_compile.py); the reference runs")
+    return None
 
 
 def static_note(dropout: bool = False) -> str:
@@ -313,8 +325,8 @@ def softmax_jagged_route(q: Tensor, k: Tensor, v: Tensor) -> SoftmaxRoute:
                                          f"take one of {_DTYPES}")
     if choice == "auto" and not q.is_cuda:
         return SoftmaxRoute("reference", "CPU tensors: the reference runs (padded)")
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        return SoftmaxRoute("reference", f"head size {max(q.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}")
+    if _head_dim_reason(q, v):
+        return SoftmaxRoute("reference", _head_dim_reason(q, v))
     if choice == "auto" and torch.compiler.is_exporting():
         return SoftmaxRoute("reference", "exporting: the reference's plain ops are what an exported "
                                          "program can hold")
