@@ -3,7 +3,7 @@
 The CI-level specs (11 compiles) run inside tests/test_kernel_compile.py, which compiles
 every provider's CI specs and fails on any spill; this file checks what those specs cover
 (no compiling) and, under the ``slow`` marker, compiles every config the launcher can pick
-at every head size 16..256 in bf16 (fp32: 32..128, what the route sends to the kernels),
+at every head size 16..256 in bf16 (fp32: 32 and 64; the route keeps the reference above 64),
 each with the heaviest variant it serves: no compile error, shared memory within 227 KB,
 no spill except the known ones below (docs/kernels.md), which may not grow.
 """
@@ -20,7 +20,7 @@ from recopt.ops import _gdpa_softmax_triton as S  # noqa: E402
 # Known spills (STACK bytes, "name@sm_XX"), measured with triton 3.6.0 (ptxas 12.8,
 # ptxas-blackwell 12.9): sm_100's dK/dV (masked variants) and a few small ones at d = 256
 # and in the exact fp32 path (stack with few registers). A spill not listed, or one that
-# grows, fails. fp32 above d = 128 is routed to the reference (it spills 1-8 KB).
+# grows, fails. fp32 above d = 64 is routed to the reference (24 B - 8 KB of stack).
 KNOWN_SPILLS = {
     "gdpa_softmax_dkdv/light/bf16/d128/m16n128w8s2@sm_100": 288,
     "gdpa_softmax_dkdv/light/bf16/d16/m16n128w8s2@sm_100": 8,
@@ -31,6 +31,8 @@ KNOWN_SPILLS = {
     "gdpa_softmax_dkdv[dk]/light/bf16/d256/m16n16w4s1@sm_100": 24,
     "gdpa_softmax_dkdv/light/fp32/d64/m16n16w4s1@sm_90": 8,
     "gdpa_softmax_dkdv/all/fp32/d64/m16n16w4s1@sm_100": 32,
+    "gdpa_softmax_dkdv/light/fp32/d32/m16n16w4s1@sm_90": 8,
+    "gdpa_softmax_dkdv/light/fp32/d32/m16n16w4s1@sm_100": 8,
 }
 
 
@@ -62,8 +64,8 @@ def _sweep_specs():
         for dtype in (torch.bfloat16, torch.float32):
             for kind in ("fwd", "dkdv", "dq"):
                 for d, cfg, heavy in S.launch_configs(kind, dtype, arch):
-                    if dtype == torch.float32 and d not in (32, 64, 128):
-                        continue      # fp32 above d = 128 runs the reference (softmax_route)
+                    if dtype == torch.float32 and d not in (32, 64):
+                        continue      # fp32 above d = 64 runs the reference (softmax_route)
                     for outs in (S.dkdv_passes(d, d) if kind == "dkdv" else ((True, True),)):
                         s = dataclasses.replace(S._spec(kind, "all" if heavy else "light", d, dtype, cfg, outs),
                                                 archs=(arch,))

@@ -12,7 +12,7 @@
 - ``"reference"``: :func:`recopt.ops.gdpa_ref.softmax_attention` (SDPA for
   boolean masks, the model's own math for float masks): CPU tensors, active
   dropout (its random stream is ``F.dropout``'s), a bias that requires grad
-  (no ``dbias`` in the kernels), head sizes over 256 (128 in fp32), dtypes the kernels do
+  (no ``dbias`` in the kernels), head sizes over 256 (64 in fp32), dtypes the kernels do
   not take, a boolean mask together with a float one when ``masked_rows`` is
   not ``"zero"``, or ``RECOPT_GDPA_BACKEND=reference``.
 
@@ -52,7 +52,7 @@ except Exception:  # pragma: no cover - exercised on installs without triton
 BACKEND_ENV = "RECOPT_GDPA_BACKEND"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-MAX_HEAD_DIM_FP32 = 128
+MAX_HEAD_DIM_FP32 = 64
 ROUTE_COUNTS: Counter = Counter()
 
 
@@ -120,7 +120,7 @@ def _head_dim_reason(q: Tensor, v: Tensor) -> Optional[str]:
         return f"head size {d} > {MAX_HEAD_DIM}"
     if q.dtype == torch.float32 and d > MAX_HEAD_DIM_FP32:
         return (f"fp32 at head size {d} > {MAX_HEAD_DIM_FP32}: the exact-fp32 kernels (FMA dots) spill "
-                "there (1-7 KB of stack, tests/test_gdpa_softmax_compile.py); the reference runs")
+                "there (24 B-8 KB of stack, docs/kernels.md); the reference runs")
     return None
 
 
