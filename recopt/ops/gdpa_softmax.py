@@ -17,7 +17,7 @@
   not ``"zero"``, or ``RECOPT_GDPA_BACKEND=reference``.
 
 Each route carries its reason (:class:`SoftmaxRoute`); :data:`ROUTE_COUNTS`
-counts the routes taken (under ``torch.compile``, once per trace).
+counts the routes taken in eager mode (not inside ``torch.compile`` traces).
 
 Fully-masked rows follow ``masked_rows`` exactly as the reference does. The
 kernel gives 0 (and no gradient) for rows with no kept key and for rows whose
@@ -247,6 +247,12 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------- the call
 
 
+def _count(backend: str, reason: str) -> None:
+    """Count a route taken, in eager mode (a traced graph is counted by its trace, not per call)."""
+    if not torch.compiler.is_compiling():
+        ROUTE_COUNTS[(backend, reason)] += 1
+
+
 def _rows_without_keys(Tq: int, Tk: int, kv_lengths, window: int, causal: bool, device) -> Optional[Tensor]:
     """``[B|1, 1, Tq, 1]`` bool: query rows no key survives for (lengths, window, causal), from the
     kept interval ``[max(0, i - w), min(kv_len - 1, i + w, i)]`` per row — O(B·Tq), no score mask."""
@@ -269,7 +275,7 @@ def softmax_fused(route: SoftmaxRoute, q: Tensor, k: Tensor, v: Tensor, attn_mas
                   qk_scale: float, pre_scale: float, window: int, causal: bool, masked_rows: str) -> Tensor:
     """Softmax GDPA through ``route`` ("triton" or "sdpa"); same contract as the reference
     (:func:`recopt.ops.gdpa.gdpa`'s softmax mode), masked rows included."""
-    ROUTE_COUNTS[(route.backend, route.reason)] += 1
+    _count(route.backend, route.reason)
     if route.backend == "sdpa":
         if k.shape[1] != q.shape[1]:
             k, v = R._expand_kv_heads(k, q.shape[1]), R._expand_kv_heads(v, q.shape[1])
@@ -337,7 +343,7 @@ def softmax_jagged_fused(q, k, v, q_offsets, kv_offsets, max_seq_len_q: int, max
                          qk_scale: float, pre_scale: float, window: int) -> Tensor:
     """Jagged softmax GDPA through the kernels; rows with no kept key give 0 (the reference's
     ``masked_rows="zero"``)."""
-    ROUTE_COUNTS[("triton", "jagged")] += 1
+    _count("triton", "jagged")
     o, _, _ = torch.ops.recopt.gdpa_softmax_jagged(q, k, v, q_offsets, kv_offsets, int(max_seq_len_q),
                                                    int(max_seq_len_kv), float(qk_scale), float(pre_scale),
                                                    int(window))
