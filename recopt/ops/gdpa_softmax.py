@@ -17,7 +17,9 @@
   not ``"zero"``, or ``RECOPT_GDPA_BACKEND=reference``.
 
 Each route carries its reason (:class:`SoftmaxRoute`); :data:`ROUTE_COUNTS`
-counts the routes taken in eager mode (not inside ``torch.compile`` traces).
+counts the routes :func:`recopt.ops.gdpa.gdpa` / ``gdpa_jagged`` took, with their
+reasons, in eager mode (not inside ``torch.compile`` traces) — a call that could
+not use the kernels is visible there.
 
 Fully-masked rows follow ``masked_rows`` exactly as the reference does. The
 kernel gives 0 (and no gradient) for rows with no kept key and for rows whose
@@ -247,10 +249,12 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------- the call
 
 
-def _count(backend: str, reason: str) -> None:
-    """Count a route taken, in eager mode (a traced graph is counted by its trace, not per call)."""
+def note_route(route: SoftmaxRoute) -> SoftmaxRoute:
+    """Count a route taken (reference routes too, with their reason) in eager mode; a traced
+    graph is not counted per call. Returns ``route``."""
     if not torch.compiler.is_compiling():
-        ROUTE_COUNTS[(backend, reason)] += 1
+        ROUTE_COUNTS[(route.backend, route.reason)] += 1
+    return route
 
 
 def _rows_without_keys(Tq: int, Tk: int, kv_lengths, window: int, causal: bool, device) -> Optional[Tensor]:
@@ -275,7 +279,6 @@ def softmax_fused(route: SoftmaxRoute, q: Tensor, k: Tensor, v: Tensor, attn_mas
                   qk_scale: float, pre_scale: float, window: int, causal: bool, masked_rows: str) -> Tensor:
     """Softmax GDPA through ``route`` ("triton" or "sdpa"); same contract as the reference
     (:func:`recopt.ops.gdpa.gdpa`'s softmax mode), masked rows included."""
-    _count(route.backend, route.reason)
     if route.backend == "sdpa":
         if k.shape[1] != q.shape[1]:
             k, v = R._expand_kv_heads(k, q.shape[1]), R._expand_kv_heads(v, q.shape[1])
@@ -343,7 +346,6 @@ def softmax_jagged_fused(q, k, v, q_offsets, kv_offsets, max_seq_len_q: int, max
                          qk_scale: float, pre_scale: float, window: int) -> Tensor:
     """Jagged softmax GDPA through the kernels; rows with no kept key give 0 (the reference's
     ``masked_rows="zero"``)."""
-    _count("triton", "jagged")
     o, _, _ = torch.ops.recopt.gdpa_softmax_jagged(q, k, v, q_offsets, kv_offsets, int(max_seq_len_q),
                                                    int(max_seq_len_kv), float(qk_scale), float(pre_scale),
                                                    int(window))
