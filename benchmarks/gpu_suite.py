@@ -20,10 +20,18 @@ and says so):
    forward+backward, and jagged at lengths U[T/2, T] vs padded.
 3. ``fp8``: the FP8 GEMM tables (``benchmarks/fp8_bench.py``, or the FP8
    package's own benchmark functions when it provides ``recopt.fp8.bench``).
-4. ``train``: the bundled Kunlun and InterFormer train steps (forward,
+4. ``softmax``: softmax GDPA on its fused path (the online-softmax Triton
+   kernels, :mod:`recopt.ops.gdpa_softmax`): correctness against the reference
+   first (lengths, causal, window, GQA, -1e9 / -inf padding masks with their
+   fully-masked rows, boolean masks; values and gradients), then time on padded
+   input with lengths U[T/2, T] against SDPA flash (no mask, over the padding),
+   SDPA with a boolean mask and the model's own math with a float mask. With
+   ``--dry-run`` under ``TRITON_INTERPRET=1`` the correctness cases run on the
+   CPU at small shapes (the kernels' code path, no timing).
+5. ``train``: the bundled Kunlun and InterFormer train steps (forward,
    backward, SGD step) — eager, torch.compile and recopt.optimize —
    side by side, interleaved, medians.
-5. ``inference``: the bundled Kunlun's eval forward at a small batch
+6. ``inference``: the bundled Kunlun's eval forward at a small batch
    (run-time overhead dominates there) — eager, recopt with Inductor, and
    recopt with Inductor + CUDA graphs (``optimize(cuda_graphs=True)``),
    outputs checked against eager first (:func:`inference_section`).
@@ -47,8 +55,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-SECTIONS = ("correctness", "gdpa", "fp8", "train", "inference")
-BUDGET_S = {"correctness": 60.0, "gdpa": 150.0, "fp8": 60.0, "train": 90.0, "inference": 90.0}
+SECTIONS = ("correctness", "gdpa", "softmax", "fp8", "train", "inference")
+BUDGET_S = {"correctness": 60.0, "gdpa": 150.0, "softmax": 40.0, "fp8": 60.0, "train": 90.0,
+            "inference": 90.0}
 GDPA_SHAPES = ("pffn_kunlun", "self_attn_1k")  # names in benchmarks/gdpa_bench.py GPU_SHAPES
 
 
@@ -173,6 +182,175 @@ def _reference(R, q, k, v, q_len, k_len, bias, causal, activation, qk_scale, pre
     if q_len is not None:
         o = torch.where(i[None, None] < q_len.view(-1, 1, 1, 1), o, 0.0)
     return o
+
+
+# ----------------------------------------------------------------------------- softmax GDPA
+
+
+class _backend:
+    """Force RECOPT_GDPA_BACKEND for a block (the op reads it per call)."""
+
+    def __init__(self, value):
+        self.value, self.old = value, None
+
+    def __enter__(self):
+        self.old = os.environ.get("RECOPT_GDPA_BACKEND")
+        os.environ["RECOPT_GDPA_BACKEND"] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("RECOPT_GDPA_BACKEND", None)
+        else:
+            os.environ["RECOPT_GDPA_BACKEND"] = self.old
+
+
+def _softmax_cases(small: bool):
+    """name -> (B, H, Hkv, Tq, Tk, d, gdpa kwargs builder(device, gen))."""
+    import torch
+
+    B, H, T, d = (3, 2, 19, 12) if small else (4, 4, 300, 128)
+
+    def lengths(device, gen, lo=0):
+        t = torch.randint(lo, T + 1, (B,), generator=gen)
+        t[0], t[-1] = 0, 1           # an empty and a length-1 sequence
+        return t.to(device)
+
+    def pad_mask(fill):
+        def build(device, gen):
+            lens = lengths(device, gen)
+            pad = torch.arange(T, device=device)[None, :] >= lens[:, None]
+            mask = torch.zeros(B, 1, 1, T, device=device).masked_fill(pad[:, None, None, :], fill)
+            return dict(attn_mask=mask, masked_rows="uniform" if fill == -1e9 else "nan")
+        return build
+
+    cases = {
+        "lengths": (B, H, H, T, T, d, lambda dev, g: dict(q_lengths=lengths(dev, g), kv_lengths=lengths(dev, g))),
+        "causal_gqa": (B, H, 1, T, T, d, lambda dev, g: dict(causal=True, kv_lengths=lengths(dev, g, 1))),
+        "window": (B, H, H, T, T, d, lambda dev, g: dict(window=7, kv_lengths=lengths(dev, g))),
+        "pad_-1e9_uniform": (B, H, H, T, T, d, pad_mask(-1e9)),
+        "pad_-inf_nan": (B, H, H, T, T, d, pad_mask(float("-inf"))),
+    }
+    if small:
+        return {k: cases[k] for k in ("lengths", "causal_gqa", "pad_-1e9_uniform")}
+    cases["bool_mask"] = (B, H, H, T, T, d, lambda dev, g: dict(
+        attn_mask=torch.rand(B, 1, T, T, generator=g).to(dev) > 0.3))
+    return cases
+
+
+def softmax_correctness(device: str, small: bool = False) -> dict:
+    """Softmax GDPA through the kernels (forced) vs the reference: {case: {"rel", "tol", "ok"}}."""
+    import torch
+
+    from recopt.ops import gdpa
+
+    out = {}
+    g = torch.Generator().manual_seed(1)
+    dtypes = ((torch.float32, 2e-5),) if small else ((torch.float32, 1e-4), (torch.bfloat16, 2e-2))
+    for dtype, tol in dtypes:
+        for name, (B, H, Hkv, Tq, Tk, d, build) in _softmax_cases(small).items():
+            case = f"gdpa_softmax/{name}/{str(dtype).replace('torch.', '')}"
+            try:
+                q = torch.randn(B, H, Tq, d, generator=g).to(device, dtype)
+                k = torch.randn(B, Hkv, Tk, d, generator=g).to(device, dtype)
+                v = torch.randn(B, Hkv, Tk, d, generator=g).to(device, dtype)
+                go = torch.randn(B, H, Tq, d, generator=g).to(device, dtype)
+                kw = dict(build(device, g), pre_scale=1.0 / math.sqrt(d), qk_scale=0.9)
+                nan_rows = kw.get("masked_rows") == "nan"
+                res = []
+                for backend, cast in (("triton", lambda t: t), ("reference", lambda t: t.float())):
+                    leaves = [cast(t).clone().requires_grad_() for t in (q, k, v)]
+                    with _backend(backend):
+                        o = gdpa(*leaves, activation="softmax", **kw)
+                        if not nan_rows:
+                            o.backward(cast(go))
+                    res.append([o.detach()] + ([t.grad for t in leaves] if not nan_rows else []))
+                if not all(bool(torch.equal(a.isnan(), b.isnan())) for a, b in zip(*res)):
+                    out[case] = {"error": "NaN positions differ from the reference", "ok": False}
+                    continue
+                errs = [_rel(a.nan_to_num(0.0), b.nan_to_num(0.0)) for a, b in zip(*res)]
+                out[case] = {"rel": max(errs), "tol": tol, "ok": max(errs) <= tol}
+            except Exception as e:
+                out[case] = {"error": f"{type(e).__name__}: {str(e)[:300]}", "ok": False}
+    return out
+
+
+SOFTMAX_SHAPES = (   # name, B, H, T, d, causal
+    ("kunlun_seq_256", 512, 4, 256, 64, False),
+    ("self_attn_1k_causal", 64, 8, 1024, 64, True),
+)
+
+
+def softmax_timing(device: str, deadline: float, small: bool = False) -> dict:
+    """Forward and forward+backward ms on padded input with lengths U[T/2, T], bf16."""
+    import torch
+    import torch.nn.functional as F
+
+    import gdpa_bench as GB
+    from recopt.ops import gdpa
+
+    res = {}
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shapes = (("cpu_smoke", 2, 2, 24, 16, True),) if small else SOFTMAX_SHAPES
+    for name, B, H, T, d, causal in shapes:
+        if time.time() > deadline:
+            res[name] = {"skipped": "time budget"}
+            continue
+        gen = torch.Generator().manual_seed(0)
+        mk = lambda *s: torch.randn(*s, generator=gen).to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+        q, k, v = mk(B, H, T, d), mk(B, H, T, d), mk(B, H, T, d)
+        go = torch.randn(B, H, T, d, generator=gen).to(device=device, dtype=dtype)
+        lens = torch.randint(T // 2, T + 1, (B,), generator=gen).to(device)
+        pad = torch.arange(T, device=device)[None, :] >= lens[:, None]
+        fmask = torch.zeros(B, 1, 1, T, device=device, dtype=dtype).masked_fill(pad[:, None, None, :], -1e9)
+        keep = ~pad[:, None, None, :]
+        if causal:
+            keep = keep & torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        scale = 1.0 / math.sqrt(d)
+
+        def model_math(q, k, v):
+            s = (q @ k.transpose(-1, -2)) * scale + fmask
+            if causal:
+                s = s.masked_fill(~keep, -1e9)
+            return torch.softmax(s.float(), -1).to(q.dtype) @ v
+
+        variants = {
+            "recopt_kernel_lengths": lambda q, k, v: gdpa(q, k, v, activation="softmax", pre_scale=scale,
+                                                          kv_lengths=lens, causal=causal),
+            "recopt_kernel_float_mask": lambda q, k, v: gdpa(q, k, v, activation="softmax", pre_scale=scale,
+                                                             attn_mask=fmask, causal=causal,
+                                                             masked_rows="uniform"),
+            "sdpa_flash_padded_no_mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale,
+                                                                                         is_causal=causal),
+            "sdpa_bool_mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale),
+            "model_math_float_mask": model_math,
+        }
+        rows = {}
+        with _backend("triton" if device != "cuda" else "auto"):
+            for label, f in variants.items():
+                if time.time() > deadline:
+                    rows[label] = {"skipped": "time budget"}
+                    continue
+                try:
+                    with torch.no_grad():
+                        fwd = GB._bench(lambda: f(q, k, v), cuda=device == "cuda")
+                    fb = GB._bench(lambda: f(q, k, v).backward(go), (q, k, v), cuda=device == "cuda")
+                    rows[label] = {"fwd_ms": fwd, "fwd_bwd_ms": fb}
+                except Exception as e:  # one broken variant must not hide the rest
+                    rows[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        res[name] = {"shape": dict(B=B, H=H, T=T, d=d, causal=causal, dtype=str(dtype)), "rows": rows}
+    return res
+
+
+def softmax_section(device: str, deadline: float, small: bool = False) -> dict:
+    """Correctness first (a wrong kernel is not timed), then timing."""
+    corr = softmax_correctness(device, small)
+    out = {"correctness": corr}
+    bad = [k for k, v in corr.items() if not v.get("ok")]
+    if bad:
+        out["timing"] = {"skipped": f"correctness failed for {bad[:5]}"}
+    else:
+        out["timing"] = softmax_timing(device, deadline, small)
+    return out
 
 
 # ----------------------------------------------------------------------------- timing sections
@@ -331,12 +509,17 @@ def run_suite(sections, device: str, dry_run: bool, quick: bool, batch: int, ste
         deadline = start + BUDGET_S[sec]
         if dry_run:
             report["sections"][sec] = {"planned": True, "budget_s": BUDGET_S[sec]}
+            if sec == "softmax" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+                # the new kernels' code path on the CPU, small shapes, no timing
+                report["sections"][sec]["cpu_check"] = softmax_correctness("cpu", small=True)
             continue
         try:
             if sec == "correctness":
                 res = correctness(device)
             elif sec == "gdpa":
                 res = gdpa_section(device, deadline, quick)
+            elif sec == "softmax":
+                res = softmax_section(device, deadline)
             elif sec == "fp8":
                 res = fp8_section(device, deadline)
             elif sec == "inference":
@@ -371,6 +554,8 @@ def markdown(report: dict) -> str:
             for k, v in res.items():
                 lines.append(f"| {k} | {v.get('rel', v.get('error', '-'))} | {v.get('tol', '-')} | "
                              f"{'yes' if v.get('ok') else '**NO**'} |")
+        elif sec == "softmax":
+            lines += _softmax_markdown(body["result"])
         elif sec == "gdpa":
             lines += ["| shape | variant | fwd ms | fwd+bwd ms |", "|---|---|---|---|"]
             for shape, r in body["result"].items():
@@ -384,6 +569,22 @@ def markdown(report: dict) -> str:
             lines.append("```")
         lines.append(f"\n({body.get('seconds', 0)} s)\n")
     return "\n".join(lines)
+
+
+def _softmax_markdown(res: dict) -> list:
+    corr = res.get("correctness", {})
+    bad = [k for k, v in corr.items() if not v.get("ok")]
+    lines = [f"{len(corr) - len(bad)}/{len(corr)} softmax cases within tolerance"
+             + (f" (failing: {', '.join(bad)})" if bad else ""), ""]
+    timing = res.get("timing", {})
+    if "skipped" in timing:
+        return lines + [f"timing skipped: {timing['skipped']}"]
+    lines += ["| shape | variant | fwd ms | fwd+bwd ms |", "|---|---|---|---|"]
+    for shape, r in timing.items():
+        for var, row in (r.get("rows") or {"-": r}).items():
+            lines.append(f"| {shape} | {var} | {_fmt(row.get('fwd_ms'))} | {_fmt(row.get('fwd_bwd_ms'))} |"
+                         if "fwd_ms" in row else f"| {shape} | {var} | {json.dumps(row)[:120]} | |")
+    return lines
 
 
 def _fmt(x):

@@ -174,6 +174,94 @@ def markdown(rows, versions):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- softmax GDPA
+#
+# The online-softmax kernels (recopt/kernels/gdpa_softmax.py), plain variant, with the
+# configs the launcher picks: `python benchmarks/kernel_sass.py --softmax`. Budgets: no
+# spills on sm_90, tensor-core ratio 1.0 on sm_90 (no duplicated score tile). Instructions
+# and MUFU (exp2) per score element are reported, not budgeted.
+
+SOFTMAX_SHAPES = {  # name: (B, H, Tq, Tk, d)
+    "softmax_1k_d64": (512, 4, 1024, 1024, 64),
+    "softmax_256_d128": (512, 4, 256, 256, 128),
+}
+
+
+def softmax_specs(archs):
+    import dataclasses
+
+    import torch
+
+    from recopt.ops import _gdpa_softmax_triton as S
+
+    out, seen = [], set()
+    for arch in archs:
+        for shape, (_, _, tq, tk, d) in SOFTMAX_SHAPES.items():
+            items = [("fwd", S._fwd_config_gpu(tq, tk, d, d, torch.bfloat16, arch), (True, True))]
+            bk, bq = S._bwd_config_gpu(tq, tk, d, d, torch.bfloat16, arch)
+            items += [("dkdv", bk, o) for o in S.dkdv_passes(d, d)] + [("dq", bq, (True, True))]
+            for kind, cfg, outs in items:
+                s = dataclasses.replace(S._spec(kind, "dense", d, torch.bfloat16, cfg, outs), archs=(arch,))
+                if (s.name, arch) not in seen:
+                    seen.add((s.name, arch))
+                    s.tags["shape"] = shape
+                    out.append(s)
+    return out
+
+
+def run_softmax(archs=(90,), workers=2):
+    """Rows like :func:`run` (act "softmax") for the softmax kernels."""
+    from recopt.kernels.compile_check import compile_specs
+    from recopt.kernels.sass import loop_stats, min_macs
+
+    specs = softmax_specs(archs)
+    by_name = {(s.name, s.archs[0]): s for s in specs}
+    results = compile_specs(specs, archs=archs, workers=workers, keep_dir=tempfile.mkdtemp(prefix="recopt_sass_"))
+    rows = []
+    for r in results:
+        t = dict(by_name[(r.name, r.arch)].tags)
+        part = r.name.split("/")[0].replace("gdpa_softmax_", "")
+        row = dict(name=r.name, arch=r.arch, shape=t["shape"], kernel=t["kernel"], act="softmax", d=t["d"],
+                   config=f"{t['BLOCK_M']}x{t['BLOCK_N']} w{t['num_warps']} s{t['num_stages']}", part=part,
+                   ok=r.ok, error=r.error, registers=r.registers, spill=r.stack + r.local, shared=r.shared)
+        if r.ok:
+            st = loop_stats(r.cubin_path, t["BLOCK_M"], t["BLOCK_N"], t["num_warps"])
+            if st is not None:
+                bd = max(16, 1 << (t["d"] - 1).bit_length())
+                need = min_macs(part, t["BLOCK_M"], t["BLOCK_N"], bd, bd)
+                row.update(instr_per_elem=round(st.instr_per_elem, 2), mufu_per_elem=round(st.mufu_per_elem, 2),
+                           tc_instr=st.tensor_core, tc_kind=st.tc_kind,
+                           tc_ratio=(round(st.tc_macs_per_cta / need, 3) if st.tc_macs_per_cta else None))
+        rows.append(row)
+    return rows
+
+
+def softmax_budgets(rows):
+    bad = []
+    for r in rows:
+        if not r["ok"]:
+            bad.append(f"{r['name']} sm_{r['arch']}: compile error {r['error']}")
+        elif r["arch"] == 90 and r["spill"] > 0:
+            bad.append(f"{r['name']} sm_90: spills {r['spill']} B")
+        elif r["arch"] == 90 and r.get("tc_ratio") not in (None, 1.0):
+            bad.append(f"{r['name']} sm_90: tensor-core ratio {r['tc_ratio']} (duplicated score tiles)")
+    return bad
+
+
+def softmax_markdown(rows, versions):
+    lines = [f"Softmax GDPA kernels, predicted from compiled SASS (no GPU run), triton {versions['triton']}, "
+             f"torch {versions['torch']}, {versions['date']}.", "",
+             "| arch | shape | kernel | d | config | regs | spill B | smem KB | instr/elem | MUFU/elem "
+             "| TC instr | TC ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["arch"], r["shape"], r["part"])):
+        lines.append(f"| sm_{r['arch']} | {r['shape']} | {r['part']} | {r['d']} | {r['config']} | "
+                     f"{r['registers']} | {r['spill']} | {r['shared'] / 1024:.0f} | {r.get('instr_per_elem', '-')} | "
+                     f"{r.get('mufu_per_elem', '-')} | {r.get('tc_instr', '-')} {r.get('tc_kind', '')} | "
+                     f"{r.get('tc_ratio', '-')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, action="append")
@@ -181,12 +269,25 @@ def main(argv=None):
     ap.add_argument("--json")
     ap.add_argument("--md")
     ap.add_argument("--check", action="store_true", help="exit 1 when a budget is exceeded")
+    ap.add_argument("--softmax", action="store_true", help="the softmax GDPA kernels instead")
     a = ap.parse_args(argv)
     import torch
     import triton
 
     versions = dict(triton=triton.__version__, torch=torch.__version__,
                     date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
+    if a.softmax:
+        rows = run_softmax(tuple(a.arch or (90,)), a.workers)
+        md, bad = softmax_markdown(rows, versions), softmax_budgets(rows)
+        print(md)
+        print("\nbudget violations:" if bad else "\nall budgets met", *bad, sep="\n")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(dict(versions=versions, rows=rows, violations=bad), f, indent=1)
+        if a.md:
+            with open(a.md, "w") as f:
+                f.write(md + "\n")
+        return 1 if (a.check and bad) else 0
     rows = run(tuple(a.arch or (90, 100)), a.workers)
     md = markdown(rows, versions)
     print(md)

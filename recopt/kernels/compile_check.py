@@ -46,6 +46,7 @@ ARCHS = (90, 100)
 
 PROVIDERS = [
     "recopt.ops._gdpa_triton:compile_specs",
+    "recopt.ops._gdpa_softmax_triton:compile_specs",   # softmax GDPA (online softmax)
     "recopt.fp8.compile_specs:compile_specs",
     "recopt.fp8.kernel_specs:dual_quant_compile_specs",  # FP8 row+column quantizer (i16's branch)
 ]

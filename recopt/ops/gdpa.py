@@ -31,6 +31,8 @@ from torch import Tensor
 
 from . import gdpa_ref as R
 from .gdpa_cpu import gdpa_cpu, gdpa_jagged_cpu, use_lean
+from .gdpa_softmax import (note_route, softmax_fused, softmax_jagged_fused, softmax_jagged_route,
+                           softmax_route)
 
 try:  # triton is optional: the reference works with torch alone
     import triton  # noqa: F401
@@ -397,8 +399,16 @@ def gdpa(
 
 def _softmax(q, k, v, attn_mask, bias, q_lengths, kv_lengths, qk_scale, pre_scale, window,
              causal, masked_rows, dropout_p=0.0):
-    """Softmax mode: one keep mask (lengths, window, causal, bool attn_mask) and
-    one additive bias (float attn_mask + bias), then :func:`R.softmax_attention`."""
+    """Softmax mode: the fused path where :func:`~recopt.ops.gdpa_softmax.softmax_route` says
+    so (CUDA: Triton online softmax or SDPA flash); else one keep mask (lengths, window,
+    causal, bool attn_mask) and one additive bias (float attn_mask + bias), then
+    :func:`R.softmax_attention`."""
+    route = note_route(softmax_route(q, k, v, attn_mask=attn_mask, bias=bias, q_lengths=q_lengths,
+                                     kv_lengths=kv_lengths, window=window, causal=causal,
+                                     masked_rows=masked_rows, dropout_p=dropout_p))
+    if route.backend != "reference":
+        return softmax_fused(route, q, k, v, attn_mask, bias, q_lengths, kv_lengths, qk_scale,
+                             pre_scale, window, causal, masked_rows)
     Tq, Tk = q.shape[2], k.shape[2]
     keep = R._keep_mask(q.shape[0], Tq, Tk, None, kv_lengths, window, q.device, causal)
     if attn_mask is not None:
@@ -449,6 +459,9 @@ def gdpa_jagged(
         max_seq_len_kv = int((kv_offsets[1:] - kv_offsets[:-1]).max().item()) if kv_offsets.numel() > 1 else 0
     w = _window_arg(window)
     if act == R.SOFTMAX:
+        if note_route(softmax_jagged_route(q, k, v)).backend == "triton":
+            return softmax_jagged_fused(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv,
+                                        qk_scale, pre_scale, w)
         return R.gdpa_jagged_ref(q, k, v, q_offsets, kv_offsets, max_seq_len_q, max_seq_len_kv,
                                  act, qk_scale, pre_scale, w)
     if use_lean(q):  # CPU: plain aten ops, no custom-op dispatch (recopt.ops.gdpa_cpu)

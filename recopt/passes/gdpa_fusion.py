@@ -36,6 +36,7 @@ from recopt.graph.nodes import node_dtype, node_shape
 from recopt.ops import gdpa as gdpa_fn
 from recopt.ops import gdpa_ref as R
 from recopt.ops.gdpa import gdpa_flops, reference_reason
+from recopt.ops.gdpa_softmax import static_note as softmax_note
 
 from .gdpa import pffn, sdpa
 from .gdpa.emit import (
@@ -240,8 +241,8 @@ class GDPAFusion(Pass):
             "qk_scale": plan.qk_scale, "window": window, "Tq": Tq, "Tk": Tk, "d": d, "dv": dv,
             "batch": batch, "batch_dims": nb, "flops": flops, "causal": bool(mp["causal"]),
             "bias": bool(plan.biases), "masked_rows": plan.masked_rows,
-            "kernel": (reference_reason(bool(mp["causal"]), plan.biases or None)
-                       if plan.act != R.SOFTMAX else None) or "default backend",
+            "kernel": (softmax_note(dropout=plan.dropout is not None) if plan.act == R.SOFTMAX
+                       else reference_reason(bool(mp["causal"]), plan.biases or None) or "default backend"),
             "first_matmul": m1.node.name, "masks_folded": len(q_masks) + len(k_masks) + len(mp["kv_len"]) + len(mp["q_len"]),
             "lengths_from_masks": len(mp["kv_len"]) + len(mp["q_len"]),
         }

@@ -14,6 +14,7 @@ from recopt.graph import canon as C
 from recopt.graph.nodes import get_module, is_getitem, node_dtype, node_shape
 from recopt.ops import gdpa as gdpa_fn
 from recopt.ops.gdpa import gdpa_flops
+from recopt.ops.gdpa_softmax import static_note as softmax_note
 
 from .emit import _copy_meta, _training_flag
 
@@ -57,7 +58,7 @@ def try_sdpa(p, gm, node, erased):
     fl = gdpa_flops(B, H, Tq, shapes[1][2], d, shapes[2][3])
     return p.rewritten(out, "sdpa: F.scaled_dot_product_attention routed through gdpa(softmax)",
                           flops_before=fl, flops_after=fl,
-                          details={"pattern": "sdpa", "activation": "softmax"})
+                          details={"pattern": "sdpa", "activation": "softmax", "kernel": softmax_note()})
 
 # ------------------------------------------------------------------ nn.MultiheadAttention
 
@@ -142,7 +143,8 @@ def try_mha(p, gm, node, erased):
     erased.add(node)
     return p.rewritten(out, f"mha: nn.MultiheadAttention {path} split into projections + gdpa(softmax)",
                           module_path=path, details={"pattern": "mha", "activation": "softmax",
-                                                     "masked_rows": kwargs.get("masked_rows", "zero")})
+                                                     "masked_rows": kwargs.get("masked_rows", "zero"),
+                                                     "kernel": softmax_note(dropout=mod.dropout > 0)})
 
 
 
