@@ -297,14 +297,17 @@ def _require_canonical(n, cur_perm, reshaped):
 
 def _check_dropout(gm, n, plan: _Plan, post: bool):
     """Dropout on the activated scores becomes GDPA's ``dropout_p``; an
-    ``nn.Dropout`` follows the graph's ``self.training`` at run time."""
+    ``nn.Dropout`` (or ``F.dropout(training=self.training)`` of the graph
+    module) follows the graph's ``self.training`` at run time."""
     mod = get_module(gm, n)
     if mod is not None:
         p, training = float(mod.p), "graph"
     else:
         p = C.arg(n, 1, "p", 0.5)
         training = C.arg(n, 2, "training", C.arg(n, 2, "train", True))
-        if not isinstance(training, bool) or C.scalar(p) is None:
+        if isinstance(training, fx.Node) and training.op == "get_attr" and training.target == "training":
+            training = "graph"     # F.dropout(..., training=self.training) of the graph module
+        if not isinstance(training, (bool, str)) or C.scalar(p) is None:
             raise Mismatch("dropout_training", f"{_label(n)}: p or training is not a constant")
         p = float(p)
     if p == 0.0 or training is False:
