@@ -330,15 +330,19 @@ class DecomposeAttention(Pass):
                 gm.recompile()
                 with torch.no_grad():
                     ShapeProp(gm).propagate(*ctx.example_inputs)
-            for node in mhas:
-                sites.append(self._open_mha(gm, node, get_module(gm, node)))
+            # every call is judged before any is opened: opening one replaces the
+            # inputs of the next (metadata-less new nodes)
+            plans = [(node, self._plan_mha(gm, node, get_module(gm, node))) for node in mhas]
+            for node, plan in plans:
+                sites.append(plan if not isinstance(plan, MHACall) else self._open_mha(gm, node, plan))
         if any(s.status == "rewritten" for s in sites):
             gm.graph.eliminate_dead_code()
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, sites)
 
-    def _open_mha(self, gm, node, mod: nn.MultiheadAttention):
+    def _plan_mha(self, gm, node, mod: nn.MultiheadAttention):
+        """The call's static options (:class:`MHACall`), or a rejected site."""
         path = str(node.target)
         if type(mod) is not nn.MultiheadAttention:
             return self.rejected(node, "mha_subclass", f"{path} is {type(mod).__name__}: its forward may differ "
@@ -376,7 +380,6 @@ class DecomposeAttention(Pass):
             if not (u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1)):
                 return self.rejected(node, "mha_options", f"nn.MultiheadAttention {path}: its output tuple is "
                                      f"used as a whole by {u.name}")
-        weights_used = any(u.args[1] == 1 and u.users for u in node.users)
         call = MHACall(qk_same=query is key and key is value, kv_same=key is value,
                        has_kpm=kpm is not None, kpm_bool=kpm is not None and node_dtype(kpm) == torch.bool,
                        has_mask=attn_mask is not None,
@@ -384,7 +387,16 @@ class DecomposeAttention(Pass):
                        mask_3d=attn_mask is not None and len(node_shape(attn_mask)) == 3,
                        need_weights=need_weights, average=average, is_causal=is_causal,
                        dropout=float(mod.dropout))
-        call = dataclasses.replace(call, nan_rows=_fast_path_nan_rows(mod, call))
+        return dataclasses.replace(call, nan_rows=_fast_path_nan_rows(mod, call))
+
+    def _open_mha(self, gm, node, call: MHACall):
+        """Replace the call by :func:`mha_forward`'s ops (checked by :meth:`_plan_mha`)."""
+        path, mod = str(node.target), get_module(gm, node)
+        query = node.args[0] if node.args else node.kwargs.get("query")
+        key, value = arg(node, 1, "key"), arg(node, 2, "value")
+        kpm, attn_mask = arg(node, 3, "key_padding_mask"), arg(node, 5, "attn_mask")
+        need_weights = call.need_weights
+        weights_used = any(u.args[1] == 1 and u.users for u in node.users)
         sub = fx.Tracer().trace(_TracedMHA(mod, call))
         g = gm.graph
         inputs = {"query": query, "key": key, "value": value, "kpm": kpm, "mask": attn_mask,
@@ -402,7 +414,8 @@ class DecomposeAttention(Pass):
                               module_path=path,
                               details={"pattern": "mha", "need_weights": need_weights,
                                        "weights_used": weights_used, "batch_first": bool(mod.batch_first),
-                                       "dropout": float(mod.dropout), "is_causal": is_causal})
+                                       "dropout": float(mod.dropout), "is_causal": call.is_causal,
+                                       "nan_rows": call.nan_rows})
 
     def _open(self, gm, node, mod, fn, mask_names):
         exact = type(mod) is (nn.TransformerEncoderLayer if fn is encoder_layer else nn.TransformerEncoder)
