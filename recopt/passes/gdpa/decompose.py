@@ -26,12 +26,10 @@ the one attention matcher fuses; when the weights output is used it is
 computed exactly as the module does (averaged over heads or not). Dropout
 reads the graph's ``self.training`` at run time and draws the module's
 random stream (same call, same shapes). A fully masked query row is what the
-module gives: NaN with weights; without weights, 0 from SDPA in training
-(and in any call the module's fast path cannot take) and NaN where an
-eval-mode call takes the module's fast path (``torch._native_multi_head_attention``,
-what inference under ``no_grad`` runs) — there the core is the softmax chain,
-which keeps the NaN. (The module itself returns 0 for that row in eval mode
-with gradients on; the rewrite follows the inference path.)
+module gives: NaN with weights; without weights 0 from SDPA, and NaN where the
+module would take its eval fast path (``torch._native_multi_head_attention``:
+eval, no grad, batched self-attention, ...), reproduced at run time by
+:func:`recopt.ops.mha_fastpath.fastpath_nan_rows`.
 
 Reason codes: ``encoder_subclass``, ``encoder_options``, ``nested_tensor_padding``,
 ``mha_subclass``, ``mha_options``.
@@ -51,9 +49,13 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from recopt.graph.canon import arg
 from recopt.graph.nodes import get_module, node_dtype, node_shape
+from recopt.ops.mha_fastpath import fastpath_nan_rows
 
 from ..base import Pass, PassConfig, PassContext, PassResult, Semantics
 from ..registry import register_pass
+
+# one call in the traced graph: its run-time checks must run at run time, not be traced through
+fx.wrap("fastpath_nan_rows")
 
 REASONS = {
     "encoder_subclass": "a subclass of nn.TransformerEncoder(Layer) (its forward may differ)",
@@ -66,13 +68,32 @@ REASONS = {
 }
 
 
-def encoder_layer(layer: nn.TransformerEncoderLayer, src, src_mask, key_padding_mask):
-    """``nn.TransformerEncoderLayer.forward`` as plain ops on its submodules."""
+def _layer_fastpath_static(layer: nn.TransformerEncoderLayer) -> bool:
+    """The configuration half of ``nn.TransformerEncoderLayer``'s fast-path conditions."""
+    sa = layer.self_attn
+    return bool(sa.batch_first and sa.in_proj_bias is not None and sa._qkv_same_embed_dim
+                and layer.activation_relu_or_gelu and layer.norm1.eps == layer.norm2.eps
+                and sa.num_heads % 2 == 0)
+
+
+def encoder_layer(layer: nn.TransformerEncoderLayer, src, src_mask, key_padding_mask, training=False):
+    """``nn.TransformerEncoderLayer.forward`` as plain ops on its submodules.
+
+    ``training`` is the graph's own ``self.training`` (read at run time): in eval without grad the
+    layer's fused path returns NaN for a query row with every key masked, reproduced by
+    :func:`recopt.ops.mha_fastpath.fastpath_nan_rows`."""
 
     def sa_block(x):
-        x = layer.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=key_padding_mask,
+        y = layer.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=key_padding_mask,
                             need_weights=False)[0]
-        return layer.dropout1(x)
+        if src_mask is not None or key_padding_mask is not None:
+            sa = layer.self_attn
+            tensors = (src, sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias,
+                       layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias,
+                       layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
+            y = fastpath_nan_rows(y, key_padding_mask, src_mask, sa.num_heads, sa.batch_first, training,
+                                  _layer_fastpath_static(layer), tensors)
+        return layer.dropout1(y)
 
     def ff_block(x):
         return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
@@ -87,11 +108,11 @@ def encoder_layer(layer: nn.TransformerEncoderLayer, src, src_mask, key_padding_
     return x
 
 
-def encoder(enc: nn.TransformerEncoder, src, mask, key_padding_mask):
+def encoder(enc: nn.TransformerEncoder, src, mask, key_padding_mask, training=False):
     """``nn.TransformerEncoder.forward`` (documented math) as its layers, then the final norm."""
     x = src
     for layer in enc.layers:
-        x = encoder_layer(layer, x, mask, key_padding_mask)
+        x = encoder_layer(layer, x, mask, key_padding_mask, training)
     if enc.norm is not None:
         x = enc.norm(x)
     return x
@@ -115,7 +136,7 @@ class MHACall:
     average: bool
     is_causal: bool
     dropout: float
-    nan_rows: bool = False  # eval fast path of the module: a fully masked row is NaN without weights too
+    fast_static: bool = False   # the configuration half of the module's eval fast-path conditions
 
 
 def _float_mask(mask, bool_mask: bool, dtype):
@@ -143,9 +164,11 @@ def mha_forward(mod: nn.MultiheadAttention, c: MHACall, query, key, value, kpm, 
     softmax → dropout → bmm (a fully masked row is NaN, as in the module);
     without, one ``F.scaled_dot_product_attention`` call. ``training`` is the
     graph's ``self.training`` read at run time (dropout follows the mode).
-    ``c.nan_rows``: the call would take the module's eval fast path, whose
-    fully masked rows are NaN even without weights: the softmax chain keeps that.
+    Without weights, a call whose configuration allows the module's eval fast
+    path (``c.fast_static``) ends in :func:`recopt.ops.mha_fastpath.fastpath_nan_rows`,
+    which makes fully masked rows NaN exactly when the module would have taken it.
     """
+    kpm0, mask0 = kpm, attn_mask          # as given (fastpath_nan_rows reads them)
     if mod.batch_first:
         query, key, value = (x.transpose(1, 0) for x in (query, key, value))
     dtype = query.dtype
@@ -190,7 +213,7 @@ def mha_forward(mod: nn.MultiheadAttention, c: MHACall, query, key, value, kpm, 
         kpm = kpm.view(bsz, 1, 1, src_len).expand(-1, H, -1, -1).reshape(bsz * H, 1, src_len)
         attn_mask = kpm if attn_mask is None else attn_mask + kpm
     p = c.dropout
-    if c.need_weights or c.nan_rows:
+    if c.need_weights:
         q_scaled = q * math.sqrt(1.0 / float(hd))
         if attn_mask is not None:
             w = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
@@ -225,6 +248,9 @@ def mha_forward(mod: nn.MultiheadAttention, c: MHACall, query, key, value, kpm, 
         w = None
     if mod.batch_first:
         out = out.transpose(1, 0)
+    if not c.need_weights and c.fast_static and (c.has_kpm or c.has_mask):
+        tensors = (query, mod.in_proj_weight, mod.in_proj_bias, mod.out_proj.weight, mod.out_proj.bias)
+        out = fastpath_nan_rows(out, kpm0, mask0, H, True, training, True, tensors)
     return out, w
 
 
@@ -235,18 +261,19 @@ class _Traced(nn.Module):
         super().__init__()
         self.m, self.fn, self.has_mask, self.has_kpm = mod, fn, has_mask, has_kpm
 
-    def forward(self, src, mask, kpm):
-        return self.fn(self.m, src, mask if self.has_mask else None, kpm if self.has_kpm else None)
+    def forward(self, src, mask, kpm, training):
+        return self.fn(self.m, src, mask if self.has_mask else None, kpm if self.has_kpm else None, training)
 
 
-def _fast_path_nan_rows(mod: nn.MultiheadAttention, c: MHACall) -> bool:
-    """Whether an eval-mode call takes ``torch._native_multi_head_attention`` (batched
-    self-attention on one tensor, batch_first, even heads, packed biased projections)
-    with a mask: there a query row with every key masked is NaN, where SDPA gives 0."""
-    eligible = (not mod.training and c.qk_same and mod.batch_first and mod.num_heads % 2 == 0
-                and mod._qkv_same_embed_dim and mod.in_proj_bias is not None)
-    masked = c.has_kpm or (c.has_mask and not c.is_causal)
-    return eligible and masked and not c.need_weights
+def _mha_fastpath_static(mod: nn.MultiheadAttention, c: MHACall) -> bool:
+    """The configuration half of the conditions under which ``nn.MultiheadAttention`` runs
+    ``torch._native_multi_head_attention`` (batched self-attention on one tensor, batch_first,
+    even heads, packed biased projections, bool masks); the run-time half (eval, no grad, ...)
+    is checked by :func:`recopt.ops.mha_fastpath.fastpath_taken`."""
+    masks_bool = (not c.has_kpm or c.kpm_bool) and (not c.has_mask or c.mask_bool)
+    return bool(c.qk_same and masks_bool and mod.batch_first and mod.num_heads % 2 == 0
+                and mod.bias_k is None and not mod.add_zero_attn and mod._qkv_same_embed_dim
+                and mod.in_proj_bias is not None)
 
 
 class _TracedMHA(nn.Module):
@@ -387,7 +414,7 @@ class DecomposeAttention(Pass):
                        mask_3d=attn_mask is not None and len(node_shape(attn_mask)) == 3,
                        need_weights=need_weights, average=average, is_causal=is_causal,
                        dropout=float(mod.dropout))
-        return dataclasses.replace(call, nan_rows=_fast_path_nan_rows(mod, call))
+        return dataclasses.replace(call, fast_static=_mha_fastpath_static(mod, call))
 
     def _open_mha(self, gm, node, call: MHACall):
         """Replace the call by :func:`mha_forward`'s ops (checked by :meth:`_plan_mha`)."""
@@ -406,8 +433,7 @@ class DecomposeAttention(Pass):
             u.replace_all_uses_with(out if u.args[1] == 0 else weights)
             g.erase_node(u)
         g.erase_node(node)
-        core = ("softmax(baddbmm) + dropout + bmm" if need_weights or call.nan_rows
-                else "scaled_dot_product_attention")
+        core = "softmax(baddbmm) + dropout + bmm" if need_weights else "scaled_dot_product_attention"
         return self.rewritten(out, f"nn.MultiheadAttention {path} opened into in-projection, heads, {core} "
                                    "and out-projection" + (" (attention weights kept: they are used)"
                                                            if weights_used else ""),
@@ -415,7 +441,7 @@ class DecomposeAttention(Pass):
                               details={"pattern": "mha", "need_weights": need_weights,
                                        "weights_used": weights_used, "batch_first": bool(mod.batch_first),
                                        "dropout": float(mod.dropout), "is_causal": call.is_causal,
-                                       "nan_rows": call.nan_rows})
+                                       "fast_path_nan_rows": call.fast_static and not need_weights})
 
     def _open(self, gm, node, mod, fn, mask_names):
         exact = type(mod) is (nn.TransformerEncoderLayer if fn is encoder_layer else nn.TransformerEncoder)
@@ -437,8 +463,9 @@ class DecomposeAttention(Pass):
                                  "padded positions; build it with enable_nested_tensor=False to fuse")
         sub = fx.Tracer().trace(_Traced(mod, fn, mask is not None, kpm is not None))
         path = str(node.target)
-        out = _inline(gm, node, sub, {"src": src, "mask": mask, "kpm": kpm}, path)
         g = gm.graph
+        out = _inline(gm, node, sub, {"src": src, "mask": mask, "kpm": kpm,
+                                      "training": lambda: g.create_node("get_attr", "training")}, path)
         node.replace_all_uses_with(out)
         g.erase_node(node)
         return self.rewritten(out, f"{type(mod).__name__} {path} opened into self-attention, norms and "
