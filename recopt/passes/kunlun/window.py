@@ -1,11 +1,17 @@
 """Sliding-window self-attention (Kunlun).
 
-Two passes share one matcher:
+Two passes read attention through the one matcher of every attention pass,
+:func:`recopt.graph.attention.match_attention` (anchored at ``P @ v``; any
+matmul/einsum/transpose spelling, scale before or after the mask, masks read
+symbolically by :mod:`recopt.graph.masks`), plus :func:`~recopt.graph.attention.same_sequence`
+for self-attention and :func:`~recopt.graph.attention.bias_mask_factors` for
+additive masks ``scores + where(keep, 0, -1e9)``:
 
 * ``band_attention`` (exact): the model already masks its self-attention scores
   with a constant band ``|i - j| <= w`` built from index differences (e.g.
-  ``(arange(T)[:, None] - arange(T)[None, :]).abs() <= w``). The chain
-  ``q @ kᵀ -> scale -> mask -> softmax|act -> scale -> @ v`` becomes one
+  ``(arange(T)[:, None] - arange(T)[None, :]).abs() <= w``); ``w`` is read from
+  that construction, never from the example's length. The region
+  ``q kᵀ -> scale -> mask -> softmax|act -> scale -> @ v`` becomes one
   :func:`~recopt.passes.kunlun.local_attention.local_attention` call with
   ``window=w`` that skips out-of-band tiles. Verified by the manager like any
   exact pass.
@@ -26,9 +32,11 @@ GDPA's Triton kernel for pointwise banded attention.
 Reason codes: ``not_self_attention``, ``no_band`` (exact pass, nothing to do),
 ``too_short`` (T <= 2w + 1: a window saves nothing), ``mask_not_band``
 (a query x key mask that is neither a band nor key padding), ``mask_fill``
-(masked scores filled so that the activation is not 0), ``layout``/``rank``
-(not ``[B, H, T, d]`` with ``q @ k.transpose(-2, -1)``), ``unsupported_op``
-(something between the matmuls the matcher does not know),
+(masked scores filled so that the activation is not 0, or ``-inf`` with key
+padding: a fully padded row is NaN in the model), ``layout``/``rank``
+(not ``[B, H, T, d]``, or GQA), ``unsupported_op`` (a score bias that is not an
+additive mask, per-row scales), the matcher's own codes (docs/gdpa.md) for
+regions it cannot describe,
 ``dropout_training``, ``encoder_mask`` / ``encoder_attention``
 (torch.nn encoder layers with a ``src_mask`` or unsupported attention options),
 ``gdpa_options`` (a gdpa call with an ``attn_mask`` or lengths).
