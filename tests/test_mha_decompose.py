@@ -131,12 +131,13 @@ def test_mha_variant_is_opened_fused_and_exact(name, training):
     # another batch and length than the example: nothing was read from its sizes
     g = torch.Generator().manual_seed(9)
     bf = cfg.get("batch_first", True)
-    x2 = torch.randn((2, 7, E) if bf else (7, 2, E), generator=g)
-    kv2 = torch.randn((2, 9, cfg.get("kdim") or E) if bf else (9, 2, cfg.get("kdim") or E), generator=g)
-    pad2 = torch.zeros(2, 7, dtype=torch.bool)
-    pad2[0, 5:] = True
-    if not (cfg.get("mask") in ("bool3d", "float3d") or (cfg.get("self_attn", True) is False and cfg.get("kpm"))):
-        _same(model, gm, (x2, kv2, pad2))
+    for L in (7, 1):                                   # length 1 too
+        x2 = torch.randn((2, L, E) if bf else (L, 2, E), generator=g)
+        kv2 = torch.randn((2, 9, cfg.get("kdim") or E) if bf else (9, 2, cfg.get("kdim") or E), generator=g)
+        pad2 = torch.zeros(2, L, dtype=torch.bool)
+        pad2[0, 5:] = True
+        if not (cfg.get("mask") in ("bool3d", "float3d") or (cfg.get("self_attn", True) is False and cfg.get("kpm"))):
+            _same(model, gm, (x2, kv2, pad2))
 
 
 @pytest.mark.parametrize("need_weights", [True, False])
