@@ -229,8 +229,6 @@ def mha_forward(mod: nn.MultiheadAttention, c: MHACall, query, key, value, kpm, 
         w = w.view(bsz, H, tgt_len, src_len)
         if c.average:
             w = w.mean(dim=1)
-        if not c.need_weights:
-            w = None
     else:
         if attn_mask is not None:
             if c.has_mask and not c.mask_3d and not c.has_kpm:
