@@ -39,7 +39,7 @@ def test_quick_run_covers_every_pass_and_matches_outputs(bench, capsys):
 def test_public_style_models_run(bench):
     import torch
 
-    for name in ("seqrec_transformer", "dlrm_style"):
+    for name in ("seqrec_transformer", "dlrm_style", "din_style", "autoint_style"):
         case = bench.model_cases(20)[name]
         torch.manual_seed(0)
         model = case.build().eval()
