@@ -142,3 +142,31 @@ def test_cpu_sites_is_validated_and_round_trips():
     with pytest.raises(ValueError, match="cpu_sites must be one of"):
         GDPAConfig(cpu_sites="sometimes")
     assert GDPAConfig.from_json(GDPAConfig(cpu_sites="all").to_json()).cpu_sites == "all"
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        return self.enc(x)
+
+
+def test_cpu_keeps_encoders_closed_unless_asked():
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    x = torch.randn(2, 5, 16)
+    opt = recopt.optimize(model, (x,), target="cpu", passes=["decompose_attention", "gdpa"], strict=True)
+    (site,) = opt.report.sites_for("decompose_attention")
+    assert site.status == "rejected" and site.reason_code == gcpu.NOT_FASTER and "fused encoder kernel" in site.reason
+    assert any(n.op == "call_module" and n.target == "enc" for n in opt.graph_module.graph.nodes)
+    both = {"gdpa": {"cpu_sites": "all"}, "decompose_attention": {"cpu_sites": "all"}}
+    opened = recopt.optimize(model, (x,), target="cpu", passes=["decompose_attention", "gdpa"], strict=True,
+                             configs=both)
+    assert [s.status for s in opened.report.sites_for("decompose_attention")] == ["rewritten"]
+    assert [s.status for s in opened.report.sites_for("gdpa")] == ["rewritten"]
+    y = torch.randn(1, 3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(y), model(y))
+        torch.testing.assert_close(opened(y), model(y), rtol=1e-5, atol=1e-5)

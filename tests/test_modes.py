@@ -164,7 +164,8 @@ def test_train_graph_rejects_fusing_attention_with_live_dropout():
     torch.manual_seed(0)
     model = MHADropout().train()
     opt = recopt.optimize(model, _inputs(MHADropout), target="cpu", backend="eager",
-                          configs={"gdpa": {"cpu_sites": "all"}})  # cpu: fuse anyway, to test it
+                          configs={"gdpa": {"cpu_sites": "all"},  # cpu: fuse anyway, to test it
+                                   "decompose_attention": {"cpu_sites": "all"}})
     assert opt.report.sites_for("gdpa", "rewritten"), "eval graph: MHA fused"
     assert opt.train_report is not None
     assert not opt.train_report.sites_for("gdpa", "rewritten")

@@ -16,10 +16,17 @@ target's data, never from the example's sizes:
   ``nn.MultiheadAttention`` modules: left alone on a target without the
   fused kernel, reason :data:`NOT_FASTER`;
 - the re-associated PFFN (pattern C) is kept: it removes FLOPs (the per-sample
-  ``d×d`` weight is never built), which pays on any device.
+  ``d×d`` weight is never built), which pays on any device;
+- ``decompose_attention`` leaves ``nn.TransformerEncoder(Layer)`` leaves
+  closed there too: it opens them only so that ``gdpa`` can fuse their
+  attention, and in eval without grad the closed layer runs PyTorch's fused
+  encoder kernel, which the opened ops do not (measured 0.93–0.96× at batch
+  64/512 on the SASRec-style model, docs/benchmarks.md).
 
 ``GDPAConfig(cpu_sites="all")`` rewrites every site on the CPU anyway (to
-test the rewrite there, or to export ``recopt::GDPA`` functions to ONNX).
+test the rewrite there, or to export ``recopt::GDPA`` functions to ONNX);
+``DecomposeConfig(cpu_sites="all")`` opens the encoders there (set both to
+fuse an encoder's attention on the CPU).
 """
 from __future__ import annotations
 
@@ -39,10 +46,14 @@ def leave_alone(config, target, kind: str) -> Optional[str]:
     """The reason to leave a matched site of ``kind`` unrewritten on ``target``, or ``None``.
 
     ``kind``: ``"attention"`` (pattern A, any activation), ``"sdpa"``,
-    ``"mha"`` or ``"pffn_reassociated"``.
+    ``"mha"``, ``"pffn_reassociated"`` or ``"encoder"`` (``decompose_attention``).
     """
     if config.cpu_sites == "all" or has_fused_gdpa(target) or kind == "pffn_reassociated":
         return None
+    if kind == "encoder":
+        return (f"target {target.name!r} has no fused GDPA kernel, so the gdpa pass would leave the "
+                f"encoder's attention alone, and opened, the layer loses PyTorch's fused encoder kernel "
+                f"(eval, no grad); left closed (DecomposeConfig(cpu_sites='all') opens it anyway)")
     what = {"attention": "the matmul -> activation -> matmul chain",
             "sdpa": "the scaled_dot_product_attention call",
             "mha": "the nn.MultiheadAttention module"}[kind]
