@@ -36,6 +36,7 @@ variant's output is checked against the model's. Prints a markdown table
     python benchmarks/cpu_speed.py --clock cpu     # on a shared machine: this thread's CPU time
     python benchmarks/cpu_speed.py --quick         # CI smoke: DLRM-style + InterFormer, batch 1 and 8, no Inductor
     python benchmarks/cpu_speed.py --models kunlun --batches 1 --inductor none --threads 2
+    python benchmarks/cpu_speed.py --site          # one GDPA site: the model's ops vs the emitted call
 """
 from __future__ import annotations
 
@@ -344,6 +345,51 @@ def bench_model(case: ModelCase, batches, threads: int, inductor: str, seconds: 
     return rows
 
 
+# ----------------------------------------------------------------------------- one GDPA site
+
+
+def site_cost(repeats: int = 15, calls: int = 2000, clock: str = "cpu", log=print) -> dict:
+    """µs per call of one pointwise attention site (``[1,2,20,16]``, silu, scaled): the ops the
+    model ran vs the lean per-site function the eager backend binds vs the generic ``gdpa()``.
+
+    Interleaved in a shuffled order, ``calls`` calls per sample, medians of ``repeats``.
+    This is why the gdpa pass leaves such sites alone on the cpu target (``not_faster_on_target``).
+    """
+    import torch.nn.functional as F
+
+    from recopt.ops import gdpa_cpu
+    from recopt.ops.gdpa import gdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=g) for _ in range(3))
+    site = gdpa_cpu.specialize(dict(activation="silu", qk_scale=0.05), [])
+    fns = {"model ops": lambda: F.silu(q @ k.transpose(-2, -1)) * 0.05 @ v,
+           "lean site function": lambda: site(q, k, v),
+           "gdpa()": lambda: gdpa(q, k, v, activation="silu", qk_scale=0.05)}
+    want = fns["model ops"]()
+    for name, f in fns.items():
+        torch.testing.assert_close(f(), want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    tick = CLOCKS[clock]
+    samples = {n: [] for n in fns}
+    order, rng = list(fns), random.Random(0)
+    with torch.no_grad():
+        for f in fns.values():
+            for _ in range(100):
+                f()
+        for _ in range(repeats):
+            rng.shuffle(order)
+            for n in order:
+                f = fns[n]
+                t0 = tick()
+                for _ in range(calls):
+                    f()
+                samples[n].append((tick() - t0) / calls * 1e6)
+    med = {n: statistics.median(v) for n, v in samples.items()}
+    for n, us in med.items():
+        log(f"  {n:20s} {us:7.2f} µs/call ({us / med['model ops']:.2f}x the model's ops)")
+    return med
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -410,7 +456,13 @@ def main(argv: Optional[list] = None) -> list:
                     help="wall time (default) or this thread's CPU time (shared machines; --threads 1)")
     ap.add_argument("--quick", action="store_true", help="CI smoke test: small models and batches, no Inductor")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--site", action="store_true",
+                    help="only time one GDPA site: the model's ops vs the lean site function vs gdpa()")
     args = ap.parse_args(argv)
+    if args.site:
+        torch.set_num_threads(1)
+        print(f"one pointwise GDPA site, 1 thread, {args.clock} clock:")
+        return site_cost(clock=args.clock)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("RECOPT_QUIET", "1")
     if args.quick:
