@@ -183,8 +183,10 @@ def speed_guard(optimized, inputs: Any, reoptimize, *, seconds: float = 0.25):
     per batch and, per dropped pass, reason ``not_faster_on_target`` with the
     speed-ups with and without it; ``report.notes`` says it in words.
 
-    Cost: ~2 × ``seconds`` per batch (≈ 0.5–1 s) when nothing is slower; a
-    re-optimize per tried pass when something is.
+    Timed in eval mode without grad (inference), the mode restored afterwards;
+    a separate train graph is not timed. Cost: ~2 × ``seconds`` per batch
+    (≈ 0.5–1 s) when nothing is slower; a re-optimize per tried pass when
+    something is.
     """
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     batches = _edge_batches(args)
