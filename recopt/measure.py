@@ -204,7 +204,7 @@ def speed_guard(optimized, inputs: Any, reoptimize, *, seconds: float = 0.25):
 
     slow, timings = check(optimized)
     guard = {"batches": list(batches), "timings": timings, "slower_at": slow, "dropped": []}
-    result = optimized
+    result, found = optimized, False
     if slow:
         pipeline = [p.name for p in optimized.report.passes]
         applied = [p.name for p in optimized.report.passes if p.status == "applied"]
@@ -218,19 +218,20 @@ def speed_guard(optimized, inputs: Any, reoptimize, *, seconds: float = 0.25):
                 dropped = [name] if name is not None else applied
                 guard["dropped"] = [{"pass": d, "reason_code": "not_faster_on_target",
                                      "speedup_with": slow, "timings_without": c_timings} for d in dropped]
-                result = candidate
+                result, found = candidate, True
                 break
         guard["tried"] = tried
-    report = result.report
-    if guard["dropped"]:
+    if slow and not found:
+        result = candidate  # every variant was slower: the captured graph alone (no pass) is the last one
+        result.report.notes.append(
+            f"speed guard: slower at {', '.join(slow)} ({min(slow.values()):.2f}x) with every variant tried; "
+            "returned the captured graph without passes")
+    elif guard["dropped"]:
         names = ", ".join(d["pass"] for d in guard["dropped"])
-        worst = min(slow.values())
-        report.notes.append(f"speed guard: dropped {names} (not_faster_on_target): with it the model ran "
-                            f"{worst:.2f}x the original at {', '.join(slow)}; without it, not slower")
-    elif slow:
-        report.notes.append(f"speed guard: slower at {', '.join(slow)} ({min(slow.values()):.2f}x) with every "
-                            "variant tried; kept the captured graph alone")
-        result = candidate
+        result.report.notes.append(
+            f"speed guard: dropped {names} (not_faster_on_target): with it the model ran "
+            f"{min(slow.values()):.2f}x the original at {', '.join(slow)}; without it, not slower")
+    report = result.report
     measure_speedup(result, args, repeats=10, min_seconds=seconds)
     report.measured["guard"] = guard
     return result

@@ -118,3 +118,28 @@ def test_guard_validates_measure_and_slices_batch_one():
     assert list(eb) == ["example", "batch 1"] and eb["batch 1"][0].shape == (1, 3) and eb["batch 1"][2] == 7
     assert list(_edge_batches((a, torch.randn(4)))) == ["example"]       # no shared batch dim
     assert list(_edge_batches((torch.randn(1, 3),))) == ["example"]      # already batch 1
+
+
+@pytest.mark.parametrize("verdict", ["never_slower", "always_slower"])
+def test_guard_keeps_everything_or_falls_back_to_no_pass(verdict, monkeypatch):
+    """The two ends, made deterministic by fixing the timing verdict."""
+    import recopt.measure as M
+
+    slow = verdict == "always_slower"
+    monkeypatch.setattr(M, "_slower", lambda o, c, a, s: (slow, [{"speedup": 0.5 if slow else 1.0}]))
+    calls = []
+
+    def reoptimize(names):
+        calls.append(list(names))
+        return recopt.optimize(Small().eval(), (torch.randn(4, 8),), target="cpu", passes=list(names))
+
+    opt = recopt.optimize(Small().eval(), (torch.randn(4, 8),), target="cpu", passes=["remove_identity", "dead_code"])
+    out = M.speed_guard(opt, (torch.randn(4, 8),), reoptimize, seconds=0.01)
+    g = out.report.measured["guard"]
+    if not slow:
+        assert out is opt and calls == [] and g["dropped"] == [] and g["slower_at"] == {}
+    else:
+        applied = [p.name for p in opt.report.passes if p.status == "applied"]
+        assert calls[-1] == [] and len(calls) == len(applied) + 1
+        assert [p.name for p in out.report.passes] == []
+        assert any("returned the captured graph without passes" in n for n in out.report.notes)
