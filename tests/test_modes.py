@@ -163,7 +163,9 @@ def test_train_graph_rejects_fusing_attention_with_live_dropout():
     """GDPA fuses MHA in the eval graph; in the train graph attention dropout is live, so it must not."""
     torch.manual_seed(0)
     model = MHADropout().train()
-    opt = recopt.optimize(model, _inputs(MHADropout), target="cpu", backend="eager")
+    opt = recopt.optimize(model, _inputs(MHADropout), target="cpu", backend="eager",
+                          configs={"gdpa": {"cpu_sites": "all"},  # cpu: fuse anyway, to test it
+                                   "decompose_attention": {"cpu_sites": "all"}})
     assert opt.report.sites_for("gdpa", "rewritten"), "eval graph: MHA fused"
     assert opt.train_report is not None
     assert not opt.train_report.sites_for("gdpa", "rewritten")

@@ -38,7 +38,7 @@ from recopt.ops import gdpa_ref as R
 from recopt.ops.gdpa import gdpa_flops, reference_reason
 from recopt.ops.gdpa_softmax import static_note as softmax_note
 
-from .gdpa import pffn, sdpa
+from .gdpa import cpu, pffn, sdpa
 from .gdpa.emit import (
     _broadcast, _combine_softmax_mask, _copy_meta, _from4d, _key_mask_column, _lengths_expr,
     _materialize, _permute, _permuted, _scalar_expr, _scaled_bias, _to4d, _training_flag,
@@ -75,6 +75,8 @@ REASONS = {
     "sdpa_dropout": "SDPA with dropout_p > 0",
     "mha_options": "nn.MultiheadAttention options the rewrite does not cover",
     "attention_weights_used": "the attention weights output of nn.MultiheadAttention is used",
+    cpu.NOT_FASTER: "a target with no fused GDPA kernel (the CPU): the call would run the same ops "
+                    "as the model plus its own overhead (GDPAConfig.cpu_sites='all' forces it)",
 }
 
 
@@ -89,7 +91,10 @@ class GDPAConfig(PassConfig):
     ``convert_nan_masks``: treat -inf masking before silu/gelu/hardswish as
     zero masking (the original computes NaN there; off by default so the
     output never silently changes). ``min_q_len``/``min_kv_len``: skip
-    smaller sites.
+    smaller sites. ``cpu_sites``: on a target without a fused GDPA kernel
+    (the CPU), ``"faster"`` rewrites only sites that remove FLOPs (pattern C)
+    and leaves the rest with reason ``not_faster_on_target``
+    (:mod:`recopt.passes.gdpa.cpu`); ``"all"`` rewrites every site there too.
     """
 
     attention: bool = True
@@ -100,6 +105,11 @@ class GDPAConfig(PassConfig):
     convert_nan_masks: bool = False
     min_q_len: int = 1
     min_kv_len: int = 1
+    cpu_sites: str = "faster"
+
+    def __post_init__(self):
+        if self.cpu_sites not in cpu.CPU_SITES:
+            raise ValueError(f"GDPAConfig.cpu_sites must be one of {cpu.CPU_SITES}, got {self.cpu_sites!r}")
 
 
 
@@ -119,6 +129,7 @@ class GDPAFusion(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         sites = []
         erased: set = set()
+        self._target = ctx.target
         for node in list(gm.graph.nodes):
             if node in erased or node.graph is not gm.graph:
                 continue
@@ -126,10 +137,15 @@ class GDPAFusion(Pass):
             site = None
             if kind in ("matmul", "einsum"):
                 site = self._try_matmul(gm, node, erased)
-            elif kind == "sdpa":
-                site = sdpa.try_sdpa(self, gm, node, erased)
-            elif kind == "mha":
-                site = sdpa.try_mha(self, gm, node, erased)
+            elif kind in ("sdpa", "mha"):
+                off = (kind == "sdpa" and not self.config.sdpa_calls) or (kind == "mha" and not self.config.mha_modules)
+                skip = None if off else cpu.leave_alone(self.config, ctx.target, kind)
+                if skip is not None:
+                    site = self.rejected(node, cpu.NOT_FASTER, skip)
+                elif kind == "sdpa":
+                    site = sdpa.try_sdpa(self, gm, node, erased)
+                else:
+                    site = sdpa.try_mha(self, gm, node, erased)
             if site is not None:
                 sites.append(site)
         gm.graph.eliminate_dead_code()
@@ -160,6 +176,11 @@ class GDPAFusion(Pass):
         except A.Mismatch as r:
             return self.rejected(m2_node, r.code, r.reason,
                                  details={"first_matmul": m1.node.name,
+                                          "chain": [n.name for n in path]})
+        skip = cpu.leave_alone(self.config, getattr(self, "_target", None), "attention")
+        if skip is not None:
+            return self.rejected(m2_node, cpu.NOT_FASTER, skip,
+                                 details={"first_matmul": m1.node.name, "activation": act,
                                           "chain": [n.name for n in path]})
         info = self._emit_attention(gm, match)
         erased.add(m2_node)

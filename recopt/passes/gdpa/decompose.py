@@ -16,7 +16,12 @@ the same math; outputs agree to float tolerance, except that
 positions where the documented math does not (reason ``nested_tensor_padding``
 is reported when that path could be taken).
 
-Reason codes: ``encoder_subclass``, ``encoder_options``, ``nested_tensor_padding``.
+On a target without a fused GDPA kernel (the CPU) encoders stay closed with
+``not_faster_on_target`` (:mod:`recopt.passes.gdpa.cpu`) unless
+``cpu_sites="all"``.
+
+Reason codes: ``encoder_subclass``, ``encoder_options``, ``nested_tensor_padding``,
+``not_faster_on_target``.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import torch.nn as nn
 from recopt.graph.canon import arg
 from recopt.graph.nodes import get_module
 
+from . import cpu as _cpu
 from ..base import Pass, PassConfig, PassContext, PassResult, Semantics
 from ..registry import register_pass
 
@@ -36,6 +42,8 @@ REASONS = {
     "encoder_options": "an encoder call whose options are not constants",
     "nested_tensor_padding": "nn.TransformerEncoder that may take its nested-tensor fast path "
                              "(outputs 0 at padded positions)",
+    _cpu.NOT_FASTER: "a target with no fused GDPA kernel (the CPU): the layer's own fused kernel is "
+                     "faster than its opened ops (DecomposeConfig.cpu_sites='all' opens it)",
 }
 
 
@@ -83,9 +91,16 @@ class _Traced(nn.Module):
 
 @dataclass
 class DecomposeConfig(PassConfig):
-    """``encoders``: open nn.TransformerEncoder / nn.TransformerEncoderLayer calls."""
+    """``encoders``: open nn.TransformerEncoder / nn.TransformerEncoderLayer calls.
+    ``cpu_sites``: ``"faster"`` keeps them closed on a target without a fused GDPA
+    kernel (the CPU), ``"all"`` opens them there too."""
 
     encoders: bool = True
+    cpu_sites: str = "faster"
+
+    def __post_init__(self):
+        if self.cpu_sites not in _cpu.CPU_SITES:
+            raise ValueError(f"DecomposeConfig.cpu_sites must be one of {_cpu.CPU_SITES}, got {self.cpu_sites!r}")
 
 
 @register_pass
@@ -107,6 +122,12 @@ class DecomposeAttention(Pass):
             if node.op != "call_module":
                 continue
             mod = get_module(gm, node)
+            if not isinstance(mod, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+                continue
+            skip = _cpu.leave_alone(self.config, ctx.target, "encoder")
+            if skip is not None:
+                sites.append(self.rejected(node, _cpu.NOT_FASTER, skip))
+                continue
             if isinstance(mod, nn.TransformerEncoderLayer):
                 site = self._open(gm, node, mod, encoder_layer, ("src_mask", "src_key_padding_mask"))
             elif isinstance(mod, nn.TransformerEncoder):
