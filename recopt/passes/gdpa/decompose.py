@@ -32,10 +32,14 @@ import torch.nn as nn
 
 from recopt.graph.canon import arg
 from recopt.graph.nodes import get_module
+from recopt.ops.mha_fastpath import fastpath_nan_rows
 
 from . import cpu as _cpu
 from ..base import Pass, PassConfig, PassContext, PassResult, Semantics
 from ..registry import register_pass
+
+# one call in the traced graph: its run-time checks must run at run time, not be traced through
+fx.wrap("fastpath_nan_rows")
 
 REASONS = {
     "encoder_subclass": "a subclass of nn.TransformerEncoder(Layer) (its forward may differ)",
@@ -47,13 +51,32 @@ REASONS = {
 }
 
 
-def encoder_layer(layer: nn.TransformerEncoderLayer, src, src_mask, key_padding_mask):
-    """``nn.TransformerEncoderLayer.forward`` as plain ops on its submodules."""
+def _layer_fastpath_static(layer: nn.TransformerEncoderLayer) -> bool:
+    """The configuration half of ``nn.TransformerEncoderLayer``'s fast-path conditions."""
+    sa = layer.self_attn
+    return bool(sa.batch_first and sa.in_proj_bias is not None and sa._qkv_same_embed_dim
+                and layer.activation_relu_or_gelu and layer.norm1.eps == layer.norm2.eps
+                and sa.num_heads % 2 == 0)
+
+
+def encoder_layer(layer: nn.TransformerEncoderLayer, src, src_mask, key_padding_mask, training=False):
+    """``nn.TransformerEncoderLayer.forward`` as plain ops on its submodules.
+
+    ``training`` is the graph's own ``self.training`` (read at run time): in eval without grad the
+    layer's fused path returns NaN for a query row with every key masked, reproduced by
+    :func:`recopt.ops.mha_fastpath.fastpath_nan_rows`."""
 
     def sa_block(x):
-        x = layer.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=key_padding_mask,
+        y = layer.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=key_padding_mask,
                             need_weights=False)[0]
-        return layer.dropout1(x)
+        if src_mask is not None or key_padding_mask is not None:
+            sa = layer.self_attn
+            tensors = (src, sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias,
+                       layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias,
+                       layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
+            y = fastpath_nan_rows(y, key_padding_mask, src_mask, sa.num_heads, sa.batch_first, training,
+                                  _layer_fastpath_static(layer), tensors)
+        return layer.dropout1(y)
 
     def ff_block(x):
         return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
@@ -68,11 +91,11 @@ def encoder_layer(layer: nn.TransformerEncoderLayer, src, src_mask, key_padding_
     return x
 
 
-def encoder(enc: nn.TransformerEncoder, src, mask, key_padding_mask):
+def encoder(enc: nn.TransformerEncoder, src, mask, key_padding_mask, training=False):
     """``nn.TransformerEncoder.forward`` (documented math) as its layers, then the final norm."""
     x = src
     for layer in enc.layers:
-        x = encoder_layer(layer, x, mask, key_padding_mask)
+        x = encoder_layer(layer, x, mask, key_padding_mask, training)
     if enc.norm is not None:
         x = enc.norm(x)
     return x
@@ -85,8 +108,8 @@ class _Traced(nn.Module):
         super().__init__()
         self.m, self.fn, self.has_mask, self.has_kpm = mod, fn, has_mask, has_kpm
 
-    def forward(self, src, mask, kpm):
-        return self.fn(self.m, src, mask if self.has_mask else None, kpm if self.has_kpm else None)
+    def forward(self, src, mask, kpm, training):
+        return self.fn(self.m, src, mask if self.has_mask else None, kpm if self.has_kpm else None, training)
 
 
 @dataclass
@@ -162,9 +185,9 @@ class DecomposeAttention(Pass):
         sub = fx.Tracer().trace(_Traced(mod, fn, mask is not None, kpm is not None))
         path = str(node.target)
         env = {}
-        inputs = {"src": src, "mask": mask, "kpm": kpm}
         g = gm.graph
         with g.inserting_before(node):
+            inputs = {"src": src, "mask": mask, "kpm": kpm, "training": g.get_attr("training")}
             for n in sub.nodes:
                 if n.op == "placeholder":
                     env[n] = inputs[n.target]

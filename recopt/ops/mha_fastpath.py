@@ -1,0 +1,81 @@
+"""What torch's ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path does to
+a query row whose every key is masked — reproduced at run time for graphs that replaced them.
+
+In eval mode without autograd (``torch.no_grad()``/``inference_mode``, or no
+parameter requiring grad) those modules run fused kernels
+(``torch._native_multi_head_attention``, ``torch._transformer_encoder_layer_fwd``)
+that return **NaN** for a fully-masked row, while the documented math they run
+otherwise (SDPA with ``need_weights=False``) returns **0** there. A cold-start
+user (every key padded) therefore gets NaN from the module under
+``no_grad`` and finite numbers with grad. The optimized graph computes the
+documented math and then calls :func:`fastpath_nan_rows`, which sets those rows
+to NaN exactly when the module would have taken its fast path, so outputs
+match the module in every mode.
+
+Static conditions (the module's configuration) are decided by the pass and
+passed as ``static_ok``; the run-time ones are checked here, as the module
+checks them: not training, fast path enabled, no autocast, no tracing or
+compiling (``torch.export``/``torch.compile`` see the slow path, as the module
+does under ``make_fx``), and not (grad enabled and a tensor requiring grad).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def _tracing() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return get_proxy_mode() is not None
+
+
+def fastpath_taken(training: bool, static_ok: bool, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the module's fused eval path would run now (run-time conditions)."""
+    if not static_ok or training:
+        return False
+    if not torch.backends.mha.get_fastpath_enabled() or torch.is_autocast_enabled() or _tracing():
+        return False
+    if torch.overrides.has_torch_function(tuple(tensors)):
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def _keep(mask: torch.Tensor) -> torch.Tensor:
+    """Keep-mask of an MHA mask: bool True = masked; float -inf = masked."""
+    return ~mask if mask.dtype == torch.bool else mask != float("-inf")
+
+
+def fully_masked_rows(key_padding_mask: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor],
+                      batch: int, length: int, heads: int) -> torch.Tensor:
+    """``[batch, length]`` bool: query rows with no key left in some head."""
+    keep = None
+    if key_padding_mask is not None:
+        keep = _keep(key_padding_mask)[:, None, None, :]                     # [B, 1, 1, S]
+    if attn_mask is not None:
+        a = _keep(attn_mask)
+        a = a[None, None] if a.dim() == 2 else a.unflatten(0, (-1, heads))  # [1|B, 1|H, L, S]
+        keep = a if keep is None else keep & a
+    if keep is None:
+        return torch.zeros(batch, length, dtype=torch.bool)
+    dead = (~keep.any(-1)).any(1)                                            # [1|B, L|1]
+    return dead.expand(batch, length)
+
+
+def fastpath_nan_rows(out: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                      attn_mask: Optional[torch.Tensor], heads: int, batch_first: bool,
+                      training: bool, static_ok: bool, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``out`` (the attention block's output, ``[B, L, E]`` or ``[L, B, E]``) with fully-masked
+    query rows set to NaN when the module's fast path would have run; ``out`` itself otherwise."""
+    if (key_padding_mask is None and attn_mask is None) or out.dim() != 3 or not fastpath_taken(training, static_ok, tensors):
+        return out
+    B, L = (out.shape[0], out.shape[1]) if batch_first else (out.shape[1], out.shape[0])
+    dead = fully_masked_rows(key_padding_mask, attn_mask, B, L, heads).to(out.device)
+    if not batch_first:
+        dead = dead.transpose(0, 1)
+    return out.masked_fill(dead[..., None], float("nan"))
