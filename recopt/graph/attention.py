@@ -208,7 +208,7 @@ def _analyze(gm, m1: C.MatmulView, m2: C.MatmulView, path: list, convert_nan_mas
     feeding = _side_inputs(chain[1:] + [m2.node], depth=3)
     for i, n in enumerate(chain):
         expected = chain[i + 1] if i + 1 < len(chain) else m2.node
-        others = [u for u in n.users if u is not expected]
+        others = [u for u in n.users if u is not expected and not _reads_only_shape(u, n)]
         if others:
             kinds = {C.op_kind(u, gm) for u in others}
             if kinds & {"reduction", "softmax"} and any(u in feeding for u in others):
@@ -374,6 +374,46 @@ def _scale_or_mask(gm, n, kind, plan: _Plan, post: bool, cur_perm, reshaped):
                   f"{_label(n)} scales the scores by {other.name} of shape {list(shape)}")
 
 
+_LIKE = {"ones_like": 1.0, "zeros_like": 0.0, "full_like": None}
+
+
+def _like_name(n) -> Optional[str]:
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method"):
+        return None
+    name = getattr(n.target, "__name__", n.target) if n.op == "call_function" else n.target
+    return name if name in _LIKE else None
+
+
+def _reads_only_shape(user: fx.Node, n: fx.Node) -> bool:
+    """``ones_like(n)``, ``zeros_like(n)``, ``full_like(n, c)``: a use of ``n``'s shape and dtype only
+    (DeepCTR's ``paddings = torch.ones_like(scores) * (-2 ** 32 + 1)``); fusing drops no value."""
+    return _like_name(user) is not None and user.args[:1] == (n,) and n not in user.args[1:]
+
+
+def _constant_fill(gm, fill) -> Optional[float]:
+    """The value of a fill that is constant everywhere: a number, a 1-element constant tensor,
+    ``ones_like(x) * c``, ``zeros_like(x)``, ``full_like(x, c)`` (times/divided by numbers)."""
+    f = C.scalar(fill)
+    if f is not None or not isinstance(fill, fx.Node):
+        return f
+    v = const_value(gm, fill)
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return float(v.item())
+    like = _like_name(fill)
+    if like is not None:
+        val = _LIKE[like] if like != "full_like" else C.scalar(C.arg(fill, 1, "fill_value"))
+        return None if val is None else float(val)
+    kind = C.op_kind(fill, gm)
+    if kind in ("mul", "div") and len(fill.args) == 2:
+        a, b = fill.args
+        if kind == "mul" and C.scalar(a) is not None:
+            a, b = b, a
+        base, c = _constant_fill(gm, a), C.scalar(b)
+        if base is not None and c is not None:
+            return base * c if kind == "mul" else base / c
+    return None
+
+
 def _mask_of(gm, n, post, pre_scale_now) -> _Mask:
     kind = C.op_kind(n, gm)
     if kind == "masked_fill":
@@ -386,11 +426,7 @@ def _mask_of(gm, n, post, pre_scale_now) -> _Mask:
             mask, fill, invert = cond, b, False
         else:
             mask, fill, invert = cond, a, True
-    f = C.scalar(fill)
-    if f is None and isinstance(fill, fx.Node):
-        v = const_value(gm, fill)
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            f = float(v.item())
+    f = _constant_fill(gm, fill)
     if f is None:
         raise Mismatch("unsupported_op", f"{_label(n)} fills masked scores with a tensor")
     if not isinstance(mask, fx.Node) or node_dtype(mask) not in (torch.bool, None):
