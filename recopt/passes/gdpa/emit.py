@@ -61,6 +61,17 @@ def _key_mask_column(g, f):
     return g.call_method("unsqueeze", (m, -1)), shape + (1,)
 
 
+def _zero_bias_where_masked(g, bias, factors, rank: int, nb: int):
+    """The 4-D ``bias`` times each query/key zero mask (score layout): q/k masks are folded
+    into q and k, which zeroes ``q·k`` but not the bias, and ``act(bias) != 0``."""
+    for f in factors:
+        m = _materialize(g, f)
+        for _ in range(rank - len(_mask_shape(f))):
+            m = g.call_method("unsqueeze", (m, 0))
+        bias = g.call_function(operator.mul, (bias, _to4d(g, m, rank - 2, nb)))
+    return bias
+
+
 def _combine_softmax_mask(g, parts, rank: int, nb: int):
     """One SDPA attn_mask (bool keep or additive float) in [B, H, Tq, Tk] layout."""
     keep, bias = None, None
