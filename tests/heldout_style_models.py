@@ -629,9 +629,7 @@ MODELS = {
                                          ["rewritten", "rewritten"]),
     "deepctr_autoint": Case(lambda: AutoIntModel(), lambda B, T, g: (torch.randint(0, V, (B, T), generator=g),),
                             ["rewritten", "rewritten"]),
-    # Known gap: ``mask.view_as(scores)`` reads only the scores' shape, but the rewrite would still
-    # need the scores node for it; left alone (outputs unchanged) as score_used_twice.
-    "fuxi_mhsa": Case(lambda: FuxiMultiHeadSelfAttention(), _x_len, ["score_used_twice"]),
+    "fuxi_mhsa": Case(lambda: FuxiMultiHeadSelfAttention(), _x_len, ["rewritten"]),
     "fuxi_mhsa_nomask": Case(lambda: FuxiMultiHeadSelfAttention(use_mask=False), _x_len, ["rewritten"]),
     "deepctr_transformer": Case(lambda: DeepCTRTransformer(), _x_len, ["rewritten"]),
     # Known gap: scores computed as keys @ query ([B, T, 1], keys on dim -2) are not matched as
@@ -646,7 +644,7 @@ MODELS = {
     "gpt_buffer_finfo": Case(lambda: CausalSelfAttentionFinfo(), _x, ["rewritten"]),
     "relu_lengths_div": Case(lambda: ReluAttentionLengthsDiv(), _x_len, ["rewritten"]),
     # decoys and what the libraries get wrong
-    "fuxi_tiny_fill": Case(lambda: FuxiMultiHeadSelfAttention(fill=-1e-10), _x_len, ["score_used_twice"]),
+    "fuxi_tiny_fill": Case(lambda: FuxiMultiHeadSelfAttention(fill=-1e-10), _x_len, ["mask_fill_nonzero"]),
     "fuxi_attention_returned": Case(lambda: FuxiMultiHeadSelfAttention(return_attention=True), _x_len,
                                     ["score_used_twice"]),
     "deepctr_transformer_softmax_dim1": Case(lambda: DeepCTRTransformer(softmax_dim=1), _x_len,

@@ -206,9 +206,19 @@ def _analyze(gm, m1: C.MatmulView, m2: C.MatmulView, path: list, convert_nan_mas
                                      len(plan.pre_nodes), 0))
     chain = [m1.node] + path
     feeding = _side_inputs(chain[1:] + [m2.node], depth=3)
+    # nodes holding the scores in the first matmul's own layout ([*batch, Tq, Tk]): a
+    # ``x.view_as(node)`` there reads a shape the rewrite can rebuild from q and k
+    canonical = set()
+    if m1.out_perm is None:
+        for n in chain:
+            if C.op_kind(n, gm) in ("permute", "transpose", "t", "permute_attr", "view") \
+                    or node_shape(n) != node_shape(m1.node):
+                break
+            canonical.add(n)
     for i, n in enumerate(chain):
         expected = chain[i + 1] if i + 1 < len(chain) else m2.node
-        others = [u for u in n.users if u is not expected and not _reads_only_shape(u, n)]
+        others = [u for u in n.users if u is not expected and not _reads_only_shape(u, n)
+                  and not (n in canonical and shape_source_use(u, n))]
         if others:
             kinds = {C.op_kind(u, gm) for u in others}
             if kinds & {"reduction", "softmax"} and any(u in feeding for u in others):
@@ -388,6 +398,16 @@ def _reads_only_shape(user: fx.Node, n: fx.Node) -> bool:
     """``ones_like(n)``, ``zeros_like(n)``, ``full_like(n, c)``: a use of ``n``'s shape and dtype only
     (DeepCTR's ``paddings = torch.ones_like(scores) * (-2 ** 32 + 1)``); fusing drops no value."""
     return _like_name(user) is not None and user.args[:1] == (n,) and n not in user.args[1:]
+
+
+_SHAPE_AS = ("view_as", "reshape_as", "expand_as")
+
+
+def shape_source_use(user: fx.Node, n: fx.Node) -> bool:
+    """``x.view_as(n)`` / ``reshape_as`` / ``expand_as``: ``n`` only gives the shape (FuxiCTR's
+    ``mask = mask.view_as(scores)``); the rewrite rebuilds that shape from q and k."""
+    return (user.op == "call_method" and user.target in _SHAPE_AS and len(user.args) == 2
+            and user.args[1] is n and user.args[0] is not n)
 
 
 def _constant_fill(gm, fill) -> Optional[float]:
