@@ -178,12 +178,12 @@ class PmixerSASRec(nn.Module):
 class TorchEncoderRec(nn.Module):
     """BERT4Rec/BST-style: nn.TransformerEncoder with a padding mask (optionally causal, norm_first)."""
 
-    def __init__(self, causal=False, norm_first=False):
+    def __init__(self, causal=False, norm_first=False, nested=False):
         super().__init__()
         self.emb = nn.Embedding(V, D, padding_idx=0)
         layer = nn.TransformerEncoderLayer(D, H, dim_feedforward=2 * D, dropout=0.1, activation="gelu",
                                            batch_first=True, norm_first=norm_first)
-        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=nested)
         self.causal = causal
 
     def forward(self, ids):
@@ -625,6 +625,10 @@ MODELS = {
                              ["rewritten", "rewritten"]),
     "pmixer_sasrec": Case(lambda: PmixerSASRec(), _ids(left=True), ["rewritten", "rewritten"]),
     "torch_encoder_bert4rec": Case(lambda: TorchEncoderRec(), _ids(), ["rewritten", "rewritten"]),
+    # the defaults (enable_nested_tensor=True): eval without grad pads the output with 0
+    "torch_encoder_nested": Case(lambda: TorchEncoderRec(nested=True), _ids(), ["rewritten", "rewritten"]),
+    "torch_encoder_nested_left_pad": Case(lambda: TorchEncoderRec(nested=True), _ids(left=True),
+                                          ["rewritten", "rewritten"]),
     "torch_encoder_causal_prenorm": Case(lambda: TorchEncoderRec(causal=True, norm_first=True), _ids(),
                                          ["rewritten", "rewritten"]),
     "deepctr_autoint": Case(lambda: AutoIntModel(), lambda B, T, g: (torch.randint(0, V, (B, T), generator=g),),

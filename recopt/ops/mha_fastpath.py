@@ -79,3 +79,19 @@ def fastpath_nan_rows(out: torch.Tensor, key_padding_mask: Optional[torch.Tensor
     if not batch_first:
         dead = dead.transpose(0, 1)
     return out.masked_fill(dead[..., None], float("nan"))
+
+
+def nested_fastpath_zero_pad(out: torch.Tensor, src: torch.Tensor, key_padding_mask: torch.Tensor,
+                             training: bool, mask_check: bool,
+                             tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``nn.TransformerEncoder(enable_nested_tensor=True)`` in eval without grad packs the
+    sequences into a nested tensor and pads the result with **0**: ``out`` with the padded
+    positions zeroed when that path would run (its run-time conditions, as the module checks
+    them: not training, fast path enabled, 3-D input, no autocast/tracing, no grad needed,
+    right-padded masks when ``mask_check``); ``out`` itself otherwise. The caller checked the
+    static ones (``use_nested_tensor``, a bool padding mask, no ``mask``)."""
+    if training or src.dim() != 3 or not fastpath_taken(False, True, tensors):
+        return out
+    if mask_check and not torch._nested_tensor_from_mask_left_aligned(src, key_padding_mask.logical_not()):
+        return out
+    return out.masked_fill(key_padding_mask[..., None], 0.0)

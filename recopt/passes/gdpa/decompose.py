@@ -11,10 +11,12 @@ they follow ``.train()`` / ``.eval()`` at run time exactly as in the layer.
 
 Only the exact classes are opened (a subclass may override ``forward``).
 Numerics: the layer's own "fast path" (eval, no grad) is a fused kernel of
-the same math; outputs agree to float tolerance, except that
-``nn.TransformerEncoder``'s nested-tensor fast path returns 0 at padded
-positions where the documented math does not (reason ``nested_tensor_padding``
-is reported when that path could be taken).
+the same math; outputs agree to float tolerance except in two places, both
+reproduced at run time by :mod:`recopt.ops.mha_fastpath` under the module's
+own conditions: a query row with every key masked is NaN there (0 in the
+documented math), and ``nn.TransformerEncoder``'s nested-tensor path returns
+0 at padded positions (``nested_tensor_padding`` is reported only for a float
+padding mask).
 
 On a target without a fused GDPA kernel (the CPU) encoders stay closed with
 ``not_faster_on_target`` (:mod:`recopt.passes.gdpa.cpu`) unless
@@ -27,12 +29,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from recopt.graph.canon import arg
-from recopt.graph.nodes import get_module
-from recopt.ops.mha_fastpath import fastpath_nan_rows
+from recopt.graph.nodes import get_module, node_dtype
+from recopt.ops.mha_fastpath import fastpath_nan_rows, nested_fastpath_zero_pad
 
 from . import cpu as _cpu
 from ..base import Pass, PassConfig, PassContext, PassResult, Semantics
@@ -40,6 +43,7 @@ from ..registry import register_pass
 
 # one call in the traced graph: its run-time checks must run at run time, not be traced through
 fx.wrap("fastpath_nan_rows")
+fx.wrap("nested_fastpath_zero_pad")
 
 REASONS = {
     "encoder_subclass": "a subclass of nn.TransformerEncoder(Layer) (its forward may differ)",
@@ -98,6 +102,14 @@ def encoder(enc: nn.TransformerEncoder, src, mask, key_padding_mask, training=Fa
         x = encoder_layer(layer, x, mask, key_padding_mask, training)
     if enc.norm is not None:
         x = enc.norm(x)
+    if getattr(enc, "use_nested_tensor", False) and mask is None and key_padding_mask is not None:
+        first = enc.layers[0]
+        sa = first.self_attn
+        tensors = (src, sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias,
+                   first.norm1.weight, first.norm1.bias, first.norm2.weight, first.norm2.bias,
+                   first.linear1.weight, first.linear1.bias, first.linear2.weight, first.linear2.bias)
+        x = nested_fastpath_zero_pad(x, src, key_padding_mask, training, getattr(enc, "mask_check", True),
+                                     tensors)
     return x
 
 
@@ -177,11 +189,12 @@ class DecomposeAttention(Pass):
         for x in (mask, kpm):
             if x is not None and not isinstance(x, fx.Node):
                 return self.rejected(node, "encoder_options", f"{node.target}: a mask that is not a tensor")
-        if fn is encoder and kpm is not None and getattr(mod, "use_nested_tensor", False):
+        if fn is encoder and kpm is not None and getattr(mod, "use_nested_tensor", False) \
+                and node_dtype(kpm) not in (torch.bool, None):
             return self.rejected(node, "nested_tensor_padding",
                                  f"{node.target} was built with enable_nested_tensor=True and gets a "
-                                 "key padding mask: in eval without grad its fast path returns 0 at "
-                                 "padded positions; build it with enable_nested_tensor=False to fuse")
+                                 "float key padding mask: in eval without grad its fast path returns 0 at "
+                                 "padded positions; pass a bool mask or build it with enable_nested_tensor=False")
         sub = fx.Tracer().trace(_Traced(mod, fn, mask is not None, kpm is not None))
         path = str(node.target)
         env = {}
