@@ -200,7 +200,8 @@ class DecomposeAttention(Pass):
         env = {}
         g = gm.graph
         with g.inserting_before(node):
-            inputs = {"src": src, "mask": mask, "kpm": kpm, "training": g.get_attr("training")}
+            inputs = {"src": src, "mask": mask, "kpm": kpm,
+                      "training": g.create_node("get_attr", "training")}   # self.training, at run time
             for n in sub.nodes:
                 if n.op == "placeholder":
                     env[n] = inputs[n.target]
