@@ -172,6 +172,21 @@ class PmixerSASRec(nn.Module):
         return self.last_layernorm(seqs)
 
 
+class MHAKeyPadding(nn.Module):
+    """Batch-first self-attention with nn.MultiheadAttention, a bool key_padding_mask and
+    need_weights=False (torch's fused fast path in eval without grad: NaN for an all-padded row)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(D, H, batch_first=True)
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, x, lengths):
+        pad = torch.arange(x.size(1), device=x.device)[None, :] >= lengths[:, None]
+        y, _ = self.mha(x, x, x, key_padding_mask=pad, need_weights=False)
+        return self.norm(x + y)
+
+
 # ----------------------------------------------------------------------------- BERT4Rec-style encoder
 
 
@@ -624,6 +639,7 @@ MODELS = {
     "recbole_bert4rec": Case(lambda: RecBoleSASRec(bidirectional=True, n_layers=2), _ids(),
                              ["rewritten", "rewritten"]),
     "pmixer_sasrec": Case(lambda: PmixerSASRec(), _ids(left=True), ["rewritten", "rewritten"]),
+    "mha_batch_first_key_padding": Case(lambda: MHAKeyPadding(), _x_len, ["rewritten"]),
     "torch_encoder_bert4rec": Case(lambda: TorchEncoderRec(), _ids(), ["rewritten", "rewritten"]),
     # the defaults (enable_nested_tensor=True): eval without grad pads the output with 0
     "torch_encoder_nested": Case(lambda: TorchEncoderRec(nested=True), _ids(), ["rewritten", "rewritten"]),
