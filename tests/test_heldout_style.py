@@ -17,7 +17,7 @@ from recopt.verify import compare_outputs
 
 from heldout_style_models import MODELS
 
-SIZES = ((3, 5), (1, 1), (2, 7), (4, 1))
+SIZES = ((1, 1), (2, 7), (4, 1))     # the example is (3, 5)
 
 
 def _run(m, args, training, grad_params=()):
@@ -39,8 +39,11 @@ def _no_grad(m, args, training):
         return m(*args)
 
 
-@pytest.mark.parametrize("mode", ["eval", "train"])
-@pytest.mark.parametrize("name", sorted(MODELS))
+CASES = [(name, mode) for name in sorted(MODELS) for mode in ("eval", "train")
+         if mode == "eval" or MODELS[name].train_differs]
+
+
+@pytest.mark.parametrize("name,mode", CASES)
 def test_heldout_style_model(name, mode):
     case = MODELS[name]
     torch.manual_seed(0)

@@ -72,7 +72,9 @@ def fastpath_nan_rows(out: torch.Tensor, key_padding_mask: Optional[torch.Tensor
                       training: bool, static_ok: bool, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``out`` (the attention block's output, ``[B, L, E]`` or ``[L, B, E]``) with fully-masked
     query rows set to NaN when the module's fast path would have run; ``out`` itself otherwise."""
-    if (key_padding_mask is None and attn_mask is None) or out.dim() != 3 or not fastpath_taken(training, static_ok, tensors):
+    if key_padding_mask is None and attn_mask is None or out.dim() != 3:
+        return out
+    if not fastpath_taken(training, static_ok, tensors):
         return out
     B, L = (out.shape[0], out.shape[1]) if batch_first else (out.shape[1], out.shape[0])
     dead = fully_masked_rows(key_padding_mask, attn_mask, B, L, heads).to(out.device)
