@@ -657,8 +657,8 @@ MODELS = {
     "fuxi_mhsa_nomask": Case(lambda: FuxiMultiHeadSelfAttention(use_mask=False), _x_len, ["rewritten"]),
     "deepctr_transformer": Case(lambda: DeepCTRTransformer(), _x_len, ["rewritten"], train_differs=False),
     # Known gap: scores computed as keys @ query ([B, T, 1], keys on dim -2) are not matched as
-    # transposed attention yet; left alone (outputs unchanged) under softmax_wrong_dim.
-    "din_dot_target": Case(lambda: DINDotTargetAttention(), _target, ["softmax_wrong_dim"],
+    # transposed attention yet; left alone (outputs unchanged): the reason says how to write them.
+    "din_dot_target": Case(lambda: DINDotTargetAttention(), _target, ["layout"],
         train_differs=False),
     "hstu_buffer_causal": Case(lambda: HSTULayer(), _x_len, ["rewritten"], train_differs=False),
     "hstu_tril_nolen": Case(lambda: HSTULayer(length_mask=False, causal="tril"), _x_len, ["rewritten"],

@@ -234,6 +234,7 @@ def _analyze(gm, m1: C.MatmulView, m2: C.MatmulView, path: list, convert_nan_mas
     cur_perm = m1.out_perm or tuple(range(rank))
     reshaped = False
     prev_kind = None
+    wrong_softmax = None
     for n in path:
         kind = C.op_kind(n, gm)
         if kind not in _CHAIN_KINDS:
@@ -263,8 +264,9 @@ def _analyze(gm, m1: C.MatmulView, m2: C.MatmulView, path: list, convert_nan_mas
                     raise Mismatch("softmax_wrong_dim", f"softmax dim {dim!r} is not static")
                 dim = dim + rank if dim < 0 else dim
                 if reshaped or cur_perm[dim] != rank - 1:
-                    raise Mismatch("softmax_wrong_dim",
-                                  f"{n.name} normalises over dim {dim}, not over the keys")
+                    # raised after the walk: scores computed keys-first get a clearer reason
+                    wrong_softmax = Mismatch("softmax_wrong_dim",
+                                             f"{n.name} normalises over dim {dim}, not over the keys")
             plan.act = av.name
             plan.notes.append("act")
         elif kind in ("pow", "square") or (kind == "mul" and n.args[0] is n.args[1]):
@@ -290,6 +292,12 @@ def _analyze(gm, m1: C.MatmulView, m2: C.MatmulView, path: list, convert_nan_mas
         prev_kind = kind if kind not in ("identity", "cast") else prev_kind
     # The second matmul must read the scores with keys on its contraction axis.
     lhs2 = m2.lhs_perm or tuple(range(rank))
+    if wrong_softmax is not None:
+        if not reshaped and rank >= 2 and C.compose(cur_perm, lhs2) == C.swap_last(rank):
+            raise Mismatch("layout", f"scores are computed keys-first ({m1.node.name} is [.., Tk, Tq], "
+                                     "as keys @ query) and normalised over the keys: GDPA matches "
+                                     "query @ keys.transpose(-1, -2); write the scores that way to fuse")
+        raise wrong_softmax
     if reshaped:
         if not C.is_identity(cur_perm) or not C.is_identity(lhs2) or node_shape(m2.lhs) != node_shape(m1.node):
             raise Mismatch("layout", "scores are reshaped between the matmuls")
