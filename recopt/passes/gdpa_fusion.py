@@ -41,7 +41,8 @@ from recopt.ops.gdpa_softmax import static_note as softmax_note
 from .gdpa import cpu, pffn, sdpa
 from .gdpa.emit import (
     _broadcast, _combine_softmax_mask, _copy_meta, _from4d, _key_mask_column, _lengths_expr,
-    _materialize, _permute, _permuted, _scalar_expr, _scaled_bias, _to4d, _training_flag,
+    _mask_shape, _materialize, _permute, _permuted, _rebuild_shape_sources, _scalar_expr, _scaled_bias,
+    _to4d, _training_flag, _zero_bias_where_masked,
 )
 from .base import Pass, PassConfig, PassContext, PassResult, Semantics
 from .registry import register_pass
@@ -202,6 +203,7 @@ class GDPAFusion(Pass):
         window, q_masks, k_masks, attn_mask_parts = mp["window"], mp["q_masks"], mp["k_masks"], \
             mp["attn_mask_parts"]
 
+        _rebuild_shape_sources(g, m1, [m1.node] + list(match.path))
         with g.inserting_before(m2.node):
             q = _permute(g, m1.lhs, m1.lhs_perm)
             k = _permute(g, base, k_perm)
@@ -230,7 +232,8 @@ class GDPAFusion(Pass):
                 if plan.masked_rows != "zero":
                     kwargs["masked_rows"] = plan.masked_rows
             elif biases:
-                kwargs["bias"] = _combine_softmax_mask(g, biases, rank, nb)
+                kwargs["bias"] = _zero_bias_where_masked(g, _combine_softmax_mask(g, biases, rank, nb),
+                                                         list(q_masks) + list(k_masks), rank, nb)
             if mp["causal"]:
                 kwargs["causal"] = True
             if plan.dropout is not None:

@@ -11,10 +11,12 @@ they follow ``.train()`` / ``.eval()`` at run time exactly as in the layer.
 
 Only the exact classes are opened (a subclass may override ``forward``).
 Numerics: the layer's own "fast path" (eval, no grad) is a fused kernel of
-the same math; outputs agree to float tolerance, except that
-``nn.TransformerEncoder``'s nested-tensor fast path returns 0 at padded
-positions where the documented math does not (reason ``nested_tensor_padding``
-is reported when that path could be taken).
+the same math; outputs agree to float tolerance except in two places, both
+reproduced at run time by :mod:`recopt.ops.mha_fastpath` under the module's
+own conditions: a query row with every key masked is NaN there (0 in the
+documented math), and ``nn.TransformerEncoder``'s nested-tensor path returns
+0 at padded positions (``nested_tensor_padding`` is reported only for a float
+padding mask).
 
 On a target without a fused GDPA kernel (the CPU) encoders stay closed with
 ``not_faster_on_target`` (:mod:`recopt.passes.gdpa.cpu`) unless
@@ -27,15 +29,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from recopt.graph.canon import arg
-from recopt.graph.nodes import get_module
+from recopt.graph.nodes import get_module, node_dtype
+from recopt.ops.mha_fastpath import fastpath_nan_rows, nested_fastpath_zero_pad
 
 from . import cpu as _cpu
 from ..base import Pass, PassConfig, PassContext, PassResult, Semantics
 from ..registry import register_pass
+
+# one call in the traced graph: its run-time checks must run at run time, not be traced through
+fx.wrap("fastpath_nan_rows")
+fx.wrap("nested_fastpath_zero_pad")
 
 REASONS = {
     "encoder_subclass": "a subclass of nn.TransformerEncoder(Layer) (its forward may differ)",
@@ -47,13 +55,32 @@ REASONS = {
 }
 
 
-def encoder_layer(layer: nn.TransformerEncoderLayer, src, src_mask, key_padding_mask):
-    """``nn.TransformerEncoderLayer.forward`` as plain ops on its submodules."""
+def _layer_fastpath_static(layer: nn.TransformerEncoderLayer) -> bool:
+    """The configuration half of ``nn.TransformerEncoderLayer``'s fast-path conditions."""
+    sa = layer.self_attn
+    return bool(sa.batch_first and sa.in_proj_bias is not None and sa._qkv_same_embed_dim
+                and layer.activation_relu_or_gelu and layer.norm1.eps == layer.norm2.eps
+                and sa.num_heads % 2 == 0)
+
+
+def encoder_layer(layer: nn.TransformerEncoderLayer, src, src_mask, key_padding_mask, training=False):
+    """``nn.TransformerEncoderLayer.forward`` as plain ops on its submodules.
+
+    ``training`` is the graph's own ``self.training`` (read at run time): in eval without grad the
+    layer's fused path returns NaN for a query row with every key masked, reproduced by
+    :func:`recopt.ops.mha_fastpath.fastpath_nan_rows`."""
 
     def sa_block(x):
-        x = layer.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=key_padding_mask,
+        y = layer.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=key_padding_mask,
                             need_weights=False)[0]
-        return layer.dropout1(x)
+        if src_mask is not None or key_padding_mask is not None:
+            sa = layer.self_attn
+            tensors = (src, sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias,
+                       layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias,
+                       layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
+            y = fastpath_nan_rows(y, key_padding_mask, src_mask, sa.num_heads, sa.batch_first, training,
+                                  _layer_fastpath_static(layer), tensors)
+        return layer.dropout1(y)
 
     def ff_block(x):
         return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
@@ -68,13 +95,21 @@ def encoder_layer(layer: nn.TransformerEncoderLayer, src, src_mask, key_padding_
     return x
 
 
-def encoder(enc: nn.TransformerEncoder, src, mask, key_padding_mask):
+def encoder(enc: nn.TransformerEncoder, src, mask, key_padding_mask, training=False):
     """``nn.TransformerEncoder.forward`` (documented math) as its layers, then the final norm."""
     x = src
     for layer in enc.layers:
-        x = encoder_layer(layer, x, mask, key_padding_mask)
+        x = encoder_layer(layer, x, mask, key_padding_mask, training)
     if enc.norm is not None:
         x = enc.norm(x)
+    if getattr(enc, "use_nested_tensor", False) and mask is None and key_padding_mask is not None:
+        first = enc.layers[0]
+        sa = first.self_attn
+        tensors = (src, sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias,
+                   first.norm1.weight, first.norm1.bias, first.norm2.weight, first.norm2.bias,
+                   first.linear1.weight, first.linear1.bias, first.linear2.weight, first.linear2.bias)
+        x = nested_fastpath_zero_pad(x, src, key_padding_mask, training, getattr(enc, "mask_check", True),
+                                     tensors)
     return x
 
 
@@ -85,8 +120,8 @@ class _Traced(nn.Module):
         super().__init__()
         self.m, self.fn, self.has_mask, self.has_kpm = mod, fn, has_mask, has_kpm
 
-    def forward(self, src, mask, kpm):
-        return self.fn(self.m, src, mask if self.has_mask else None, kpm if self.has_kpm else None)
+    def forward(self, src, mask, kpm, training):
+        return self.fn(self.m, src, mask if self.has_mask else None, kpm if self.has_kpm else None, training)
 
 
 @dataclass
@@ -154,17 +189,19 @@ class DecomposeAttention(Pass):
         for x in (mask, kpm):
             if x is not None and not isinstance(x, fx.Node):
                 return self.rejected(node, "encoder_options", f"{node.target}: a mask that is not a tensor")
-        if fn is encoder and kpm is not None and getattr(mod, "use_nested_tensor", False):
+        if fn is encoder and kpm is not None and getattr(mod, "use_nested_tensor", False) \
+                and node_dtype(kpm) not in (torch.bool, None):
             return self.rejected(node, "nested_tensor_padding",
                                  f"{node.target} was built with enable_nested_tensor=True and gets a "
-                                 "key padding mask: in eval without grad its fast path returns 0 at "
-                                 "padded positions; build it with enable_nested_tensor=False to fuse")
+                                 "float key padding mask: in eval without grad its fast path returns 0 at "
+                                 "padded positions; pass a bool mask or build it with enable_nested_tensor=False")
         sub = fx.Tracer().trace(_Traced(mod, fn, mask is not None, kpm is not None))
         path = str(node.target)
         env = {}
-        inputs = {"src": src, "mask": mask, "kpm": kpm}
         g = gm.graph
         with g.inserting_before(node):
+            inputs = {"src": src, "mask": mask, "kpm": kpm,
+                      "training": g.create_node("get_attr", "training")}   # self.training, at run time
             for n in sub.nodes:
                 if n.op == "placeholder":
                     env[n] = inputs[n.target]

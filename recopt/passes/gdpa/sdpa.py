@@ -15,6 +15,7 @@ from recopt.graph.nodes import get_module, is_getitem, node_dtype, node_shape
 from recopt.ops import gdpa as gdpa_fn
 from recopt.ops.gdpa import gdpa_flops
 from recopt.ops.gdpa_softmax import static_note as softmax_note
+from recopt.ops.mha_fastpath import fastpath_nan_rows
 
 from .emit import _copy_meta, _training_flag
 
@@ -134,6 +135,11 @@ def try_mha(p, gm, node, erased):
         out = g.call_function(F.linear, (o, ow, ob))
         if not mod.batch_first:
             out = g.call_method("transpose", (out, 0, 1))
+        if mask is not None and not need_weights and _mha_fastpath_static(mod, query, key, value, kpm, attn_mask):
+            # eval without grad: the module's fused path gives NaN where every key is masked
+            tensors = (query, g.get_attr(f"{path}.in_proj_weight"), g.get_attr(f"{path}.in_proj_bias"), ow, ob)
+            out = g.call_function(fastpath_nan_rows, (out, kpm, attn_mask, H, True, _training_flag(g), True,
+                                                      tensors))
     for u in list(node.users):
         if u.args[1] == 0:
             _copy_meta(out, u)
@@ -146,6 +152,16 @@ def try_mha(p, gm, node, erased):
                                                      "masked_rows": kwargs.get("masked_rows", "zero"),
                                                      "kernel": softmax_note(dropout=mod.dropout > 0)})
 
+
+
+def _mha_fastpath_static(mod: nn.MultiheadAttention, query, key, value, kpm, attn_mask) -> bool:
+    """The configuration half of ``nn.MultiheadAttention``'s fast-path conditions (the run-time
+    half is checked by :func:`recopt.ops.mha_fastpath.fastpath_taken`)."""
+    masks_bool = all(m is None or node_dtype(m) in (torch.bool, None) for m in (kpm, attn_mask))
+    return (query is key and key is value and masks_bool and mod.batch_first and mod.num_heads % 2 == 0
+            and mod.bias_k is None and mod.bias_v is None and not mod.add_zero_attn
+            and mod._qkv_same_embed_dim and mod.in_proj_bias is not None
+            and len(node_shape(query) or ()) == 3)
 
 
 def _mha_mask(g, kpm, attn_mask, heads: int):
