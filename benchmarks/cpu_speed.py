@@ -1,9 +1,11 @@
 """Is ``optimize(target="cpu")`` faster than the model on this CPU? Per pass, per batch.
 
-For each model (the bundled InterFormer, Kunlun, DLRM and two public-style
+For each model (the bundled InterFormer, Kunlun, DLRM and four public-style
 models written the way users write them: a SASRec-style sequential
-recommender on ``nn.TransformerEncoder`` and a DLRM-style
-``EmbeddingBag`` + MLP + dot-interaction model) and each batch size
+recommender on ``nn.TransformerEncoder``, a DLRM-style
+``EmbeddingBag`` + MLP + dot-interaction model, a DIN-style target-attention
+model and an AutoInt-style model with hand-written multi-head self-attention
+over its fields) and each batch size
 (1, 64, 512 by default), these variants are timed **in one process,
 interleaved** (round-robin A B C A B C …), after warm-up, with the same
 thread count (``--threads``, default 1), and compared by the median:
@@ -34,6 +36,7 @@ variant's output is checked against the model's. Prints a markdown table
     python benchmarks/cpu_speed.py --clock cpu     # on a shared machine: this thread's CPU time
     python benchmarks/cpu_speed.py --quick         # CI smoke: DLRM-style + InterFormer, batch 1 and 8, no Inductor
     python benchmarks/cpu_speed.py --models kunlun --batches 1 --inductor none --threads 2
+    python benchmarks/cpu_speed.py --site          # one GDPA site: the model's ops vs the emitted call
 """
 from __future__ import annotations
 
@@ -106,6 +109,62 @@ class DLRMStyle(nn.Module):
         return self.top(torch.cat([x, inter], dim=1)).squeeze(-1)
 
 
+class DINStyle(nn.Module):
+    """DIN-style target attention (public-style): each history item is weighted by a small MLP
+    over ``[h, t, h - t, h * t]`` (no softmax, as in DIN), masked by the history length,
+    sum-pooled, then an MLP over ``[user, pooled, target]``.
+    ``forward(hist [B,T] long, lengths [B] long, target [B] long, user [B] long) -> logits [B]``.
+    """
+
+    def __init__(self, n_items=5000, n_users=1000, d=32, att_hidden=36, hidden=(128, 64)):
+        super().__init__()
+        self.item = nn.Embedding(n_items, d, padding_idx=0)
+        self.user = nn.Embedding(n_users, d)
+        self.att = nn.Sequential(nn.Linear(4 * d, att_hidden), nn.Sigmoid(), nn.Linear(att_hidden, 1))
+        self.mlp = nn.Sequential(nn.Linear(3 * d, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]),
+                                 nn.ReLU(), nn.Linear(hidden[1], 1))
+
+    def forward(self, hist, lengths, target, user):
+        h = self.item(hist)                                  # [B, T, d]
+        t = self.item(target)[:, None, :].expand_as(h)       # [B, T, d]
+        w = self.att(torch.cat([h, t, h - t, h * t], dim=-1)).squeeze(-1)   # [B, T]
+        keep = torch.arange(hist.shape[1], device=hist.device)[None, :] < lengths[:, None]
+        pooled = (w.masked_fill(~keep, 0.0).unsqueeze(-1) * h).sum(1)
+        return self.mlp(torch.cat([self.user(user), pooled, self.item(target)], dim=-1)).squeeze(-1)
+
+
+class AutoIntStyle(nn.Module):
+    """AutoInt-style interacting layers (public-style): field embeddings, then per layer a
+    hand-written multi-head self-attention over the fields (``softmax(q kᵀ) v``, no scale, as in
+    AutoInt) with a residual projection and ReLU, then a linear head.
+    ``forward(ids [B,F] long, dense [B,n_dense]) -> logits [B]``.
+    """
+
+    def __init__(self, fields=(1000, 500, 200, 100, 50, 20, 10, 7), n_dense=4, d=16, heads=2, layers=2):
+        super().__init__()
+        self.emb = nn.ModuleList(nn.Embedding(n, d) for n in fields)
+        self.dense = nn.Linear(1, d)
+        self.heads = heads
+        self.q = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(layers))
+        self.k = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(layers))
+        self.v = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(layers))
+        self.res = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(layers))
+        self.out = nn.Linear((len(fields) + n_dense) * d, 1)
+
+    def forward(self, ids, dense):
+        x = torch.cat([torch.stack([e(ids[:, i]) for i, e in enumerate(self.emb)], 1),
+                       self.dense(dense.unsqueeze(-1))], dim=1)          # [B, F, d]
+        B, Fn, d = x.shape
+        H = self.heads
+        for q, k, v, r in zip(self.q, self.k, self.v, self.res):
+            qh = q(x).view(B, Fn, H, d // H).transpose(1, 2)
+            kh = k(x).view(B, Fn, H, d // H).transpose(1, 2)
+            vh = v(x).view(B, Fn, H, d // H).transpose(1, 2)
+            a = torch.softmax(qh @ kh.transpose(-2, -1), dim=-1) @ vh       # [B, H, F, d/H]
+            x = torch.relu(a.transpose(1, 2).reshape(B, Fn, d) + r(x))
+        return self.out(x.flatten(1)).squeeze(-1)
+
+
 # ----------------------------------------------------------------------------- model registry
 
 
@@ -151,6 +210,22 @@ def _dlrm_style_inputs(b: int, seed: int) -> tuple:
     return dense, ids
 
 
+def _din_style_inputs(b: int, seed: int, T: int = 30, n_items: int = 5000) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, T + 1, (b,), generator=g)
+    if b >= 2:
+        lengths[0], lengths[1] = 0, 1  # an empty and a length-1 history
+    hist = torch.randint(1, n_items, (b, T), generator=g)
+    hist = hist.masked_fill(torch.arange(T)[None, :] >= lengths[:, None], 0)
+    return hist, lengths, torch.randint(1, n_items, (b,), generator=g), torch.randint(0, 1000, (b,), generator=g)
+
+
+def _autoint_style_inputs(b: int, seed: int) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randint(0, n, (b,), generator=g) for n in (1000, 500, 200, 100, 50, 20, 10, 7)], 1)
+    return ids, torch.randn(b, 4, generator=g)
+
+
 def model_cases(seq: int) -> dict:
     return {
         "interformer": _bundled("interformer", seq),
@@ -158,6 +233,8 @@ def model_cases(seq: int) -> dict:
         "dlrm": _bundled("dlrm", seq),
         "seqrec_transformer": ModelCase("seqrec_transformer", "public-style", SeqRecTransformer, _seqrec_inputs),
         "dlrm_style": ModelCase("dlrm_style", "public-style", DLRMStyle, _dlrm_style_inputs),
+        "din_style": ModelCase("din_style", "public-style", DINStyle, _din_style_inputs),
+        "autoint_style": ModelCase("autoint_style", "public-style", AutoIntStyle, _autoint_style_inputs),
     }
 
 
@@ -268,6 +345,51 @@ def bench_model(case: ModelCase, batches, threads: int, inductor: str, seconds: 
     return rows
 
 
+# ----------------------------------------------------------------------------- one GDPA site
+
+
+def site_cost(repeats: int = 15, calls: int = 2000, clock: str = "cpu", log=print) -> dict:
+    """µs per call of one pointwise attention site (``[1,2,20,16]``, silu, scaled): the ops the
+    model ran vs the lean per-site function the eager backend binds vs the generic ``gdpa()``.
+
+    Interleaved in a shuffled order, ``calls`` calls per sample, medians of ``repeats``.
+    This is why the gdpa pass leaves such sites alone on the cpu target (``not_faster_on_target``).
+    """
+    import torch.nn.functional as F
+
+    from recopt.ops import gdpa_cpu
+    from recopt.ops.gdpa import gdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=g) for _ in range(3))
+    site = gdpa_cpu.specialize(dict(activation="silu", qk_scale=0.05), [])
+    fns = {"model ops": lambda: F.silu(q @ k.transpose(-2, -1)) * 0.05 @ v,
+           "lean site function": lambda: site(q, k, v),
+           "gdpa()": lambda: gdpa(q, k, v, activation="silu", qk_scale=0.05)}
+    want = fns["model ops"]()
+    for name, f in fns.items():
+        torch.testing.assert_close(f(), want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    tick = CLOCKS[clock]
+    samples = {n: [] for n in fns}
+    order, rng = list(fns), random.Random(0)
+    with torch.no_grad():
+        for f in fns.values():
+            for _ in range(100):
+                f()
+        for _ in range(repeats):
+            rng.shuffle(order)
+            for n in order:
+                f = fns[n]
+                t0 = tick()
+                for _ in range(calls):
+                    f()
+                samples[n].append((tick() - t0) / calls * 1e6)
+    med = {n: statistics.median(v) for n, v in samples.items()}
+    for n, us in med.items():
+        log(f"  {n:20s} {us:7.2f} µs/call ({us / med['model ops']:.2f}x the model's ops)")
+    return med
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -334,7 +456,13 @@ def main(argv: Optional[list] = None) -> list:
                     help="wall time (default) or this thread's CPU time (shared machines; --threads 1)")
     ap.add_argument("--quick", action="store_true", help="CI smoke test: small models and batches, no Inductor")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--site", action="store_true",
+                    help="only time one GDPA site: the model's ops vs the lean site function vs gdpa()")
     args = ap.parse_args(argv)
+    if args.site:
+        torch.set_num_threads(1)
+        print(f"one pointwise GDPA site, 1 thread, {args.clock} clock:")
+        return site_cost(clock=args.clock)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("RECOPT_QUIET", "1")
     if args.quick:
@@ -343,7 +471,7 @@ def main(argv: Optional[list] = None) -> list:
         inductor = args.inductor or "none"
         seconds, min_rounds = (args.seconds if args.seconds is not None else 0.3), 5
     else:
-        models = args.models or ["interformer", "kunlun", "dlrm", "seqrec_transformer", "dlrm_style"]
+        models = args.models or list(model_cases(20))
         batches = args.batches or [1, 64, 512]
         inductor = args.inductor or "all"
         seconds, min_rounds = (args.seconds if args.seconds is not None else 2.0), 10

@@ -262,7 +262,7 @@ def optimize(
     compile_options: Optional[dict] = None,
     cuda_graphs: bool = False,
     progress: bool = False,
-    measure: bool = False,
+    measure: Any = False,
     **options: Any,
 ) -> OptimizedModel:
     """Optimize a plain PyTorch model for ``target``.
@@ -307,6 +307,9 @@ def optimize(
     - ``measure``: time the original and the optimized model on the example
       inputs here, interleaved, and record the measured speed-up in
       ``report.measured_speedup`` (:func:`recopt.measure.measure_speedup`).
+      ``measure="guard"``: also at batch 1, and where the result is slower
+      than the model beyond the noise band, drop the pass that made it so
+      (reported ``not_faster_on_target``; :func:`recopt.measure.speed_guard`).
     - ``**options``: data for passes (e.g. ``calibration_data=``), visible
       to them as ``ctx.options``. The legacy keywords ``n_random_inputs=``,
       ``verify_inputs=`` and ``verify_gradients=`` set the matching
@@ -316,6 +319,8 @@ def optimize(
     tgt = get_target(target)
     if on_untraceable not in ON_UNTRACEABLE:
         raise InputError(f"on_untraceable must be one of {ON_UNTRACEABLE}, got {on_untraceable!r}")
+    if measure not in (True, False, "guard"):
+        raise InputError(f"measure must be True, False or 'guard', got {measure!r}")
     backend = backend or default_backend(tgt)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
@@ -344,6 +349,18 @@ def optimize(
     finally:
         model_state.restore()
         inputs_state.restore()
+    if measure == "guard":
+        from .measure import speed_guard
+
+        by_name = {p.name: p for p in manager.passes}
+
+        def reoptimize(pass_names):
+            return optimize(model, args, tgt, passes=[by_name[n] for n in pass_names], backend=backend,
+                            verify=verify, strict=strict, on_untraceable=on_untraceable,
+                            capture_method=capture_method, leaf_modules=leaf_modules,
+                            compile_options=compile_options, progress=progress, **options)
+
+        return speed_guard(result, args, reoptimize)
     if measure:
         from .measure import measure_speedup
 

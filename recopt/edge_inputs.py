@@ -221,6 +221,18 @@ def infer_input_kinds(args: tuple, gm: Optional[fx.GraphModule] = None, names: O
             else:
                 dims.append(None)
         info.dims = dims
+    for i, a in tensors:
+        # A float aligned with an id/mask tensor ([B, E, T] timestamps beside [B, E, T, C] ids)
+        # varies with it, its last dim included.
+        info = infos[i]
+        if info.kind != FLOAT or a.dim() < 2:
+            continue
+        for j, b in tensors:
+            if infos[j].kind != FLOAT and b.dim() > a.dim() and tuple(b.shape[:a.dim()]) == tuple(a.shape):
+                info.dims = [x if x is not None else y for x, y in zip(info.dims, infos[j].dims[:a.dim()])]
+                break
+    for i, a in tensors:
+        info, dims = infos[i], infos[i].dims
         # A lengths tensor: 1-D ints over the batch, counting into a sequence size.
         if info.kind == INT and a.dim() == 1 and dims[0] == "batch" and a.numel() and seq_sizes:
             lo, hi = int(a.min()), int(a.max())
@@ -297,9 +309,14 @@ class _Sampler:
             if n <= x.numel():
                 return x[:n].clone()
             return torch.cat([x, x[-1:].expand(n - x.numel())])
-        if info.kind == INT and info.position_bounds is not None and tuple(shape[1:]) == tuple(x.shape[1:]):
-            # Only the batch changes: draw each position inside the example's range at that position.
+        if info.kind == INT and info.position_bounds is not None and len(shape) == x.dim():
+            # Draw each position inside the example's range at that position; a dim that
+            # changes size (a sequence dim) takes the range over all its positions, so the
+            # columns of [B, E, T, C] ids still feed their own tables at a new T.
             lo_p, hi_p = info.position_bounds
+            for d in range(1, x.dim()):
+                if int(shape[d]) != int(x.shape[d]):
+                    lo_p, hi_p = lo_p.amin(dim=d, keepdim=True), hi_p.amax(dim=d, keepdim=True)
             u = torch.rand(shape, generator=g, dtype=torch.float64).to(x.device)
             drawn = lo_p.to(torch.float64) + torch.floor(u * (hi_p - lo_p).to(torch.float64))
             return torch.minimum(drawn, (hi_p - 1).to(torch.float64)).to(dtype=x.dtype)

@@ -125,6 +125,8 @@ PROFILES: dict[str, Target] = {
     # benchmarked model, while backend="inductor" ranged from 0.55x (DLRM-style,
     # batch 1) to 1.55x (InterFormer, batch 1) and costs tens of seconds of
     # compilation (and a C++ compiler) per shape: opt in with backend="inductor".
+    # device="cpu" also means "no fused GDPA kernel": the gdpa pass leaves sites that would
+    # run the model's own ops alone here (not_faster_on_target, recopt/passes/gdpa/cpu.py).
     "cpu": Target(name="cpu", device="cpu", features=frozenset(), source="generic CPU (no peaks assumed)",
                   default_backend="eager"),
 }

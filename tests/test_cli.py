@@ -83,7 +83,9 @@ def test_bench_times_variants_side_by_side(model_file, tmp_path, capsys):
     d = json.loads(out_json.read_text())
     assert [v["name"] for v in d["variants"]] == ["eager", "recopt eager"]
     assert all(v["median_s"] > 0 for v in d["variants"])
-    assert "speed-up vs eager" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "speed-up vs eager" in out
+    assert "speed-up: measured" in out and "predicted for" in out  # measured beside predicted (issue 18)
 
 
 def test_bundled_model_and_listing_commands(capsys):

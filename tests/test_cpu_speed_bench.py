@@ -39,7 +39,7 @@ def test_quick_run_covers_every_pass_and_matches_outputs(bench, capsys):
 def test_public_style_models_run(bench):
     import torch
 
-    for name in ("seqrec_transformer", "dlrm_style"):
+    for name in ("seqrec_transformer", "dlrm_style", "din_style", "autoint_style"):
         case = bench.model_cases(20)[name]
         torch.manual_seed(0)
         model = case.build().eval()
@@ -51,3 +51,8 @@ def test_public_style_models_run(bench):
 def test_cpu_clock_needs_one_thread(bench):
     with pytest.raises(SystemExit, match="--threads 1"):
         bench.run(["dlrm_style"], [1], threads=2, inductor="none", clock="cpu")
+
+
+def test_site_cost_runs_and_checks_outputs(bench):
+    med = bench.site_cost(repeats=2, calls=5, log=lambda s: None)
+    assert set(med) == {"model ops", "lean site function", "gdpa()"} and all(v > 0 for v in med.values())

@@ -150,7 +150,7 @@ def test_gdpa_sites_with_graph_value_scales_keep_the_generic_call():
     torch.manual_seed(0)
     model = Attn().eval()
     x = torch.randn(3, 5, 8)
-    opt = recopt.optimize(model, (x,), target="cpu")
+    opt = recopt.optimize(model, (x,), target="cpu", configs={"gdpa": {"cpu_sites": "all"}})
     assert opt.report.sites_for("gdpa", "rewritten")
     for b in (1, 4):
         xb = torch.randn(b, 7, 8)

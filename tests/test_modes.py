@@ -168,7 +168,9 @@ def test_train_graph_keeps_the_attention_dropout_stream():
     torch.manual_seed(0)
     model = MHADropout().train()
     args = _inputs(MHADropout)
-    opt = recopt.optimize(model, args, target="cpu", backend="eager")
+    opt = recopt.optimize(model, args, target="cpu", backend="eager",
+                          configs={"gdpa": {"cpu_sites": "all"},  # cpu: fuse anyway, to test it
+                                   "decompose_attention": {"cpu_sites": "all"}})
     assert len(opt.report.sites_for("gdpa", "rewritten")) == 2, "eval graph: both MHAs fused"
     assert opt.train_report is not None
     # two MHAs: self.mha, and the encoder layer's self_attn (opened by decompose_attention)

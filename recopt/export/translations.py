@@ -228,6 +228,42 @@ def _gdpa_core(q, k, v, q_lengths, kv_lengths, activation, qk_scale, pre_scale, 
     return op.CastLike(o, q)
 
 
+def sdpa(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+         scale: Optional[float] = None, enable_gqa: bool = False):
+    """ONNX translation of ``aten::scaled_dot_product_attention`` with PyTorch's semantics for a
+    query row whose every key is masked: **0** (torch's own ONNX translation softmaxes a row of
+    ``-inf`` and gets NaN or garbage). Any row whose scores are all ``-inf`` after the boolean /
+    additive mask and ``is_causal`` gives 0, as SDPA's CPU kernels do (docs/gdpa.md)."""
+    import onnx
+
+    if dropout_p:
+        raise ValueError(f"recopt ONNX export: scaled_dot_product_attention with dropout_p={dropout_p} "
+                         "(export the model in eval mode)")
+    op = _op()
+    rank = len(query.shape)
+    e = _static_dim(query, rank - 1, "query feature size")
+    if enable_gqa:
+        key = _repeat_heads(key, _static_dim(query, 1, "query heads"), _static_dim(key, 1, "K/V heads"))
+        value = _repeat_heads(value, _static_dim(query, 1, "query heads"), _static_dim(value, 1, "K/V heads"))
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    s = op.MatMul(query, op.Transpose(key, perm=perm))
+    s = op.Mul(s, _scalar(scale if scale is not None else 1.0 / math.sqrt(e), s))
+    neg_inf = _scalar(float("-inf"), s)
+    if is_causal:
+        tq, tk = _dim_scalar(query, rank - 2), _dim_scalar(key, rank - 2)
+        i = op.Range(_const_scalar_i64(0), tq, _const_scalar_i64(1))
+        j = op.Range(_const_scalar_i64(0), tk, _const_scalar_i64(1))
+        s = op.Where(op.Greater(op.Unsqueeze(j, _const_i64([0])), op.Unsqueeze(i, _const_i64([1]))), neg_inf, s)
+    if attn_mask is not None:
+        if _ir_dtype_of(attn_mask) is not None and int(_ir_dtype_of(attn_mask)) == onnx.TensorProto.BOOL:
+            s = op.Where(attn_mask, s, neg_inf)
+        else:
+            s = op.Add(s, op.CastLike(attn_mask, s))
+    dead = op.Equal(op.ReduceMax(s, _const_i64([-1]), keepdims=1), neg_inf)     # [.., Tq, 1]
+    p = op.Where(dead, _scalar(0.0, s), op.Softmax(s, axis=-1))
+    return op.MatMul(p, value)
+
+
 def _jagged_positions(offsets, max_len: int):
     """For offsets ``[B+1]``: gather indices ``[B, L]`` into the values and a bool ``[B, L]``
     mask of valid positions, ``L = max_len``."""
@@ -407,6 +443,7 @@ def translation_table() -> Dict[Callable, Callable]:
         aten.embedding_bag.default: embedding_bag_default,
         aten._embedding_bag.default: embedding_bag_private,
         aten._embedding_bag_forward_only.default: embedding_bag_private,
+        aten.scaled_dot_product_attention.default: sdpa,
     }
     cumsum = _fbgemm_op("asynchronous_complete_cumsum")
     if cumsum is not None:

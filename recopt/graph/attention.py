@@ -207,9 +207,19 @@ def _analyze(gm, m1: C.MatmulView, m2: C.MatmulView, path: list, convert_nan_mas
                                      len(plan.pre_nodes), 0))
     chain = [m1.node] + path
     feeding = _side_inputs(chain[1:] + [m2.node], depth=3)
+    # nodes holding the scores in the first matmul's own layout ([*batch, Tq, Tk]): a
+    # ``x.view_as(node)`` there reads a shape the rewrite can rebuild from q and k
+    canonical = set()
+    if m1.out_perm is None:
+        for n in chain:
+            if C.op_kind(n, gm) in ("permute", "transpose", "t", "permute_attr", "view") \
+                    or node_shape(n) != node_shape(m1.node):
+                break
+            canonical.add(n)
     for i, n in enumerate(chain):
         expected = chain[i + 1] if i + 1 < len(chain) else m2.node
-        others = [u for u in n.users if u is not expected]
+        others = [u for u in n.users if u is not expected and not _reads_only_shape(u, n)
+                  and not (n in canonical and shape_source_use(u, n))]
         if others:
             kinds = {C.op_kind(u, gm) for u in others}
             if kinds & {"reduction", "softmax"} and any(u in feeding for u in others):
@@ -225,6 +235,7 @@ def _analyze(gm, m1: C.MatmulView, m2: C.MatmulView, path: list, convert_nan_mas
     cur_perm = m1.out_perm or tuple(range(rank))
     reshaped = False
     prev_kind = None
+    wrong_softmax = None
     for n in path:
         kind = C.op_kind(n, gm)
         if kind not in _CHAIN_KINDS:
@@ -254,8 +265,9 @@ def _analyze(gm, m1: C.MatmulView, m2: C.MatmulView, path: list, convert_nan_mas
                     raise Mismatch("softmax_wrong_dim", f"softmax dim {dim!r} is not static")
                 dim = dim + rank if dim < 0 else dim
                 if reshaped or cur_perm[dim] != rank - 1:
-                    raise Mismatch("softmax_wrong_dim",
-                                  f"{n.name} normalises over dim {dim}, not over the keys")
+                    # raised after the walk: scores computed keys-first get a clearer reason
+                    wrong_softmax = Mismatch("softmax_wrong_dim",
+                                             f"{n.name} normalises over dim {dim}, not over the keys")
             plan.act = av.name
             plan.notes.append("act")
         elif kind in ("pow", "square") or (kind == "mul" and n.args[0] is n.args[1]):
@@ -281,6 +293,12 @@ def _analyze(gm, m1: C.MatmulView, m2: C.MatmulView, path: list, convert_nan_mas
         prev_kind = kind if kind not in ("identity", "cast") else prev_kind
     # The second matmul must read the scores with keys on its contraction axis.
     lhs2 = m2.lhs_perm or tuple(range(rank))
+    if wrong_softmax is not None:
+        if not reshaped and rank >= 2 and C.compose(cur_perm, lhs2) == C.swap_last(rank):
+            raise Mismatch("layout", f"scores are computed keys-first ({m1.node.name} is [.., Tk, Tq], "
+                                     "as keys @ query) and normalised over the keys: GDPA matches "
+                                     "query @ keys.transpose(-1, -2); write the scores that way to fuse")
+        raise wrong_softmax
     if reshaped:
         if not C.is_identity(cur_perm) or not C.is_identity(lhs2) or node_shape(m2.lhs) != node_shape(m1.node):
             raise Mismatch("layout", "scores are reshaped between the matmuls")
@@ -378,6 +396,56 @@ def _scale_or_mask(gm, n, kind, plan: _Plan, post: bool, cur_perm, reshaped):
                   f"{_label(n)} scales the scores by {other.name} of shape {list(shape)}")
 
 
+_LIKE = {"ones_like": 1.0, "zeros_like": 0.0, "full_like": None}
+
+
+def _like_name(n) -> Optional[str]:
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method"):
+        return None
+    name = getattr(n.target, "__name__", n.target) if n.op == "call_function" else n.target
+    return name if name in _LIKE else None
+
+
+def _reads_only_shape(user: fx.Node, n: fx.Node) -> bool:
+    """``ones_like(n)``, ``zeros_like(n)``, ``full_like(n, c)``: a use of ``n``'s shape and dtype only
+    (DeepCTR's ``paddings = torch.ones_like(scores) * (-2 ** 32 + 1)``); fusing drops no value."""
+    return _like_name(user) is not None and user.args[:1] == (n,) and n not in user.args[1:]
+
+
+_SHAPE_AS = ("view_as", "reshape_as", "expand_as")
+
+
+def shape_source_use(user: fx.Node, n: fx.Node) -> bool:
+    """``x.view_as(n)`` / ``reshape_as`` / ``expand_as``: ``n`` only gives the shape (FuxiCTR's
+    ``mask = mask.view_as(scores)``); the rewrite rebuilds that shape from q and k."""
+    return (user.op == "call_method" and user.target in _SHAPE_AS and len(user.args) == 2
+            and user.args[1] is n and user.args[0] is not n)
+
+
+def _constant_fill(gm, fill) -> Optional[float]:
+    """The value of a fill that is constant everywhere: a number, a 1-element constant tensor,
+    ``ones_like(x) * c``, ``zeros_like(x)``, ``full_like(x, c)`` (times/divided by numbers)."""
+    f = C.scalar(fill)
+    if f is not None or not isinstance(fill, fx.Node):
+        return f
+    v = const_value(gm, fill)
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return float(v.item())
+    like = _like_name(fill)
+    if like is not None:
+        val = _LIKE[like] if like != "full_like" else C.scalar(C.arg(fill, 1, "fill_value"))
+        return None if val is None else float(val)
+    kind = C.op_kind(fill, gm)
+    if kind in ("mul", "div") and len(fill.args) == 2:
+        a, b = fill.args
+        if kind == "mul" and C.scalar(a) is not None:
+            a, b = b, a
+        base, c = _constant_fill(gm, a), C.scalar(b)
+        if base is not None and c is not None:
+            return base * c if kind == "mul" else base / c
+    return None
+
+
 def _mask_of(gm, n, post, pre_scale_now) -> _Mask:
     kind = C.op_kind(n, gm)
     if kind == "masked_fill":
@@ -390,11 +458,7 @@ def _mask_of(gm, n, post, pre_scale_now) -> _Mask:
             mask, fill, invert = cond, b, False
         else:
             mask, fill, invert = cond, a, True
-    f = C.scalar(fill)
-    if f is None and isinstance(fill, fx.Node):
-        v = const_value(gm, fill)
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            f = float(v.item())
+    f = _constant_fill(gm, fill)
     if f is None:
         raise Mismatch("unsupported_op", f"{_label(n)} fills masked scores with a tensor")
     if not isinstance(mask, fx.Node) or node_dtype(mask) not in (torch.bool, None):

@@ -108,6 +108,9 @@ _METHODS = {
     "mul": "mul", "__mul__": "mul", "div": "div", "__truediv__": "div", "add": "add",
     "sub": "sub", "pow": "pow", "square": "square", "neg": "neg",
     "where": "where", "masked_fill": "masked_fill",
+    # in-place spellings (FuxiCTR: ``scores.masked_fill_(mask, v)``): the same value; a
+    # rewrite still has to check the mutated input has no other user (the matcher does)
+    "masked_fill_": "masked_fill", "mul_": "mul", "div_": "div", "add_": "add", "sub_": "sub",
     "relu": "relu", "softmax": "softmax", "sigmoid": "sigmoid",
     "logical_and": "and", "__and__": "and", "logical_not": "not", "__invert__": "not",
     "sum": "reduction", "mean": "reduction", "amax": "reduction", "max": "reduction",

@@ -51,6 +51,7 @@ from typing import Callable, Tuple, Union
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..data.batch import FeatureSpec
 from .layers import (MLP, PMA, Gating, MultiHeadAttention, Rotary, TokenLinear, init_embeddings,
@@ -166,9 +167,11 @@ class CrossArch(nn.Module):
         return self.ctx_gate(self.ctx_mlp(self.ctx_compress(x)))
 
     def sequence(self, s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        a, b = self.n_cls, self.n_cls + self.n_recent
+        a, k = self.n_cls, self.n_recent
         cls = s[:, :a]
-        recent = s[:, a:b] * keep[:, a:b, None]
+        # the first K sequence tokens, zero-padded (and masked) when the sequence is shorter
+        # than K (length 0 or 1): the interaction layers are built for a fixed token count
+        recent = F.pad(s[:, a:] * keep[:, a:, None], (0, 0, 0, k))[:, :k]
         return self.seq_gate(torch.cat([cls, self.pma(s, keep), recent], dim=1))
 
 

@@ -16,6 +16,13 @@ batch. This module is what :func:`recopt.ops.gdpa.gdpa` calls instead when
   activation in fp32, ``p`` cast to ``v.dtype`` before the second matmul;
 - jagged inputs: :func:`recopt.ops.gdpa_ref.gdpa_jagged_ref` directly.
 
+Even so a site costs ~1.3× the ops it replaced (the call and the layout ops
+around it; ``python benchmarks/cpu_speed.py --site``), so on a CPU target the
+gdpa pass no longer emits such sites (``not_faster_on_target``,
+:mod:`recopt.passes.gdpa.cpu`); this path serves the calls that remain on the
+CPU: ``GDPAConfig(cpu_sites="all")``, the FLOP-saving re-associated PFFN, and
+GPU-target graphs run on CPU tensors.
+
 Softmax needs no lean path: :func:`recopt.ops.gdpa.gdpa` already serves it
 through SDPA / the math the model had, without the custom op.
 

@@ -247,6 +247,11 @@ def softmax_attention(q, k, v, keep, rows, qk_scale, pre_scale, bias=None, maske
             dead = torch.isneginf(s).all(dim=-1, keepdim=True)
             s = s.masked_fill(dead, 0.0)
             any_key = ~dead if any_key is None else any_key & ~dead
+        elif masked_rows == "uniform" and any_key is not None:
+            # every score of the row equal, as the model's finite fill makes them: its
+            # softmax is uniform and goes through the same dropout as in the model
+            s = s.masked_fill(~any_key, 0.0)
+            any_key = None
         p = torch.softmax(s, dim=-1)
         if dropout_p > 0.0:
             p = F.dropout(p, dropout_p, training=True)

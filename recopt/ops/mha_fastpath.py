@@ -14,9 +14,11 @@ match the module in every mode.
 
 Static conditions (the module's configuration) are decided by the pass and
 passed as ``static_ok``; the run-time ones are checked here, as the module
-checks them: not training, fast path enabled, no autocast, no tracing or
-compiling (``torch.export``/``torch.compile`` see the slow path, as the module
-does under ``make_fx``), and not (grad enabled and a tensor requiring grad).
+checks them: not training, fast path enabled, no autocast, not under
+``make_fx`` (``torch.export`` sees the slow path, as the modules do), and not
+(grad enabled and a tensor requiring grad). The nested-tensor path of
+``nn.TransformerEncoder`` is also skipped while compiling with ``mask_check``,
+as the module skips it.
 """
 from __future__ import annotations
 
@@ -26,13 +28,13 @@ import torch
 
 
 def _tracing() -> bool:
-    if torch.compiler.is_compiling():
-        return True
+    """``make_fx`` tracing (``torch.export``): where the modules themselves skip the fast path.
+    ``torch.compile`` does not skip it (Dynamo traces their fused call), so neither do we."""
     try:
-        from torch.fx.experimental.proxy_tensor import get_proxy_mode
-    except ImportError:  # pragma: no cover - older torch
+        from torch.nn.modules.activation import _is_make_fx_tracing
+    except ImportError:  # pragma: no cover - a torch without the helper: no make_fx check there
         return False
-    return get_proxy_mode() is not None
+    return bool(_is_make_fx_tracing())
 
 
 def fastpath_taken(training: bool, static_ok: bool, tensors: Sequence[torch.Tensor]) -> bool:
@@ -72,10 +74,29 @@ def fastpath_nan_rows(out: torch.Tensor, key_padding_mask: Optional[torch.Tensor
                       training: bool, static_ok: bool, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``out`` (the attention block's output, ``[B, L, E]`` or ``[L, B, E]``) with fully-masked
     query rows set to NaN when the module's fast path would have run; ``out`` itself otherwise."""
-    if (key_padding_mask is None and attn_mask is None) or out.dim() != 3 or not fastpath_taken(training, static_ok, tensors):
+    if key_padding_mask is None and attn_mask is None or out.dim() != 3:
+        return out
+    if not fastpath_taken(training, static_ok, tensors):
         return out
     B, L = (out.shape[0], out.shape[1]) if batch_first else (out.shape[1], out.shape[0])
     dead = fully_masked_rows(key_padding_mask, attn_mask, B, L, heads).to(out.device)
     if not batch_first:
         dead = dead.transpose(0, 1)
     return out.masked_fill(dead[..., None], float("nan"))
+
+
+def nested_fastpath_zero_pad(out: torch.Tensor, src: torch.Tensor, key_padding_mask: torch.Tensor,
+                             training: bool, mask_check: bool,
+                             tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``nn.TransformerEncoder(enable_nested_tensor=True)`` in eval without grad packs the
+    sequences into a nested tensor and pads the result with **0**: ``out`` with the padded
+    positions zeroed when that path would run (its run-time conditions, as the module checks
+    them: not training, fast path enabled, 3-D input, no autocast/tracing, no grad needed,
+    right-padded masks when ``mask_check``); ``out`` itself otherwise. The caller checked the
+    static ones (``use_nested_tensor``, a bool padding mask, no ``mask``)."""
+    if training or src.dim() != 3 or not fastpath_taken(False, True, tensors):
+        return out
+    if mask_check and (torch.compiler.is_compiling()
+                       or not torch._nested_tensor_from_mask_left_aligned(src, key_padding_mask.logical_not())):
+        return out
+    return out.masked_fill(key_padding_mask[..., None], 0.0)

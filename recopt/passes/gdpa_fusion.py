@@ -37,10 +37,11 @@ from recopt.ops import gdpa_ref as R
 from recopt.ops.gdpa import gdpa_flops, reference_reason
 from recopt.ops.gdpa_softmax import static_note as softmax_note
 
-from .gdpa import pffn, sdpa
+from .gdpa import cpu, pffn, sdpa
 from .gdpa.emit import (
     _broadcast, _combine_softmax_mask, _copy_meta, _from4d, _key_mask_column, _lengths_expr,
-    _materialize, _permute, _permuted, _scalar_expr, _scaled_bias, _to4d, _training_flag,
+    _mask_shape, _materialize, _permute, _permuted, _rebuild_shape_sources, _scalar_expr, _scaled_bias,
+    _to4d, _training_flag, _zero_bias_where_masked,
 )
 from .base import Pass, PassConfig, PassContext, PassResult, Semantics
 from .registry import register_pass
@@ -72,6 +73,8 @@ REASONS = {
     "too_small": "sizes below GDPAConfig minimums",
     "no_flop_gain": "re-association would not reduce FLOPs",
     "sdpa_dropout": "SDPA with dropout_p > 0",
+    cpu.NOT_FASTER: "a target with no fused GDPA kernel (the CPU): the call would run the same ops "
+                    "as the model plus its own overhead (GDPAConfig.cpu_sites='all' forces it)",
 }
 
 
@@ -87,7 +90,10 @@ class GDPAConfig(PassConfig):
     ``convert_nan_masks``: treat -inf masking before silu/gelu/hardswish as
     zero masking (the original computes NaN there; off by default so the
     output never silently changes). ``min_q_len``/``min_kv_len``: skip
-    smaller sites.
+    smaller sites. ``cpu_sites``: on a target without a fused GDPA kernel
+    (the CPU), ``"faster"`` rewrites only sites that remove FLOPs (pattern C)
+    and leaves the rest with reason ``not_faster_on_target``
+    (:mod:`recopt.passes.gdpa.cpu`); ``"all"`` rewrites every site there too.
     """
 
     attention: bool = True
@@ -97,6 +103,11 @@ class GDPAConfig(PassConfig):
     convert_nan_masks: bool = False
     min_q_len: int = 1
     min_kv_len: int = 1
+    cpu_sites: str = "faster"
+
+    def __post_init__(self):
+        if self.cpu_sites not in cpu.CPU_SITES:
+            raise ValueError(f"GDPAConfig.cpu_sites must be one of {cpu.CPU_SITES}, got {self.cpu_sites!r}")
 
 
 
@@ -116,6 +127,7 @@ class GDPAFusion(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         sites = []
         erased: set = set()
+        self._target = ctx.target
         for node in list(gm.graph.nodes):
             if node in erased or node.graph is not gm.graph:
                 continue
@@ -124,7 +136,11 @@ class GDPAFusion(Pass):
             if kind in ("matmul", "einsum"):
                 site = self._try_matmul(gm, node, erased)
             elif kind == "sdpa":
-                site = sdpa.try_sdpa(self, gm, node, erased)
+                skip = cpu.leave_alone(self.config, ctx.target, kind) if self.config.sdpa_calls else None
+                if skip is not None:
+                    site = self.rejected(node, cpu.NOT_FASTER, skip)
+                else:
+                    site = sdpa.try_sdpa(self, gm, node, erased)
             if site is not None:
                 sites.append(site)
         gm.graph.eliminate_dead_code()
@@ -156,6 +172,11 @@ class GDPAFusion(Pass):
             return self.rejected(m2_node, r.code, r.reason,
                                  details={"first_matmul": m1.node.name,
                                           "chain": [n.name for n in path]})
+        skip = cpu.leave_alone(self.config, getattr(self, "_target", None), "attention")
+        if skip is not None:
+            return self.rejected(m2_node, cpu.NOT_FASTER, skip,
+                                 details={"first_matmul": m1.node.name, "activation": act,
+                                          "chain": [n.name for n in path]})
         info = self._emit_attention(gm, match)
         erased.add(m2_node)
         return self.rewritten(m2_node, info.pop("reason"), flops_before=info["flops"],
@@ -176,6 +197,7 @@ class GDPAFusion(Pass):
         window, q_masks, k_masks, attn_mask_parts = mp["window"], mp["q_masks"], mp["k_masks"], \
             mp["attn_mask_parts"]
 
+        _rebuild_shape_sources(g, m1, [m1.node] + list(match.path))
         with g.inserting_before(m2.node):
             q = _permute(g, m1.lhs, m1.lhs_perm)
             k = _permute(g, base, k_perm)
@@ -204,7 +226,8 @@ class GDPAFusion(Pass):
                 if plan.masked_rows != "zero":
                     kwargs["masked_rows"] = plan.masked_rows
             elif biases:
-                kwargs["bias"] = _combine_softmax_mask(g, biases, rank, nb)
+                kwargs["bias"] = _zero_bias_where_masked(g, _combine_softmax_mask(g, biases, rank, nb),
+                                                         list(q_masks) + list(k_masks), rank, nb)
             if mp["causal"]:
                 kwargs["causal"] = True
             if plan.dropout is not None:

@@ -11,10 +11,17 @@ they follow ``.train()`` / ``.eval()`` at run time exactly as in the layer.
 
 Only the exact classes are opened (a subclass may override ``forward``).
 Numerics: the layer's own "fast path" (eval, no grad) is a fused kernel of
-the same math; outputs agree to float tolerance, except that
-``nn.TransformerEncoder``'s nested-tensor fast path returns 0 at padded
-positions where the documented math does not (reason ``nested_tensor_padding``
-is reported when that path could be taken).
+the same math; outputs agree to float tolerance except in two places, both
+reproduced at run time by :mod:`recopt.ops.mha_fastpath` under the module's
+own conditions: a query row with every key masked is NaN there (0 in the
+documented math), and ``nn.TransformerEncoder``'s nested-tensor path returns
+0 at padded positions (``nested_tensor_padding`` is reported only for a float
+padding mask).
+
+On a target without a fused GDPA kernel (the CPU) encoders stay closed with
+``not_faster_on_target`` (:mod:`recopt.passes.gdpa.cpu`) unless
+``cpu_sites="all"``.
+
 
 Every ``nn.MultiheadAttention`` call (those opened from encoders included)
 then becomes the plain ops of ``F.multi_head_attention_forward``
@@ -32,7 +39,8 @@ eval, no grad, batched self-attention, ...), reproduced at run time by
 :func:`recopt.ops.mha_fastpath.fastpath_nan_rows`.
 
 Reason codes: ``encoder_subclass``, ``encoder_options``, ``nested_tensor_padding``,
-``mha_subclass``, ``mha_options``.
+``mha_subclass``, ``mha_options``, ``not_faster_on_target`` (encoders and
+``nn.MultiheadAttention`` alike stay modules on a target without a fused GDPA kernel).
 """
 from __future__ import annotations
 
@@ -49,13 +57,15 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from recopt.graph.canon import arg
 from recopt.graph.nodes import get_module, node_dtype, node_shape
-from recopt.ops.mha_fastpath import fastpath_nan_rows
+from recopt.ops.mha_fastpath import fastpath_nan_rows, nested_fastpath_zero_pad
 
+from . import cpu as _cpu
 from ..base import Pass, PassConfig, PassContext, PassResult, Semantics
 from ..registry import register_pass
 
 # one call in the traced graph: its run-time checks must run at run time, not be traced through
 fx.wrap("fastpath_nan_rows")
+fx.wrap("nested_fastpath_zero_pad")
 
 REASONS = {
     "encoder_subclass": "a subclass of nn.TransformerEncoder(Layer) (its forward may differ)",
@@ -65,6 +75,8 @@ REASONS = {
     "mha_subclass": "a subclass of nn.MultiheadAttention (its forward may differ)",
     "mha_options": "nn.MultiheadAttention options the decomposition does not cover "
                    "(add_bias_kv, add_zero_attn, unbatched input, non-constant flags, is_causal without attn_mask)",
+    _cpu.NOT_FASTER: "a target with no fused GDPA kernel (the CPU): the layer's own fused kernel is "
+                     "faster than its opened ops (DecomposeConfig.cpu_sites='all' opens it)",
 }
 
 
@@ -115,6 +127,14 @@ def encoder(enc: nn.TransformerEncoder, src, mask, key_padding_mask, training=Fa
         x = encoder_layer(layer, x, mask, key_padding_mask, training)
     if enc.norm is not None:
         x = enc.norm(x)
+    if getattr(enc, "use_nested_tensor", False) and mask is None and key_padding_mask is not None:
+        first = enc.layers[0]
+        sa = first.self_attn
+        tensors = (src, sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias,
+                   first.norm1.weight, first.norm1.bias, first.norm2.weight, first.norm2.bias,
+                   first.linear1.weight, first.linear1.bias, first.linear2.weight, first.linear2.bias)
+        x = nested_fastpath_zero_pad(x, src, key_padding_mask, training, getattr(enc, "mask_check", True),
+                                     tensors)
     return x
 
 
@@ -315,10 +335,17 @@ def _inline(gm: fx.GraphModule, node: fx.Node, sub: fx.Graph, inputs: dict, path
 @dataclass
 class DecomposeConfig(PassConfig):
     """``encoders``: open nn.TransformerEncoder / nn.TransformerEncoderLayer calls;
-    ``mha``: open nn.MultiheadAttention calls into projections + SDPA / softmax ops."""
+    ``mha``: open nn.MultiheadAttention calls into projections + SDPA / softmax ops.
+    ``cpu_sites``: ``"faster"`` keeps them closed on a target without a fused GDPA
+    kernel (the CPU), ``"all"`` opens them there too."""
 
     encoders: bool = True
     mha: bool = True
+    cpu_sites: str = "faster"
+
+    def __post_init__(self):
+        if self.cpu_sites not in _cpu.CPU_SITES:
+            raise ValueError(f"DecomposeConfig.cpu_sites must be one of {_cpu.CPU_SITES}, got {self.cpu_sites!r}")
 
 
 @register_pass
@@ -341,13 +368,22 @@ class DecomposeAttention(Pass):
                 if node.op != "call_module":
                     continue
                 mod = get_module(gm, node)
-                if isinstance(mod, nn.TransformerEncoderLayer):
+                if not isinstance(mod, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+                    continue
+                skip = _cpu.leave_alone(self.config, ctx.target, "encoder")
+                if skip is not None:
+                    sites.append(self.rejected(node, _cpu.NOT_FASTER, skip))
+                elif isinstance(mod, nn.TransformerEncoderLayer):
                     sites.append(self._open(gm, node, mod, encoder_layer, ("src_mask", "src_key_padding_mask")))
-                elif isinstance(mod, nn.TransformerEncoder):
+                else:
                     sites.append(self._open(gm, node, mod, encoder, ("mask", "src_key_padding_mask")))
         if self.config.mha:
             mhas = [n for n in gm.graph.nodes if n.op == "call_module"
                     and isinstance(get_module(gm, n), nn.MultiheadAttention)]
+            skip = _cpu.leave_alone(self.config, ctx.target, "mha") if mhas else None
+            if skip is not None:
+                sites += [self.rejected(n, _cpu.NOT_FASTER, skip) for n in mhas]
+                mhas = []
             if any(node_shape(n.args[0] if n.args else n.kwargs.get("query")) is None for n in mhas) \
                     and ctx.example_inputs is not None:
                 # attention opened from an encoder above has no metadata yet
@@ -454,11 +490,12 @@ class DecomposeAttention(Pass):
         for x in (mask, kpm):
             if x is not None and not isinstance(x, fx.Node):
                 return self.rejected(node, "encoder_options", f"{node.target}: a mask that is not a tensor")
-        if fn is encoder and kpm is not None and getattr(mod, "use_nested_tensor", False):
+        if fn is encoder and kpm is not None and getattr(mod, "use_nested_tensor", False) \
+                and node_dtype(kpm) not in (torch.bool, None):
             return self.rejected(node, "nested_tensor_padding",
                                  f"{node.target} was built with enable_nested_tensor=True and gets a "
-                                 "key padding mask: in eval without grad its fast path returns 0 at "
-                                 "padded positions; build it with enable_nested_tensor=False to fuse")
+                                 "float key padding mask: in eval without grad its fast path returns 0 at "
+                                 "padded positions; pass a bool mask or build it with enable_nested_tensor=False")
         sub = fx.Tracer().trace(_Traced(mod, fn, mask is not None, kpm is not None))
         path = str(node.target)
         g = gm.graph

@@ -61,6 +61,17 @@ def _key_mask_column(g, f):
     return g.call_method("unsqueeze", (m, -1)), shape + (1,)
 
 
+def _zero_bias_where_masked(g, bias, factors, rank: int, nb: int):
+    """The 4-D ``bias`` times each query/key zero mask (score layout): q/k masks are folded
+    into q and k, which zeroes ``q·k`` but not the bias, and ``act(bias) != 0``."""
+    for f in factors:
+        m = _materialize(g, f)
+        for _ in range(rank - len(_mask_shape(f))):
+            m = g.call_method("unsqueeze", (m, 0))
+        bias = g.call_function(operator.mul, (bias, _to4d(g, m, rank - 2, nb)))
+    return bias
+
+
 def _combine_softmax_mask(g, parts, rank: int, nb: int):
     """One SDPA attn_mask (bool keep or additive float) in [B, H, Tq, Tk] layout."""
     keep, bias = None, None
@@ -80,6 +91,27 @@ def _combine_softmax_mask(g, parts, rank: int, nb: int):
     if keep is not None:
         bias = g.call_function(torch.masked_fill, (bias, g.call_function(operator.invert, (keep,)), float("-inf")))
     return bias
+
+
+def _rebuild_shape_sources(g: fx.Graph, m1: C.MatmulView, chain: list):
+    """``x.view_as(s)`` on a score node ``s`` (in the first matmul's layout) becomes
+    ``x.view(shape)`` with ``shape = broadcast(q, X batch dims) + (Tq, Tk)`` read from q and X
+    at run time, so the scores are not computed for their shape alone."""
+    users = [(u, n) for n in chain for u in list(n.users) if A.shape_source_use(u, n)]
+    if not users:
+        return
+    first = min((u for u, _ in users), key=lambda u: list(g.nodes).index(u))
+    with g.inserting_before(first):
+        sa = g.call_function(getattr, (_permute(g, m1.lhs, m1.lhs_perm), "shape"))
+        sb = g.call_function(getattr, (_permute(g, m1.rhs, m1.rhs_perm), "shape"))
+        batch = g.call_function(torch.broadcast_shapes, (g.call_function(operator.getitem, (sa, slice(None, -2))),
+                                                         g.call_function(operator.getitem, (sb, slice(None, -2)))))
+        tail = g.call_function(operator.add, (g.call_function(operator.getitem, (sa, slice(-2, -1))),
+                                              g.call_function(operator.getitem, (sb, slice(-1, None)))))
+        shape = g.call_function(operator.add, (g.call_function(tuple, (batch,)), g.call_function(tuple, (tail,))))
+    for u, _ in users:
+        u.target = {"view_as": "view", "reshape_as": "reshape", "expand_as": "expand"}[u.target]
+        u.args = (u.args[0], shape)
 
 
 def _training_flag(g: fx.Graph) -> fx.Node:
