@@ -250,7 +250,16 @@ def mha_forward(mod: nn.MultiheadAttention, c: MHACall, query, key, value, kpm, 
         if c.average:
             w = w.mean(dim=1)
     else:
-        if attn_mask is not None:
+        if attn_mask is not None and (not c.has_kpm or c.kpm_bool) and (not c.has_mask or c.mask_bool):
+            # bool masks: SDPA's keep-mask of the same masked set (kept scores are unchanged
+            # by adding 0; a row with no key left is 0 either way)
+            keep = None if not c.has_kpm else ~kpm0.view(bsz, 1, 1, src_len)
+            if c.has_mask:
+                m = ~mask0
+                m = m.view(1, 1, tgt_len, src_len) if not c.mask_3d else m.view(bsz, H, -1, src_len)
+                keep = m if keep is None else keep & m
+            attn_mask = keep
+        elif attn_mask is not None:
             if c.has_mask and not c.mask_3d and not c.has_kpm:
                 attn_mask = attn_mask.unsqueeze(0)        # [1, 1, L, S]
             else:
