@@ -291,12 +291,19 @@ def gdpa_bwd(
     q_lengths=None, kv_lengths=None, q_offsets=None, kv_offsets=None,
     max_seq_len_q: Optional[int] = None, max_seq_len_kv: Optional[int] = None,
     causal: bool = False, causal_offset: int = 0, bias: Optional[torch.Tensor] = None,
-    out: Optional[tuple] = None,
+    bias_grad: bool = False, out: Optional[tuple] = None,
 ):
-    """Backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed, no atomics).
+    """Backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed, no atomics),
+    and ``dbias`` shaped like ``bias`` (in its dtype) as a fourth element when
+    ``bias_grad`` (which needs a ``bias``).
 
-    ``causal``, ``causal_offset`` and ``bias`` as in :func:`gdpa_fwd` (the bias
-    gets no gradient here).
+    ``causal``, ``causal_offset`` and ``bias`` as in :func:`gdpa_fwd`. The bias
+    gradient is the score gradient ``qk_scale * act'(s) * dP`` (0 where masked),
+    summed over the bias's broadcast dims; the dQ kernel writes it while it
+    recomputes the scores: stored directly when the bias has the full
+    ``[B, H, Tq, Tk]`` shape, else added atomically (fp32, summed over broadcast
+    query/key dims inside the tile first; the order of the atomic adds, so the
+    last bits, may differ run to run). Dense inputs only.
     """
     jagged = q_offsets is not None
     B, H, Hkv, T_Q, T_K, D, DV = _geometry(q, k, v, jagged, max_seq_len_q, max_seq_len_kv)
@@ -308,8 +315,9 @@ def gdpa_bwd(
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     else:
         dq, dk, dv = out
+    db, db_meta = _dbias_buffer(bias, bias_grad, jagged, nb, H, T_Q, T_K)
     if nb == 0 or (T_Q == 0 and T_K == 0):
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return _with_dbias((dq.zero_(), dk.zero_(), dv.zero_()), db, bias)
     go = grad_out
     heavy = bool(causal) or bias is not None or (window is not None and window >= 0)
     cfg_dkdv, cfg_dq = bwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device), heavy)
@@ -336,13 +344,42 @@ def gdpa_bwd(
     if T_Q > 0 and dq.numel() > 0:
         wrap_triton(gdpa_bwd_dq_kernel)[(triton.cdiv(T_Q, cfg_dq[0]) * nb * H,)](
             q, k, v, go, dq, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
+            db if db is not None else q,
             *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(go, jagged),
-            *_strides(dq, jagged), *c["bias_strides"],
-            *scal, **meta(cfg_dq),
+            *_strides(dq, jagged), *c["bias_strides"], *db_meta.pop("strides"),
+            *scal, **db_meta, **meta(cfg_dq),
         )
     else:
         dq.zero_()
-    return dq, dk, dv
+    return _with_dbias((dq, dk, dv), db, bias)
+
+
+def _dbias_buffer(bias, bias_grad, jagged, nb, H, T_Q, T_K):
+    """(zero-filled dbias buffer or None, the dQ kernel's DB strides and DBIAS constexprs).
+
+    DBIAS 1: the bias has the full [B, H, Tq, Tk] shape; the kernel stores into a buffer of
+    the bias's dtype. DBIAS 2: broadcast over some dim; fp32 buffer, atomic adds (summed over
+    broadcast query/key dims inside each tile first: DB_SUM_Q / DB_SUM_K).
+    """
+    off = dict(strides=(0, 0, 0, 0), DBIAS=0, DB_SUM_Q=False, DB_SUM_K=False)
+    if not bias_grad:
+        return None, off
+    if bias is None:
+        raise ValueError("gdpa_bwd(bias_grad=True) needs the bias whose gradient it computes")
+    if jagged:
+        raise ValueError("gdpa_bwd: the bias gradient is computed for dense inputs only "
+                         "(the jagged op takes no bias)")
+    full = tuple(bias.shape) == (nb, H, T_Q, T_K)
+    db = torch.zeros(bias.shape, dtype=bias.dtype if full else torch.float32, device=bias.device)
+    strides = tuple(0 if db.shape[i] == 1 else db.stride(i) for i in range(4))
+    return db, dict(strides=strides, DBIAS=1 if full else 2,
+                    DB_SUM_Q=not full and bias.shape[2] == 1, DB_SUM_K=not full and bias.shape[3] == 1)
+
+
+def _with_dbias(grads, db, bias):
+    if db is None:
+        return grads
+    return grads + (db.to(bias.dtype),)
 
 
 # ----------------------------------------------------------------------------- compile checks
@@ -376,7 +413,10 @@ VARIANTS = {
     "gqa": dict(GQA=True),
     "bcast_q": dict(BCAST_Q=True),
     "light": dict(JAGGED=True, GQA=True),
-    "all": dict(JAGGED=True, HAS_WINDOW=True, CAUSAL=True, HAS_BIAS=True, GQA=True),
+    "all": dict(JAGGED=True, HAS_WINDOW=True, CAUSAL=True, HAS_BIAS=True, GQA=True, DBIAS=2),
+    # the bias gradient (dQ kernel): stored for a full-shape bias, atomic adds for a broadcast one
+    "dbias": dict(HAS_KLEN=True, CAUSAL=True, HAS_BIAS=True, DBIAS=1),
+    "dbias_bcast": dict(HAS_BIAS=True, DBIAS=2, DB_SUM_Q=True),
 }
 
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -389,7 +429,7 @@ def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, outs=(True, Tru
 
     attr, ptrs, stride_groups = _KERNELS[kind]
     flags = dict(JAGGED=False, HAS_QLEN=False, HAS_KLEN=False, HAS_WINDOW=False, CAUSAL=False,
-                 HAS_BIAS=False, GQA=False, BCAST_Q=False)
+                 HAS_BIAS=False, GQA=False, BCAST_Q=False, DBIAS=0, DB_SUM_Q=False, DB_SUM_K=False)
     flags.update(VARIANTS[variant])
     ty = _TYPES[dtype]
     sig, const, div = {}, {}, []
@@ -429,6 +469,14 @@ def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, outs=(True, Tru
         DOT_FP32=dtype == torch.float32, EVEN_D=d == _pow2(d),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(d),
     )
+    if kind == "dq":                                 # the bias gradient's buffer (fp32 when atomic)
+        sig["DB"] = f"*{ty}" if flags["DBIAS"] == 1 else "*fp32"
+        div.append("DB")
+        for n in ("sdbb", "sdbh", "sdbq"):
+            sig[n] = "i32"
+            div.append(n)
+        const["sdbk"] = 1
+        const.update(DBIAS=flags["DBIAS"], DB_SUM_Q=flags["DB_SUM_Q"], DB_SUM_K=flags["DB_SUM_K"])
     part = ""
     if kind == "dkdv":
         const.update(OUT_DK=outs[0], OUT_DV=outs[1])
@@ -490,7 +538,10 @@ def compile_specs(level: str = "ci") -> list:
                     for d, cfg, heavy in launch_configs(kind, dtype, arch):
                         for act in ACTIVATIONS:
                             for variant in VARIANTS:
-                                if heavy == (variant in ("window", "causal", "bias", "all")):
+                                if variant.startswith("dbias") and kind != "dq":
+                                    continue                 # only the dQ kernel has DBIAS
+                                if heavy == (variant in ("window", "causal", "bias", "all", "dbias",
+                                                         "dbias_bcast")):
                                     add(kind, act, variant, d, dtype, cfg, (arch,))
                 continue
             for d, cfg, heavy in launch_configs(kind, bf16, arch):
@@ -504,8 +555,13 @@ def compile_specs(level: str = "ci") -> list:
             acts = ACTIVATIONS if kind == "dkdv" else (("gelu", "gelu_tanh", "silu") if kind == "fwd" else ())
             for act in acts:
                 add(kind, act, "dense", 128, bf16, main, (arch,))
+            heavy_main = [c for d, c, h in launch_configs(kind, bf16, arch) if d == 128 and h][-1]
+            if kind == "dq":  # the bias gradient: stored (full-shape bias) and atomic (broadcast)
+                add(kind, "gelu", "dbias", 128, bf16, heavy_main, (arch,))
+                if arch == 90:
+                    add(kind, "silu", "dbias_bcast", 64, bf16,
+                        [c for d, c, h in launch_configs(kind, bf16, arch) if d == 64 and h][-1], (arch,))
             if arch == 90:
-                heavy_main = [c for d, c, h in launch_configs(kind, bf16, arch) if d == 128 and h][-1]
                 add(kind, "gelu", "dense", 128, bf16, main, (arch,))
                 add(kind, "gelu", "causal", 128, bf16, heavy_main, (arch,))
                 add(kind, "gelu", "lengths", 96, bf16, main, (arch,))   # d != BLOCK_D: masked head-dim loads
