@@ -383,6 +383,32 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m
 
 
 @triton.jit
+def _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, hk, GROUP, start, stop, offs_n, offs_m, offs_d, offs_dv,
+                 q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq, sbk,
+                 qk_scale, pre_scale, window, causal_off,
+                 ACT: tl.constexpr, FAST: tl.constexpr, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
+                 MASKED: tl.constexpr, MASK_POS: tl.constexpr, OUT_DK: tl.constexpr, OUT_DV: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """Query tiles [start, stop) of each of the GROUP query heads of K/V head hk, as one flat
+    loop (tile counter t and head g carried, no division)."""
+    n = tl.cdiv(stop - start, BLOCK_M)
+    t = n * 0
+    g = n * 0
+    for _ in range(0, GROUP * n):
+        h = hk * GROUP + g
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_b + h * sqh, do_b + h * sdoh, bias_b + h * sbh, offs_n,
+                            start + t * BLOCK_M, offs_m, offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd,
+                            sdot, sdod, sbq, sbk, qk_scale, pre_scale, window, causal_off, ACT, FAST,
+                            HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, MASKED, MASK_POS, OUT_DK, OUT_DV)
+        t += 1
+        wrap = t == n
+        g = tl.where(wrap, g + 1, g)
+        t = tl.where(wrap, 0, t)
+    return dk, dv
+
+
+@triton.jit
 def gdpa_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV_, QOFF, KOFF, QLEN, KLEN, BIAS,
     sqb, sqt, sqh, sqd,
@@ -447,27 +473,24 @@ def gdpa_bwd_dkdv_kernel(
     # [mid, full): interior tiles (rows all valid, no positional mask); [full, hi): bounds-checked
     full = tl.maximum(tl.minimum(hi, q_len // BLOCK_M * BLOCK_M), mid)
 
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        q_base = Q + b64 * sqb + q_start * sqt + h * sqh
-        do_base = DO + b64 * sdob + q_start * sdot + h * sdoh
-        bias_base = BIAS + b64 * sbb + h * sbh
-        if HAS_WINDOW or CAUSAL:
-            for start_m in range(lo, mid, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m,
-                                    offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
-                                    qk_scale, pre_scale, window, causal_off,
-                                    ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, True, OUT_DK, OUT_DV)
-        for start_m in range(mid, full, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m,
-                                offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
-                                qk_scale, pre_scale, window, causal_off,
-                                ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, False, False, OUT_DK, OUT_DV)
-        for start_m in range(full, hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m,
-                                offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
-                                qk_scale, pre_scale, window, causal_off,
-                                ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, False, OUT_DK, OUT_DV)
+    # One flat loop per region over (query head of the group, query tile): a loop nested in
+    # a GROUP loop kept dK/dV out of the pipeliner's reach (spills at GQA on sm_90 and sm_100).
+    q_b = Q + b64 * sqb + q_start * sqt
+    do_b = DO + b64 * sdob + q_start * sdot
+    bias_b = BIAS + b64 * sbb
+    if HAS_WINDOW or CAUSAL:
+        dk, dv = _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, hk, GROUP, lo, mid, offs_n, offs_m, offs_d,
+                              offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq, sbk,
+                              qk_scale, pre_scale, window, causal_off, ACT, FAST, HAS_WINDOW, CAUSAL,
+                              HAS_BIAS, DOT_FP32, EVEN_D, True, True, OUT_DK, OUT_DV, BLOCK_M)
+    dk, dv = _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, hk, GROUP, mid, full, offs_n, offs_m, offs_d,
+                          offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq, sbk,
+                          qk_scale, pre_scale, window, causal_off, ACT, FAST, HAS_WINDOW, CAUSAL,
+                          HAS_BIAS, DOT_FP32, EVEN_D, False, False, OUT_DK, OUT_DV, BLOCK_M)
+    dk, dv = _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, hk, GROUP, full, hi, offs_n, offs_m, offs_d,
+                          offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq, sbk,
+                          qk_scale, pre_scale, window, causal_off, ACT, FAST, HAS_WINDOW, CAUSAL,
+                          HAS_BIAS, DOT_FP32, EVEN_D, True, False, OUT_DK, OUT_DV, BLOCK_M)
 
     dk = dk * (pre_scale * qk_scale)
     dv = dv * qk_scale

@@ -146,11 +146,13 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
         # dK and dV in separate launches (dkdv_passes): one 64 x 256 fp32 accumulator each
         dkdv, dq = [(16, 64, 4, 1)], [(128, 16 if narrow else 32, 8, 1) if t_q > 64 else (64, 16, 4, 1)]
     elif big >= 128:
-        # dK, dV accumulators alone are 128 registers/thread: a narrow query step keeps it unspilled
-        dkdv = [(16 if narrow else 32, 64, 4, 2)]
+        # dK, dV accumulators are 128 registers/thread on sm_90 (wgmma accumulates in registers):
+        # a narrow query step keeps it unspilled; sm_100 accumulates in tensor memory and takes
+        # 64-row steps unless masks or a bias add live values
+        dkdv = [(16 if heavy else (64 if arch >= 100 else 32), 64, 4, 2)]
         dq = [(128, 32 if narrow else 64, 8, 2) if t_q > 64 else (64, 32, 4, 2)]
     else:
-        dkdv = [(32 if narrow else 64, 64, 4, 3), (32, 64, 4, 2)]
+        dkdv = [(32 if heavy else 64, 64, 4, 3), (32, 64, 4, 2)]
         dq = [(64, 32 if narrow else 64, 4, 3), (64, 32, 4, 2)]
     if elt == 4:  # exact fp32 path (FMA dots): small tiles
         dkdv = [(16, 32, 4, 1)]
@@ -319,7 +321,8 @@ def gdpa_bwd(
     if nb == 0 or (T_Q == 0 and T_K == 0):
         return _with_dbias((dq.zero_(), dk.zero_(), dv.zero_()), db, bias)
     go = grad_out
-    heavy = bool(causal) or bias is not None or (window is not None and window >= 0)
+    # jagged offsets, masks and a bias keep more values live: narrower tiles (see bwd_config)
+    heavy = bool(causal) or bias is not None or (window is not None and window >= 0) or jagged
     cfg_dkdv, cfg_dq = bwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device), heavy)
     c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation,
                 causal, causal_offset, bias, nb, H)
@@ -413,11 +416,15 @@ VARIANTS = {
     "gqa": dict(GQA=True),
     "bcast_q": dict(BCAST_Q=True),
     "light": dict(JAGGED=True, GQA=True),
+    "gqa_len": dict(HAS_QLEN=True, HAS_KLEN=True, GQA=True),
     "all": dict(JAGGED=True, HAS_WINDOW=True, CAUSAL=True, HAS_BIAS=True, GQA=True, DBIAS=2),
     # the bias gradient (dQ kernel): stored for a full-shape bias, atomic adds for a broadcast one
     "dbias": dict(HAS_KLEN=True, CAUSAL=True, HAS_BIAS=True, DBIAS=1),
     "dbias_bcast": dict(HAS_BIAS=True, DBIAS=2, DB_SUM_Q=True),
 }
+
+# variants the launchers serve with their "heavy" configs (jagged, masks, a bias)
+_HEAVY_VARIANTS = ("jagged", "window", "causal", "bias", "light", "all", "dbias", "dbias_bcast")
 
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 HEAD_DIMS = (16, 32, 64, 128, 256)         # BLOCK_D classes: every d in [1, 256] maps onto one
@@ -540,16 +547,15 @@ def compile_specs(level: str = "ci") -> list:
                             for variant in VARIANTS:
                                 if variant.startswith("dbias") and kind != "dq":
                                     continue                 # only the dQ kernel has DBIAS
-                                if heavy == (variant in ("window", "causal", "bias", "all", "dbias",
-                                                         "dbias_bcast")):
+                                if heavy == (variant in _HEAVY_VARIANTS):
                                     add(kind, act, variant, d, dtype, cfg, (arch,))
                 continue
             for d, cfg, heavy in launch_configs(kind, bf16, arch):
-                add(kind, "gelu", "all" if heavy else ("lengths" if kind == "fwd" else "light"), d, bf16, cfg,
+                add(kind, "gelu", "all" if heavy else ("lengths" if kind == "fwd" else "gqa_len"), d, bf16, cfg,
                     (arch,))
             for d, cfg, heavy in launch_configs(kind, torch.float32, arch):
                 if d == 64:
-                    add(kind, "gelu", "all" if heavy else ("lengths" if kind == "fwd" else "light"), d,
+                    add(kind, "gelu", "all" if heavy else ("lengths" if kind == "fwd" else "gqa_len"), d,
                         torch.float32, cfg, (arch,))
             main = [c for d, c, h in launch_configs(kind, bf16, arch) if d == 128 and not h][-1]
             acts = ACTIVATIONS if kind == "dkdv" else (("gelu", "gelu_tanh", "silu") if kind == "fwd" else ())
