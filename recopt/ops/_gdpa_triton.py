@@ -143,8 +143,14 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     elt = 4 if dtype == torch.float32 else 2
     narrow = heavy or arch >= 100
     if big >= 256:
-        # dK and dV in separate launches (dkdv_passes): one 64 x 256 fp32 accumulator each
-        dkdv, dq = [(16, 64, 4, 1)], [(128, 16 if narrow else 32, 8, 1) if t_q > 64 else (64, 16, 4, 1)]
+        # dK and dV in separate launches (dkdv_passes): one 64 x 256 fp32 accumulator each, 128
+        # registers a thread. sm_90: two stages turn the K/V (Q/dO) tile loads into cp.async,
+        # which keeps them out of registers (one stage spilled); 128 query rows for dQ at any
+        # Tq (64 rows on 4 warps spill: twice the load elements per thread)
+        if arch >= 100:
+            dkdv, dq = [(16, 64, 4, 1)], [(128, 16, 8, 1) if t_q > 64 else (64, 16, 4, 1)]
+        else:
+            dkdv, dq = [(16, 64, 4, 1 if heavy else 2)], [(128, 16 if heavy else 32, 8, 2)]
     elif big >= 128:
         # dK, dV accumulators are 128 registers/thread on sm_90 (wgmma accumulates in registers):
         # a narrow query step keeps it unspilled; sm_100 accumulates in tensor memory and takes
