@@ -90,23 +90,31 @@ def _arch(device) -> int:
 
 
 def fwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: int = 90,
-               heavy: bool = False):
+               heavy: bool = False, act: str = ""):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward for this shape
     (16 x 16 tiles, one warp under the CPU interpreter). ``heavy``: jagged inputs, a
-    bias, a causal or window mask (more live registers per score element)."""
+    bias, a causal or window mask (more live registers per score element). ``act``: the
+    activation (sm_100 picks the tile width per activation, see ``_WIDE_ON_SM100``)."""
     if interpreting():
         return 16, 16, 1, 1
-    return _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch, heavy)
+    return _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch, heavy, act)
 
 
-def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
+# Activations whose plain forward takes 128 x 128 score tiles on sm_100 too: there ptxas
+# holds the kernel to 128 registers, and gelu_tanh's (tanh.approx) 128 x 128 tile spills
+# 40-48 B, so it keeps 128 x 64 (11.3 instructions per element, within its budget of 13);
+# gelu at 128 x 64 was 14.9 (budget 14): the wider tile amortises the per-tile cost (11.9).
+_WIDE_ON_SM100 = frozenset(ACTIVATIONS) - {"gelu_tanh"}
+
+
+def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False, act=""):
     bd, bdv = _pow2(d), _pow2(dv)
     big = max(bd, bdv)
     elt = 4 if dtype == torch.float32 else 2
     bm = 128 if t_q > 64 else 64
     # 128 x 128 score tiles (64 elements per thread amortise the loop's fixed cost) only for the
     # plain variant on sm_90; masks, a bias, or sm_100's register allocation need narrower tiles
-    wide = 128 if (t_k > 64 and not heavy and arch < 100) else 64
+    wide = 128 if (t_k > 64 and not heavy and (arch < 100 or act in _WIDE_ON_SM100)) else 64
     if big >= 256:
         cands = [(bm, 32 if bm == 128 else 16, 8, 2), (64, 16, 4, 2)]
     elif big >= 128:
@@ -276,7 +284,8 @@ def gdpa_fwd(
         return out.zero_() if not jagged else out
     # jagged offsets, masks and a bias keep more values live: narrower tiles (see fwd_config)
     heavy = bool(causal) or bias is not None or (window is not None and window >= 0) or jagged
-    BLOCK_M, BLOCK_N, warps, stages = fwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device), heavy)
+    BLOCK_M, BLOCK_N, warps, stages = fwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device), heavy,
+                                                 activation)
     grid = (triton.cdiv(T_Q, BLOCK_M) * nb * H,)
     c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation,
                 causal, causal_offset, bias, nb, H)
@@ -504,14 +513,15 @@ def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, outs=(True, Tru
                       num_warps=warps, num_stages=stages, divisible=tuple(dict.fromkeys(div)), tags=tags)
 
 
-def launch_configs(kind: str, dtype, arch: int = 90) -> list:
-    """Every (d, config, heavy) the launcher can pick for this kernel kind, dtype and arch."""
+def launch_configs(kind: str, dtype, arch: int = 90, act: str = "gelu") -> list:
+    """Every (d, config, heavy) the launcher can pick for this kernel kind, dtype, arch and
+    activation (the forward's tile width depends on it on sm_100)."""
     out = []
     for d in HEAD_DIMS:
         for heavy in (False, True):
             for tq, tk in _SHAPES:
                 if kind == "fwd":
-                    picked = _fwd_config_gpu(tq, tk, d, d, dtype, arch, heavy)
+                    picked = _fwd_config_gpu(tq, tk, d, d, dtype, arch, heavy, act)
                 else:
                     picked = _bwd_config_gpu(tq, tk, d, d, dtype, arch, heavy)[0 if kind == "dkdv" else 1]
                 cfg = (d, picked, heavy)
@@ -548,25 +558,32 @@ def compile_specs(level: str = "ci") -> list:
         for arch in (90, 100):
             if level == "full":
                 for dtype in (bf16, torch.float16, torch.float32):
-                    for d, cfg, heavy in launch_configs(kind, dtype, arch):
-                        for act in ACTIVATIONS:
+                    for act in ACTIVATIONS:
+                        for d, cfg, heavy in launch_configs(kind, dtype, arch, act):
                             for variant in VARIANTS:
                                 if variant.startswith("dbias") and kind != "dq":
                                     continue                 # only the dQ kernel has DBIAS
                                 if heavy == (variant in _HEAVY_VARIANTS):
                                     add(kind, act, variant, d, dtype, cfg, (arch,))
                 continue
-            for d, cfg, heavy in launch_configs(kind, bf16, arch):
-                add(kind, "gelu", "all" if heavy else ("lengths" if kind == "fwd" else "gqa_len"), d, bf16, cfg,
-                    (arch,))
+            done = set()
+            for act in (("gelu", "gelu_tanh") if kind == "fwd" else ("gelu",)):
+                for d, cfg, heavy in launch_configs(kind, bf16, arch, act):
+                    if (d, cfg, heavy) not in done:  # gelu_tanh: only the configs gelu does not take
+                        done.add((d, cfg, heavy))
+                        add(kind, act, "all" if heavy else ("lengths" if kind == "fwd" else "gqa_len"), d,
+                            bf16, cfg, (arch,))
             for d, cfg, heavy in launch_configs(kind, torch.float32, arch):
                 if d == 64:
                     add(kind, "gelu", "all" if heavy else ("lengths" if kind == "fwd" else "gqa_len"), d,
                         torch.float32, cfg, (arch,))
-            main = [c for d, c, h in launch_configs(kind, bf16, arch) if d == 128 and not h][-1]
             acts = ACTIVATIONS if kind == "dkdv" else (("gelu", "gelu_tanh", "silu") if kind == "fwd" else ())
+            if kind == "fwd" and arch >= 100:
+                acts = ACTIVATIONS                   # the tile width depends on the activation here
             for act in acts:
+                main = [c for d, c, h in launch_configs(kind, bf16, arch, act) if d == 128 and not h][-1]
                 add(kind, act, "dense", 128, bf16, main, (arch,))
+            main = [c for d, c, h in launch_configs(kind, bf16, arch) if d == 128 and not h][-1]
             heavy_main = [c for d, c, h in launch_configs(kind, bf16, arch) if d == 128 and h][-1]
             if kind == "dq":  # the bias gradient: stored (full-shape bias) and atomic (broadcast)
                 add(kind, "gelu", "dbias", 128, bf16, heavy_main, (arch,))
