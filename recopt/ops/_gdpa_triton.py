@@ -121,8 +121,8 @@ def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False, act=""):
         cands = [(bm, wide, 8, 2), (bm, 64, 8, 2), (64, 64, 4, 2)]
     else:
         cands = [(bm, wide, 8, 2), (bm, 64, 4, 3), (64, 32, 4, 2)]
-    if elt == 4:  # exact fp32 path (FMA dots): small tiles
-        cands = [(min(c[0], 64), 16, 4, 2) for c in cands]
+    if elt == 4:  # exact fp32 path (FMA dots, operands in registers): small tiles, 16 rows from d 128
+        cands = [(min(c[0], 64 if big < 128 else 16), 16, 4, 2) for c in cands]
     if t_k <= 32:
         cands = [(c[0], min(c[1], 32), c[2], c[3]) for c in cands]
     # at most one warpgroup (4 warps) per 64 rows: more would split the score tile's columns
@@ -168,9 +168,9 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     else:
         dkdv = [(32 if heavy else 64, 64, 4, 3), (32, 64, 4, 2)]
         dq = [(64, 32 if narrow else 64, 4, 3), (64, 32, 4, 2)]
-    if elt == 4:  # exact fp32 path (FMA dots): small tiles
-        dkdv = [(16, 32, 4, 1)]
-        dq = [(32, 16, 4, 1)]
+    if elt == 4:  # exact fp32 path (FMA dots, operands in registers): small tiles, smaller from d 128
+        dkdv = [(16, 32 if big < 128 else 16, 4, 1)]
+        dq = [(32 if big < 256 else 16, 16, 4, 1)]
     return _prune(dkdv, bd, bdv, elt), _prune(dq, bd, bdv, elt)
 
 
