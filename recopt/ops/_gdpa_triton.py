@@ -73,10 +73,21 @@ def _smem_estimate(bm: int, bn: int, bd: int, bdv: int, stages: int, elt: int) -
     return elt * (bm * bd + stages * bn * (bd + bdv) + bm * bn)
 
 
-def _prune(configs, bd: int, bdv: int, elt: int):
+def smem_estimate(kind: str, bm: int, bn: int, bd: int, bdv: int, stages: int, elt: int) -> int:
+    """Shared-memory bytes of one program of kernel ``kind`` (fwd, dkdv, dq): the resident
+    tiles (fwd: Q; dkdv: K and V; dq: Q and dO), the streamed ones per pipeline stage (fwd:
+    K, V; dkdv: Q, dO; dq: K, V) and one score tile staged for the second GEMM."""
+    if kind == "dkdv":
+        return elt * (bn * (bd + bdv) + stages * bm * (bd + bdv) + bm * bn)
+    if kind == "dq":
+        return elt * (bm * (bd + bdv) + stages * bn * (bd + bdv) + bm * bn)
+    return _smem_estimate(bm, bn, bd, bdv, stages, elt)
+
+
+def _prune(configs, bd: int, bdv: int, elt: int, kind: str = "fwd"):
     """Keep configs that fit shared memory (first one wins); the last resort always fits."""
     for bm, bn, w, st in configs:
-        if _smem_estimate(bm, bn, bd, bdv, st, elt) <= SMEM_LIMIT:
+        if smem_estimate(kind, bm, bn, bd, bdv, st, elt) <= SMEM_LIMIT:
             return bm, bn, w, st
     return configs[-1]
 
@@ -151,14 +162,15 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     elt = 4 if dtype == torch.float32 else 2
     narrow = heavy or arch >= 100
     if big >= 256:
-        # dK and dV in separate launches (dkdv_passes): one 64 x 256 fp32 accumulator each, 128
-        # registers a thread. sm_90: two stages turn the K/V (Q/dO) tile loads into cp.async,
-        # which keeps them out of registers (one stage spilled); 128 query rows for dQ at any
-        # Tq (64 rows on 4 warps spill: twice the load elements per thread)
+        # dK and dV in separate launches (dkdv_passes): one 64 x 256 fp32 accumulator per
+        # warpgroup, 128 registers a thread. sm_90: two warpgroups (128 keys, 128 queries for
+        # dQ at any Tq) halve the per-thread share of each streamed tile, and two stages make
+        # those loads cp.async; with one warpgroup or one stage they went through registers
+        # and spilled (8-360 B, depending on the activation and variant)
         if arch >= 100:
             dkdv, dq = [(16, 64, 4, 1)], [(128, 16, 8, 1) if t_q > 64 else (64, 16, 4, 1)]
         else:
-            dkdv, dq = [(16, 64, 4, 1 if heavy else 2)], [(128, 16 if heavy else 32, 8, 2)]
+            dkdv, dq = [(16, 128, 8, 2)], [(128, 16, 8, 2)]
     elif big >= 128:
         # dK, dV accumulators are 128 registers/thread on sm_90 (wgmma accumulates in registers):
         # a narrow query step keeps it unspilled; sm_100 accumulates in tensor memory and takes
@@ -171,7 +183,7 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     if elt == 4:  # exact fp32 path (FMA dots, operands in registers): small tiles, smaller from d 128
         dkdv = [(16, 32 if big < 128 else 16, 4, 1)]
         dq = [(32 if big < 256 else 16, 16, 4, 1)]
-    return _prune(dkdv, bd, bdv, elt), _prune(dq, bd, bdv, elt)
+    return _prune(dkdv, bd, bdv, elt, "dkdv"), _prune(dq, bd, bdv, elt, "dq")
 
 
 def dkdv_passes(d: int, dv: int) -> tuple:
