@@ -545,15 +545,18 @@ def launch_configs(kind: str, dtype, arch: int = 90, act: str = "gelu") -> list:
 def compile_specs(level: str = "ci") -> list:
     """Specs for recopt.kernels.compile_check.
 
-    ``ci`` (about a minute on 2 idle cores), per arch (sm_90, sm_100): every
+    ``ci`` (about 100 s on 2 idle cores), per arch (sm_90, sm_100): every
     config the launcher can pick for every head-size class (16..256), compiled
     with the heaviest variant that config serves (``all``: jagged, window,
-    causal, bias, GQA, gelu, for the configs picked under masks or a bias;
-    ``light``: jagged, lengths, GQA, gelu, otherwise), in bf16 and (d 64) fp32;
-    every activation through the dK/dV kernel (it holds both act and its
-    gradient) and the three fast activations through the forward; on sm_90 also
-    each kernel's ``dense``, ``causal`` and odd-head-size code paths. ``full``:
-    activation x variant x config x dtype, both archs.
+    causal, bias, GQA, gelu, the atomic bias gradient in dQ, for the configs
+    picked under jagged inputs, masks or a bias; ``gqa_len`` / ``lengths``:
+    lengths and GQA, otherwise), in bf16 and (d 64) fp32, the forward also with
+    gelu_tanh where its config differs; every activation through the dK/dV
+    kernel (it holds both act and its gradient) and through the forward on
+    sm_100 (three fast ones on sm_90); dQ's stored and atomic bias gradients;
+    on sm_90 also each kernel's ``dense``, ``causal`` and odd-head-size code
+    paths, and the d = 256 backward with ``raw``. ``full``: activation x
+    variant x config x dtype, both archs.
     """
     specs, seen = [], set()
 
@@ -606,4 +609,8 @@ def compile_specs(level: str = "ci") -> list:
                 add(kind, "gelu", "dense", 128, bf16, main, (arch,))
                 add(kind, "gelu", "causal", 128, bf16, heavy_main, (arch,))
                 add(kind, "gelu", "lengths", 96, bf16, main, (arch,))   # d != BLOCK_D: masked head-dim loads
+                if kind != "fwd":  # d = 256 is the tightest fit; register use is not monotonic in the
+                    # activation (raw spilled here where gelu did not): the simplest one as well
+                    add(kind, "raw", "dense", 256, bf16,
+                        [c for d, c, h in launch_configs(kind, bf16, arch) if d == 256 and not h][-1], (arch,))
     return specs
