@@ -111,10 +111,10 @@ def fwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: in
     return _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch, heavy, act)
 
 
-# Activations whose plain forward takes 128 x 128 score tiles on sm_100 too: there ptxas
-# holds the kernel to 128 registers, and gelu_tanh's (tanh.approx) 128 x 128 tile spills
-# 40-48 B, so it keeps 128 x 64 (11.3 instructions per element, within its budget of 13);
-# gelu at 128 x 64 was 14.9 (budget 14): the wider tile amortises the per-tile cost (11.9).
+# Activations whose plain forward takes 128 x 128 score tiles on sm_100 too (the wider tile
+# amortises the per-tile cost over twice the elements; gelu: 13.05 SASS instructions per
+# element, budget 14). There ptxas holds the kernel to 128 registers, and gelu_tanh's
+# (tanh.approx) 128 x 128 tile spills 40-48 B, so it keeps 128 x 64 (11.3, budget 13).
 _WIDE_ON_SM100 = frozenset(ACTIVATIONS) - {"gelu_tanh"}
 
 
