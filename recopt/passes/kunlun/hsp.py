@@ -4,7 +4,7 @@ Recognises a PMA-style pooler: a module that owns learned queries
 (``seeds [k, d]`` or ``[1, k, d]``) and attends with them over one sequence
 ``S [B, T, d]`` (optionally with a ``[B, T]`` bool key mask), returning one
 ``[B, k, d]`` value. It is replaced by
-:class:`recopt.models.layers.HSP` ``(d, heads, n_out=k, n_seeds, rank)``
+:class:`recopt.modules.attention.HSP` ``(d, heads, n_out=k, n_seeds, rank)``
 called on the same ``(S, key_keep)``; the output shape is unchanged, so the
 consumers are untouched.
 
@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from recopt.graph import canon as C
 from recopt.graph.nodes import get_module, node_shape
-from recopt.models.layers import HSP
+from recopt.modules.attention import HSP
 
 from ..base import Pass, PassConfig, PassContext, PassResult, Semantics
 from ..registry import register_pass
