@@ -1,8 +1,9 @@
-"""LoKA Mods: architecture changes that make FP8 safe (SPEC §7.3). Each needs retraining.
+"""LoKA Mods: architecture changes that make FP8 safe (LoKA's "FP8-friendly" model
+changes). Each needs retraining.
 
 - :func:`apply_no_bias` — drop every linear bias except the final head's.
 - :func:`apply_blocknorm` — LayerNorm/RMSNorm fed by a linear site →
-  :class:`BlockNorm` (parameter-free RMS norm over fixed 256-wide blocks).
+  :class:`~recopt.modules.blocknorm.BlockNorm` (parameter-free RMS norm over fixed 256-wide blocks).
 - :func:`apply_hardswish` — SiLU and ``x·σ(x)`` → Hardswish;
   ``x·σ(norm(x))`` → ``x·hardsigmoid(norm(x))`` (the hard analogue, no exp).
 
@@ -17,37 +18,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused_quant import DEFAULT_EPS
+from ..modules.blocknorm import DEFAULT_BLOCK, BlockNorm  # noqa: F401  (BlockNorm re-exported: recopt.fp8.BlockNorm)
 from .sites import NORM_FUNCS, NORM_MODULES, find_sites, head_sites, is_swish_mul
-
-DEFAULT_BLOCK = 256
-
-
-class BlockNorm(nn.Module):
-    """Parameter-free RMS normalization over fixed blocks of the last dim.
-
-    ``y = x / sqrt(mean_block(x²) + eps)`` per block of ``block`` features
-    (identical in training and inference). ``num_features`` must be a
-    multiple of ``block``; a row narrower than ``block`` is one block.
-    """
-
-    __recopt_leaf__ = True  # one node in recopt.capture's graphs
-
-    def __init__(self, num_features: int, block: int = DEFAULT_BLOCK, eps: float = DEFAULT_EPS):
-        super().__init__()
-        eff = block if num_features >= block else num_features
-        if num_features % eff:
-            raise ValueError(f"BlockNorm: num_features={num_features} is not a multiple of block={block}")
-        self.num_features, self.block, self.eps = num_features, eff, eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # No Python branch on x's shape, so torch.fx can trace through it.
-        y = x.float().unflatten(-1, (-1, self.block))
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.flatten(-2).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, block={self.block}, eps={self.eps}"
 
 
 def _new_name(gm: fx.GraphModule, base: str) -> str:

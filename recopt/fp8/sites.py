@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..modules.blocknorm import BlockNorm
 from ..passes.base import module_path_of
 
 LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
@@ -154,7 +155,6 @@ def is_norm(gm: fx.GraphModule, node) -> bool:
     if not isinstance(node, fx.Node):
         return False
     if node.op == "call_module":
-        from .mods import BlockNorm
         return isinstance(dict(gm.named_modules()).get(node.target), NORM_MODULES + (BlockNorm,))
     return node.op == "call_function" and node.target in NORM_FUNCS
 
