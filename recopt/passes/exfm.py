@@ -9,7 +9,7 @@ into one that returns ``(serving_logit, distill_logit[, distill2_logit])``:
 * each **distillation head** ``D_k`` is a copy of ``S`` (same weights at
   initialisation, separate parameters afterwards) applied to
   ``GS_β(x)``, where ``x`` is the backbone output that feeds ``S`` and GS_β
-  is :func:`recopt.distill.grad_scale.grad_scale` (identity forward,
+  is :func:`recopt.ops.grad_scale.grad_scale` (identity forward,
   gradient × β backward).
 
 The serving path is left untouched, so output 0 is bit-identical to the
@@ -53,7 +53,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..distill.grad_scale import GRAD_SCALE_OP, is_grad_scale_node
+from ..ops.grad_scale import GRAD_SCALE_OP, is_grad_scale_node
 from .base import Pass, PassConfig, PassContext, PassResult, Semantics
 from .registry import register_pass
 

@@ -8,7 +8,7 @@ Event-level personalization is a config transform, not a graph pass:
 from . import compskip, hsp, window  # noqa: F401  (registers the passes)
 from .compskip import CompSkip, CompSkipConfig
 from .hsp import HSPConfig, PMAToHSP
-from .local_attention import band_attention_reference, local_attention
+from recopt.ops.local_attention import band_attention_reference, local_attention  # re-exported (run-time op)
 from .window import BandAttention, SlidingWindow, SlidingWindowConfig
 
 __all__ = ["CompSkip", "CompSkipConfig", "PMAToHSP", "HSPConfig", "SlidingWindow", "BandAttention",

@@ -37,7 +37,7 @@ from recopt.graph.nodes import get_module, node_shape
 from ..base import Pass, PassConfig, PassContext, PassResult, Semantics, Site
 from ..registry import register_pass
 from . import structure as S
-from .torch_layers import POST_NORM_SKIP, ScheduledEncoder, ScheduledEncoderLayer
+from recopt.modules.scheduled_encoder import POST_NORM_SKIP, ScheduledEncoder, ScheduledEncoderLayer
 
 ROLES = ("sa", "pf", "sum")
 

@@ -32,6 +32,7 @@ import torch.nn as nn
 from recopt.graph import canon as C
 from recopt.graph.nodes import get_module, node_shape
 from recopt.modules.attention import HSP
+from recopt.ops.masks import all_keys
 
 from ..base import Pass, PassConfig, PassContext, PassResult, Semantics
 from ..registry import register_pass
@@ -52,14 +53,6 @@ class HSPConfig(PassConfig):
     def __post_init__(self):
         if self.seed_factor < 1 or self.rank < 1:
             raise ValueError("seed_factor and rank must be >= 1")
-
-
-def all_keys(s: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` all-True key mask for a sequence ``s [B, T, d]`` (poolers without a mask)."""
-    return torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
-
-
-torch.fx.wrap("all_keys")
 
 
 @register_pass

@@ -6,7 +6,7 @@ Two passes share one matcher:
   with a constant band ``|i - j| <= w`` built from index differences (e.g.
   ``(arange(T)[:, None] - arange(T)[None, :]).abs() <= w``). The chain
   ``q @ kᵀ -> scale -> mask -> softmax|act -> scale -> @ v`` becomes one
-  :func:`~recopt.passes.kunlun.local_attention.local_attention` call with
+  :func:`~recopt.ops.local_attention.local_attention` call with
   ``window=w`` that skips out-of-band tiles. Verified by the manager like any
   exact pass.
 * ``sliding_window`` (architecture; retrain): also adds a band of half width
@@ -15,7 +15,7 @@ Two passes share one matcher:
   keep their band (exact). ``recopt.ops.gdpa`` calls that are self-attention
   get GDPA's ``window`` argument (GDPA's kernel skips out-of-band tiles);
   ``nn.TransformerEncoderLayer`` leaves are swapped for
-  :class:`~recopt.passes.kunlun.torch_layers.ScheduledEncoderLayer` with the window.
+  :class:`~recopt.modules.scheduled_encoder.ScheduledEncoderLayer` with the window.
 
 Relation to the ``gdpa`` fusion pass: ``gdpa`` maps a band that already exists
 in *pointwise* attention to GDPA's ``window`` too (exactly). Both passes are
@@ -48,13 +48,13 @@ import torch.nn.functional as F
 from recopt.graph import canon as C
 from recopt.graph.masks import MaskParts, keep_parts
 from recopt.graph.nodes import const_value, depends_on_inputs, get_module, node_shape
+from recopt.modules.scheduled_encoder import ScheduledEncoder, ScheduledEncoderLayer, window_support
 from recopt.ops import gdpa_ref as R
+from recopt.ops.local_attention import local_attention, local_attention_flops
 
 from ..base import Pass, PassConfig, PassContext, PassResult, Semantics
 from ..registry import register_pass
 from . import structure as S
-from .local_attention import local_attention, local_attention_flops
-from .torch_layers import ScheduledEncoder, ScheduledEncoderLayer, window_support
 
 
 @dataclass

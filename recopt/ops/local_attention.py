@@ -34,7 +34,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from recopt.ops import gdpa_ref as R
+from . import gdpa_ref as R
 
 EMPTY_ROWS = ("uniform", "zero")
 
