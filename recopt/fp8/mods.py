@@ -18,18 +18,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..graph.nodes import fresh_attr_name, set_submodule
 from ..modules.blocknorm import DEFAULT_BLOCK, BlockNorm  # noqa: F401  (BlockNorm re-exported: recopt.fp8.BlockNorm)
 from .sites import NORM_FUNCS, NORM_MODULES, find_sites, head_sites, is_swish_mul
-
-
-def _new_name(gm: fx.GraphModule, base: str) -> str:
-    base = base.replace(".", "_")
-    name, i = base, 0
-    names = dict(gm.named_modules())
-    while name in names:
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 def apply_no_bias(gm: fx.GraphModule) -> list:
@@ -50,7 +41,7 @@ def apply_no_bias(gm: fx.GraphModule) -> list:
                             dtype=old.weight.dtype)
             new.weight = old.weight
             new.train(old.training)
-            _set_submodule(gm, s.fqn, new)
+            set_submodule(gm, s.fqn, new)
         else:
             args = list(s.node.args)
             if len(args) > 2:
@@ -61,12 +52,6 @@ def apply_no_bias(gm: fx.GraphModule) -> list:
         out.append((s.node.name, "rewritten", "", "bias dropped", {"fqn": s.fqn}))
     _finish(gm)
     return out
-
-
-def _set_submodule(gm: fx.GraphModule, fqn: str, mod: nn.Module) -> None:
-    parent_name, _, leaf = fqn.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
-    setattr(parent, leaf, mod)
 
 
 def apply_blocknorm(gm: fx.GraphModule, block: int = DEFAULT_BLOCK) -> list:
@@ -97,7 +82,7 @@ def apply_blocknorm(gm: fx.GraphModule, block: int = DEFAULT_BLOCK) -> list:
                         f"N={n} is not a multiple of the {block}-wide block; kept (pad the layer to use BlockNorm)",
                         {"n": n}))
             continue
-        name = _new_name(gm, f"{node.target if is_mod else node.name}_blocknorm")
+        name = fresh_attr_name(gm, f"{node.target if is_mod else node.name}_blocknorm")
         gm.add_submodule(name, BlockNorm(n, block))
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(name, (src,))
@@ -116,7 +101,7 @@ def apply_hardswish(gm: fx.GraphModule) -> list:
     out = []
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(modules.get(node.target), nn.SiLU):
-            name = _new_name(gm, f"{node.target}_hardswish")
+            name = fresh_attr_name(gm, f"{node.target}_hardswish")
             gm.add_submodule(name, nn.Hardswish())
             node.target = name
             out.append((node.name, "rewritten", "", "SiLU → Hardswish", {}))

@@ -19,8 +19,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..graph.scopes import module_path_of
 from ..modules.blocknorm import BlockNorm
-from ..passes.base import module_path_of
 
 LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
 MATMUL_FUNCS = {torch.matmul, operator.matmul}

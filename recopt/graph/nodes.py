@@ -1,6 +1,8 @@
-"""Node metadata helpers: shapes, dtypes, parameters, constants.
+"""Node metadata helpers (shapes, dtypes, parameters, constants) and the one
+copy of the graph-module edits every pass needs (fetch an attribute, swap a
+submodule, pick a free attribute name).
 
-Every helper takes an ``fx.Node`` whose ``meta`` holds ``tensor_meta``
+Every metadata helper takes an ``fx.Node`` whose ``meta`` holds ``tensor_meta``
 (ShapeProp) or ``val`` (fake tensor from Dynamo/export) and returns ``None``
 when the information is missing, never guesses.
 """
@@ -56,12 +58,53 @@ def get_module(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.nn.Module]:
         return None
 
 
-def get_attr_value(gm: fx.GraphModule, node: fx.Node) -> Any:
-    """The object a ``get_attr`` node fetches (parameter, buffer, constant)."""
-    obj = gm
-    for part in str(node.target).split("."):
+def get_attr_value(gm: torch.nn.Module, node: Any) -> Any:
+    """The object a ``get_attr`` node (or a dotted target string) fetches: parameter, buffer, constant.
+
+    Raises ``AttributeError`` naming the missing part when the path does not exist.
+    """
+    target = str(node.target) if isinstance(node, fx.Node) else str(node)
+    obj: Any = gm
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(f"{type(gm).__name__} has no attribute {target!r} (no {part!r} on "
+                                 f"{type(obj).__name__})")
         obj = getattr(obj, part)
     return obj
+
+
+def set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    """Put ``module`` at dotted ``path`` under ``root``, replacing what is there.
+
+    The parent must exist (``nn.ModuleList`` / ``nn.Sequential`` children are
+    addressed by index, ``blocks.0``); the last name need not. For a new
+    top-level name use :func:`fresh_attr_name` first so nothing is overwritten.
+    """
+    if not path:
+        raise ValueError("set_submodule needs a non-empty path (the root itself cannot be replaced)")
+    parent_path, _, name = path.rpartition(".")
+    try:
+        parent = root.get_submodule(parent_path) if parent_path else root
+    except AttributeError as e:
+        raise AttributeError(f"cannot set submodule {path!r}: its parent {parent_path!r} does not exist ({e})") from None
+    setattr(parent, name, module)  # ModuleList/Sequential keep children in _modules under "0", "1", ...
+
+
+def fresh_attr_name(root: torch.nn.Module, base: str) -> str:
+    """A name for a new direct attribute of ``root`` (submodule, parameter, buffer) that is not taken.
+
+    Dots and other characters that cannot appear in an attribute name become
+    ``_``; then ``base``, ``base_1``, ``base_2``, ... is the first one
+    ``root`` does not have (as a module, parameter, buffer or any attribute).
+    """
+    clean = "".join(c if c.isalnum() or c == "_" else "_" for c in base) or "_attr"
+    if clean[0].isdigit():
+        clean = "_" + clean
+    name, i = clean, 0
+    while hasattr(root, name):
+        i += 1
+        name = f"{clean}_{i}"
+    return name
 
 
 def is_parameter(gm: fx.GraphModule, node: Any) -> bool:

@@ -78,3 +78,20 @@ def flops_by_prefix(gm: fx.GraphModule, flops: dict, prefixes: Iterable[str]) ->
     names = {n.name: scope_of(n) for n in gm.graph.nodes}
     return {p: sum(f for name, f in flops.items() if name in names and in_scope(names[name], p))
             for p in prefixes}
+
+
+def module_path_of(node: fx.Node) -> str:
+    """The dotted path of the module a node came from, or "" if unknown.
+
+    ``call_module`` nodes name their module; for other nodes the last entry
+    of ``nn_module_stack`` (kept by Dynamo capture) or the recorded source is
+    used.
+    """
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        last = list(stack.values())[-1]
+        path = last[0] if isinstance(last, tuple) else str(last)
+        return path.replace("L['self'].", "").replace("L__self___", "")
+    return node.meta.get("recopt_module_path", "")

@@ -53,6 +53,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..graph.nodes import fresh_attr_name, get_attr_value
 from ..ops.grad_scale import GRAD_SCALE_OP, is_grad_scale_node
 from .base import Pass, PassConfig, PassContext, PassResult, Semantics
 from .registry import register_pass
@@ -182,13 +183,6 @@ def find_serving_head(gm: fx.GraphModule, head_layers: int = 1):
 
 # ----------------------------------------------------------------------------- rewrite
 
-def _get_attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _reset(module: nn.Module) -> None:
     for m in module.modules():
         if hasattr(m, "reset_parameters"):
@@ -220,8 +214,8 @@ def add_distill_heads(gm: fx.GraphModule, head: HeadMatch, config: AuxHeadConfig
                 if a in env:
                     return env[a]
                 if a.op == "get_attr":
-                    value = _get_attr(gm, a.target)
-                    name = f"{DISTILL_PREFIX}{k}_p{n_param}"
+                    value = get_attr_value(gm, a)
+                    name = fresh_attr_name(gm, f"{DISTILL_PREFIX}{k}_p{n_param}")
                     n_param += 1
                     if isinstance(value, nn.Parameter):
                         new = nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
@@ -247,7 +241,7 @@ def add_distill_heads(gm: fx.GraphModule, head: HeadMatch, config: AuxHeadConfig
                 module = copy.deepcopy(gm.get_submodule(node.target))
                 if not config.copy_weights:
                     _reset(module)
-                target = f"{DISTILL_PREFIX}{k}_l{i}"
+                target = fresh_attr_name(gm, f"{DISTILL_PREFIX}{k}_l{i}")
                 gm.add_submodule(target, module)
             with graph.inserting_after(last):
                 new = graph.create_node(node.op, target, args, kwargs, name=f"{DISTILL_PREFIX}{k}_{node.name}")

@@ -50,6 +50,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..graph.nodes import fresh_attr_name, get_attr_value
 from ..ops.kjt import build_bag_kjt, build_sequence_kjt, unflatten_sequence_embedding
 from .base import Pass, PassConfig, PassContext, PassResult, Semantics, Site
 from .registry import register_pass
@@ -96,13 +97,6 @@ def _bind(node: fx.Node, names: tuple) -> dict:
     return bound
 
 
-def _get_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _site_from_node(gm: fx.GraphModule, node: fx.Node) -> Optional[EmbeddingSite]:
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
@@ -123,7 +117,7 @@ def _site_from_node(gm: fx.GraphModule, node: fx.Node) -> Optional[EmbeddingSite
         w = a.get("weight")
         if not (isinstance(w, fx.Node) and w.op == "get_attr"):
             return None
-        weight = _get_attr(gm, w.target)
+        weight = get_attr_value(gm, w)
         ref = w.target[: -len(".weight")] if w.target.endswith(".weight") else w.target
         site = EmbeddingSite(node, "bag" if is_bag else "embedding", ref, w.target, weight, a["input"],
                              padding_idx=a.get("padding_idx"), max_norm=a.get("max_norm"),
@@ -337,7 +331,7 @@ class Sparse2DPass(Pass):
         collections: dict = {}
         for gi, g in enumerate(groups):
             suffix = "_weighted" if g["weighted"] else ("_seq" if g["kind"] == "embedding" else "")
-            coll_name = _free_attr(gm, self.config.collection_name + suffix)
+            coll_name = fresh_attr_name(gm, self.config.collection_name + suffix)
             # one table per distinct weight, one feature per lookup site
             tables: Dict[str, dict] = {}
             feature_of = {}
@@ -411,13 +405,6 @@ def _is_torchrec_collection(mod: nn.Module) -> bool:
     names = {c.__name__ for c in type(mod).__mro__}
     return type(mod).__module__.startswith("torchrec.") and bool(
         names & {"EmbeddingBagCollection", "EmbeddingCollection"})
-
-
-def _free_attr(gm: nn.Module, name: str) -> str:
-    out, i = name, 1
-    while hasattr(gm, out):
-        out, i = f"{name}_{i}", i + 1
-    return out
 
 
 def _delete_unused_get_attr_params(gm: fx.GraphModule, keys: set) -> None:

@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from recopt.graph import canon as C
-from recopt.graph.nodes import get_module, node_shape
+from recopt.graph.nodes import fresh_attr_name, get_module, node_shape
 from recopt.modules.attention import HSP
 from recopt.ops.masks import all_keys
 
@@ -113,7 +113,9 @@ class PMAToHSP(Pass):
         notes = []
         if self.config.warm_start:
             notes.append(_warm_start(hsp, seeds.detach().reshape(k, d), src))
-        path = f"{summ.scope}.hsp"
+        owner = gm.get_submodule(summ.scope) if summ.scope else gm
+        name = fresh_attr_name(owner, "hsp")
+        path = f"{summ.scope}.{name}" if summ.scope else name
         gm.add_submodule(path, hsp)
         g = gm.graph
         with g.inserting_before(summ.output):

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from recopt.graph import canon as C
 from recopt.graph.masks import MaskParts, keep_parts
-from recopt.graph.nodes import const_value, depends_on_inputs, get_module, node_shape
+from recopt.graph.nodes import const_value, depends_on_inputs, get_module, node_shape, set_submodule
 from recopt.modules.scheduled_encoder import ScheduledEncoder, ScheduledEncoderLayer, window_support
 from recopt.ops import gdpa_ref as R
 from recopt.ops.local_attention import local_attention, local_attention_flops
@@ -382,9 +382,8 @@ class _WindowBase(Pass):
         if T <= 2 * w + 1:
             return self.rejected(node, "too_short", f"T={T} <= 2w+1={2 * w + 1}")
         new = [ScheduledEncoderLayer(l, window=w, n_global=self.config.n_global) for l in layers]
-        from .compskip import _set_submodule
 
-        _set_submodule(gm, str(node.target), ScheduledEncoder(mod, new) if is_stack else new[0])
+        set_submodule(gm, str(node.target), ScheduledEncoder(mod, new) if is_stack else new[0])
         E = with_sa[0].self_attn.embed_dim
         B = (shp[0] if bf else shp[1]) if shp else 0
         dense = 4 * B * T * T * E * len(with_sa)
