@@ -256,3 +256,70 @@ def is_getitem(node: Any, index: Optional[int] = None) -> bool:
     return (isinstance(node, fx.Node) and node.op == "call_function"
             and node.target is operator.getitem
             and (index is None or node.args[1] == index))
+
+
+# --------------------------------------------------------------------------- dead code
+
+_RANDOM_NAMES = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like",
+                 "bernoulli", "multinomial", "normal", "poisson", "dropout", "native_dropout",
+                 "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d",
+                 "uniform_", "normal_", "exponential_", "geometric_", "log_normal_", "cauchy_", "random_"}
+
+
+_OPERATOR_INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                     operator.ilshift, operator.irshift, operator.imatmul}
+
+
+def _inactive_dropout(node: fx.Node, name: str) -> bool:
+    """A dropout call that draws nothing: ``training=False`` or ``p=0`` as constants (and not in place)."""
+    if not name.endswith("dropout") or node.kwargs.get("inplace") is True:
+        return False
+    if node.op == "call_function" and len(node.args) > 3 and node.args[3] is True:
+        return False  # F.dropout(x, p, training, inplace=True)
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else None)
+    train = node.kwargs.get("training", node.kwargs.get("train", node.args[2] if len(node.args) > 2 else None))
+    if node.op == "call_method":  # Tensor has no dropout method; be safe
+        return False
+    return train is False or (isinstance(p, (int, float)) and not isinstance(p, bool) and p == 0)
+
+
+def has_side_effects(node: fx.Node) -> bool:
+    """Whether removing ``node`` could change behaviour even if nobody uses its result.
+
+    fx's notion of impure (placeholders, outputs, ops it knows mutate), plus
+    in-place methods and functions (``x.add_(y)``, ``x += y``, ``out=``,
+    mutable op schemas) and random draws (an unused draw still advances the
+    generator, so every later draw would change). A dropout with a constant
+    ``training=False`` or ``p=0`` draws nothing and is not a side effect.
+    This is the dead-code rule of the ``dead_code`` pass and of the pass
+    manager's clean-up after every pass (:func:`tidy_graph`).
+    """
+    if node.is_impure():
+        return True
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if isinstance(node.target, torch._ops.OpOverload):
+        name = node.target._schema.name.split("::")[-1]
+        if node.target._schema.is_mutable:
+            return True
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    if node.target in _OPERATOR_INPLACE:  # x += y on a tensor is x.add_(y)
+        return True
+    if name in _RANDOM_NAMES:
+        return not _inactive_dropout(node, name)
+    return bool(node.kwargs.get("out") is not None)
+
+
+def tidy_graph(gm: fx.GraphModule) -> None:
+    """Remove dead nodes (never those with :func:`has_side_effects`), lint, recompile.
+
+    What the pass manager does once after every pass that changed the graph;
+    a pass that prunes modules or parameters after removing dead nodes calls
+    it first itself.
+    """
+    gm.graph.eliminate_dead_code(is_impure_node=has_side_effects)
+    gm.graph.lint()
+    gm.recompile()

@@ -16,6 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..graph.nodes import tidy_graph
 from .base import Pass, PassContext, PassResult, Semantics
 from .registry import register_pass
 
@@ -56,9 +57,8 @@ class RemoveIdentity(Pass):
             gm.graph.erase_node(node)
             sites.append(self.rewritten(node, "returns its input unchanged; removed"))
         if any(s.status == "rewritten" for s in sites):
-            gm.graph.lint()
+            tidy_graph(gm)
             gm.delete_all_unused_submodules()
-            gm.recompile()
         return PassResult(gm, sites)
 
     def _identity_source(self, node: fx.Node, modules: dict):

@@ -50,7 +50,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph.nodes import fresh_attr_name, get_attr_value
+from ..graph.nodes import fresh_attr_name, get_attr_value, tidy_graph
 from ..ops.kjt import build_bag_kjt, build_sequence_kjt, unflatten_sequence_embedding
 from .base import Pass, PassConfig, PassContext, PassResult, Semantics, Site
 from .registry import register_pass
@@ -391,10 +391,9 @@ class Sparse2DPass(Pass):
                                 "new_weight_key": mapping[s.weight_key]}
         for s_node in done:
             gm.graph.erase_node(s_node)
-        gm.graph.eliminate_dead_code()
+        tidy_graph(gm)
         gm.delete_all_unused_submodules()
         _delete_unused_get_attr_params(gm, set(mapping))
-        gm.recompile()
         meta = gm.meta.setdefault(META_KEY, {"state_dict_mapping": {}, "collections": {}})
         meta["state_dict_mapping"].update(mapping)
         meta["collections"].update(collections)

@@ -32,7 +32,7 @@ from typing import Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from recopt.graph.nodes import get_module, node_shape, set_submodule
+from recopt.graph.nodes import get_module, node_shape, set_submodule, tidy_graph
 
 from ..base import Pass, PassConfig, PassContext, PassResult, Semantics, Site
 from ..registry import register_pass
@@ -120,10 +120,8 @@ class CompSkip(Pass):
                 changed |= self._encoder(gm, node, sites, layer_scopes)
 
         if changed:
-            gm.graph.eliminate_dead_code()
+            tidy_graph(gm)
             S.prune_unused(gm)
-            gm.graph.lint()
-            gm.recompile()
             if args:
                 flops1 = S.node_flops(gm, args)
                 for site, scopes in layer_scopes:

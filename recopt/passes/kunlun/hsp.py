@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from recopt.graph import canon as C
-from recopt.graph.nodes import fresh_attr_name, get_module, node_shape
+from recopt.graph.nodes import fresh_attr_name, get_module, node_shape, tidy_graph
 from recopt.modules.attention import HSP
 from recopt.ops.masks import all_keys
 
@@ -83,10 +83,8 @@ class PMAToHSP(Pass):
             if site.status == "rewritten":
                 done.append(site)
         if done:
-            gm.graph.eliminate_dead_code()
+            tidy_graph(gm)
             S.prune_unused(gm)
-            gm.graph.lint()
-            gm.recompile()
             if args:
                 flops1 = S.node_flops(gm, args)
                 for site in done:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from recopt.graph import canon as C
 from recopt.graph.masks import MaskParts, keep_parts
-from recopt.graph.nodes import const_value, depends_on_inputs, get_module, node_shape, set_submodule
+from recopt.graph.nodes import const_value, depends_on_inputs, get_module, node_shape, set_submodule, tidy_graph
 from recopt.modules.scheduled_encoder import ScheduledEncoder, ScheduledEncoderLayer, window_support
 from recopt.ops import gdpa_ref as R
 from recopt.ops.local_attention import local_attention, local_attention_flops
@@ -127,10 +127,8 @@ class _WindowBase(Pass):
             if site is not None:
                 sites.append(site)
         if any(s.status == "rewritten" for s in sites):
-            gm.graph.eliminate_dead_code()
+            tidy_graph(gm)
             S.prune_unused(gm)
-            gm.graph.lint()
-            gm.recompile()
         return PassResult(gm, sites)
 
     # ------------------------------------------------------------------ raw attention chains
