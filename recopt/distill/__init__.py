@@ -1,4 +1,4 @@
-"""ExFM external distillation (SPEC §8): a foundation-model teacher serving several students.
+"""ExFM external distillation (arXiv 2502.17494; docs/exfm.md): a foundation-model teacher serving several students.
 
 - :mod:`~recopt.distill.das` — data augmentation system: teacher predictions logged once per
   unique example on disk (Parquet, needs ``pip install 'recopt[distill]'``) and shared by students;

@@ -8,7 +8,7 @@ custom_translation_table=...)``.
 
 Built in:
 
-- ``recopt::gdpa`` (dense GDPA, SPEC §3.2): ``MatMul(q, kᵀ)`` → ``Mul(pre_scale)``
+- ``recopt::gdpa`` (dense GDPA, semantics of :func:`recopt.ops.gdpa_ref.gdpa_ref`): ``MatMul(q, kᵀ)`` → ``Mul(pre_scale)``
   → zero masking (``Where``: window band, key lengths) → activation →
   ``Mul(qk_scale)`` → ``MatMul(·, v)`` → query-row masking. GQA repeats the
   K/V heads with ``Expand``/``Reshape``. Masked scores are **zero**, never

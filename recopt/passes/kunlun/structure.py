@@ -161,9 +161,9 @@ def is_norm(node: fx.Node, gm: fx.GraphModule) -> bool:
 
 
 def is_add(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in (operator.add, torch.add, operator.iadd):
-        return len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2])
-    if node.op == "call_method" and node.target in ("add", "__add__"):
+    """A residual-style sum of two graph values: any spelling of add (``recopt.graph.canon``),
+    or ``x += f(x)`` (``operator.iadd``, which canon leaves out because it writes in place)."""
+    if C.op_kind(node) == "add" or (node.op == "call_function" and node.target is operator.iadd):
         return len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2])
     return False
 
