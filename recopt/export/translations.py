@@ -423,12 +423,10 @@ def _fbgemm_op(name: str):
 
 
 def _recopt_op(name: str):
-    """``torch.ops.recopt.<name>.default`` if recopt.ops defines it in this checkout, else None."""
-    try:
-        import recopt.ops  # noqa: F401  registers torch.ops.recopt.*
-    except Exception:
-        return None
-    packet = getattr(torch.ops.recopt, name, None) if hasattr(torch.ops, "recopt") else None
+    """``torch.ops.recopt.<name>.default`` if recopt.ops registers an op of that name, else None."""
+    import recopt.ops  # noqa: F401  registers torch.ops.recopt.*
+
+    packet = getattr(torch.ops.recopt, name, None)
     try:
         return packet.default if packet is not None else None
     except AttributeError:
