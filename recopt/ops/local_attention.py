@@ -27,7 +27,6 @@ leaf call.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

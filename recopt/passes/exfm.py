@@ -44,7 +44,6 @@ output must be bit-identical).
 from __future__ import annotations
 
 import copy
-import operator
 from dataclasses import dataclass
 from typing import Any, Optional
 

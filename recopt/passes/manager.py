@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.fx as fx

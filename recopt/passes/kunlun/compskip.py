@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from recopt.graph.nodes import get_module, node_shape, set_submodule, tidy_graph
 
-from ..base import Pass, PassConfig, PassContext, PassResult, Semantics, Site
+from ..base import Pass, PassConfig, PassContext, PassResult, Semantics
 from ..registry import register_pass
 from . import structure as S
 from recopt.modules.scheduled_encoder import POST_NORM_SKIP, ScheduledEncoder, ScheduledEncoderLayer
