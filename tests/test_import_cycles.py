@@ -109,3 +109,12 @@ def test_passes_and_graph_import_no_models():
     from recopt.modules / recopt.ops."""
     bad = _imports_matching(_edges(_modules()), ("recopt.passes", "recopt.graph"), ("recopt.models", "recopt.models."))
     assert not bad, f"imports of recopt.models from passes/graph: {bad}"
+
+
+def test_runtime_layers_import_nothing_above_them():
+    """recopt.modules and recopt.ops (what rewritten graphs call at run time) import neither
+    passes, models, nor the optimizer layers above them; recopt.models may import recopt.modules."""
+    above = ("recopt.passes", "recopt.models", "recopt.api", "recopt.capture", "recopt.verify",
+             "recopt.lower", "recopt.export", "recopt.distill", "recopt.fp8")
+    bad = _imports_matching(_edges(_modules()), ("recopt.modules", "recopt.ops"), above)
+    assert not bad, f"run-time modules importing layers above them: {bad}"
