@@ -66,3 +66,35 @@ def test_side_effect_rule():
     g = fx.Graph()
     x = g.placeholder("x")
     assert has_side_effects(g.call_method("add_", (x, 1))) and not has_side_effects(g.call_method("add", (x, 1)))
+
+
+class _Broken(Pass):
+    """Leaves a node that uses a value defined after it: the graph does not lint."""
+
+    name = "test_broken_graph"
+    semantics = Semantics.EXACT
+
+    def run(self, gm, ctx):
+        g = gm.graph
+        mul = next(n for n in g.nodes if n.target is operator.mul)
+        out = next(n for n in g.nodes if n.op == "output")
+        add = out.args[0]
+        with g.inserting_before(mul):
+            bad = g.call_function(operator.neg, (add,))   # add is defined later
+        mul.replace_all_uses_with(bad)
+        return PassResult(gm, [self.rewritten(mul, "broken")])
+
+
+def test_a_pass_whose_graph_does_not_lint_fails_and_is_skipped():
+    import pytest
+
+    x = torch.randn(4, 5)
+    opt = recopt.optimize(_M(), (x,), target="cpu", passes=[_Broken()])
+    run = opt.report.pass_run("test_broken_graph")
+    assert run.status == "failed" and "does not lint" in run.message
+    assert run.n_rewritten == 0
+    assert all(s.status == "rejected" and s.reason_code == "rolled_back"
+               for s in opt.report.sites if s.pass_name == "test_broken_graph")
+    torch.testing.assert_close(opt(x), torch.relu(x) * 2.0 + 1.0)
+    with pytest.raises(recopt.PassError, match="does not lint"):
+        recopt.PassManager([_Broken()], strict=True).run(fx.symbolic_trace(_M()), (x,))

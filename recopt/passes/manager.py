@@ -239,9 +239,10 @@ class PassManager:
             if not edited:
                 try:
                     tidy_graph(new_gm)
-                except Exception as e:
+                except Exception as e:  # not a fallback: the pass is reported failed and skipped
+                    self._roll_back(run, result, f"the graph it returned does not lint: {type(e).__name__}: {e}",
+                                    by="the manager's lint")
                     run.status = FAILED
-                    run.message = f"the graph pass {p.name!r} returned does not lint: {type(e).__name__}: {e}"
                     del ctx.guards[n_guards:]
                     if self.strict:
                         raise PassError(run.message) from e
@@ -299,14 +300,14 @@ class PassManager:
         return current, report
 
     @staticmethod
-    def _roll_back(run: PassRun, result: PassResult, failure: str) -> None:
+    def _roll_back(run: PassRun, result: PassResult, failure: str, by: str = "verification") -> None:
         run.status = ROLLED_BACK
         run.message = failure
         for s in result.sites:
             if s.status == REWRITTEN:
                 s.status = REJECTED
                 s.reason_code = "rolled_back"
-                s.reason = f"rewrite rolled back by verification: {failure}"
+                s.reason = f"rewrite rolled back by {by}: {failure}"
         run.n_rejected += run.n_rewritten
         run.n_rewritten = 0
 
