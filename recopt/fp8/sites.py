@@ -105,7 +105,7 @@ def op_label(gm: fx.GraphModule, node: fx.Node) -> str:
         t = node.target
         if t in NORM_FUNCS:
             return "rms_norm" if "rms" in getattr(t, "__name__", "") else "layer_norm"
-        if t in LINEAR_FUNCS:
+        if C.op_kind(node) == "linear":
             return "linear"
         return getattr(t, "__name__", str(t)).lstrip("_")
     if node.op == "call_method":
