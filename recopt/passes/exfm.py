@@ -52,6 +52,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..graph import canon as C
 from ..graph.nodes import fresh_attr_name, get_attr_value
 from ..ops.grad_scale import GRAD_SCALE_OP, is_grad_scale_node
 from .base import Pass, PassConfig, PassContext, PassResult, Semantics
@@ -62,17 +63,14 @@ META_KEY = "exfm"
 #: Prefix of the submodules / parameters that hold distillation-head copies.
 DISTILL_PREFIX = "exfm_distill"
 
-_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 _ACTIVATION_MODULES = (nn.ReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish,
                        nn.Hardswish, nn.Dropout, nn.Identity, nn.PReLU)
 _ACTIVATION_FUNCTIONS = {F.relu, F.silu, F.gelu, F.leaky_relu, F.elu, F.mish, F.hardswish, F.dropout,
                          torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.tanh,
                          torch.ops.aten.relu.default, torch.ops.aten.silu.default, torch.ops.aten.gelu.default}
 _ACTIVATION_METHODS = {"relu", "sigmoid", "tanh"}
-# Shape-only ops allowed after the last linear layer (e.g. ``squeeze(-1)``).
-_TAIL_METHODS = {"squeeze", "view", "reshape", "flatten", "unsqueeze", "float", "contiguous", "to"}
-_TAIL_FUNCTIONS = {torch.squeeze, torch.flatten, torch.reshape, torch.unsqueeze,
-                   torch.ops.aten.squeeze.dim, torch.ops.aten.view.default, torch.ops.aten.reshape.default}
+# Shape-only ops allowed after the last linear layer (e.g. ``squeeze(-1)``), by canonical kind.
+_TAIL_KINDS = ("view", "identity", "cast")
 
 
 @dataclass
@@ -103,9 +101,8 @@ class AuxHeadConfig(PassConfig):
 # ----------------------------------------------------------------------------- head discovery
 
 def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), nn.Linear)
-    return node.op == "call_function" and node.target in _LINEAR_FUNCTIONS
+    """``nn.Linear`` or any spelling of ``F.linear`` (``recopt.graph.canon``)."""
+    return C.op_kind(node, gm) == "linear"
 
 
 def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -117,9 +114,8 @@ def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _is_tail(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _TAIL_METHODS
-    return node.op == "call_function" and node.target in _TAIL_FUNCTIONS
+    """A shape-only op (view/reshape/squeeze/flatten ..., contiguous/clone, dtype casts)."""
+    return node.op in ("call_method", "call_function") and C.op_kind(node) in _TAIL_KINDS
 
 
 def _chain_input(node: fx.Node) -> Optional[fx.Node]:
