@@ -118,3 +118,16 @@ def test_runtime_layers_import_nothing_above_them():
              "recopt.lower", "recopt.export", "recopt.distill", "recopt.fp8")
     bad = _imports_matching(_edges(_modules()), ("recopt.modules", "recopt.ops"), above)
     assert not bad, f"run-time modules importing layers above them: {bad}"
+
+
+def test_importing_recopt_ops_registers_the_run_time_ops():
+    """A loaded program that calls torch.ops.recopt.grad_scale (ExFM's GS_β) or gdpa deserializes
+    after `import recopt.ops` alone (what recopt.export's loader imports)."""
+    import subprocess
+
+    code = ("import torch, recopt.ops; "
+            "assert hasattr(torch.ops.recopt, 'grad_scale') and hasattr(torch.ops.recopt, 'gdpa'); "
+            "import sys; assert 'recopt.distill' not in sys.modules and 'recopt.passes.exfm' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=str(ROOT.parent))
+    assert out.returncode == 0, out.stderr[-2000:]
