@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from recopt.graph.canon import arg
-from recopt.graph.nodes import get_module, node_dtype
+from recopt.graph.nodes import get_module, node_dtype, tidy_graph
 from recopt.ops.mha_fastpath import fastpath_nan_rows, nested_fastpath_zero_pad
 
 from . import cpu as _cpu
@@ -171,9 +171,7 @@ class DecomposeAttention(Pass):
                 continue
             sites.append(site)
         if any(s.status == "rewritten" for s in sites):
-            gm.graph.eliminate_dead_code()
-            gm.graph.lint()
-            gm.recompile()
+            tidy_graph(gm)
         return PassResult(gm, sites)
 
     def _open(self, gm, node, mod, fn, mask_names):
