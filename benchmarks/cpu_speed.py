@@ -357,12 +357,12 @@ def site_cost(repeats: int = 15, calls: int = 2000, clock: str = "cpu", log=prin
     """
     import torch.nn.functional as F
 
-    from recopt.ops import gdpa_cpu
     from recopt.ops.gdpa import gdpa
+    from recopt.ops.gdpa_site import specialize
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 20, 16, generator=g) for _ in range(3))
-    site = gdpa_cpu.specialize(dict(activation="silu", qk_scale=0.05), [])
+    site = specialize(dict(activation="silu", qk_scale=0.05), [])
     fns = {"model ops": lambda: F.silu(q @ k.transpose(-2, -1)) * 0.05 @ v,
            "lean site function": lambda: site(q, k, v),
            "gdpa()": lambda: gdpa(q, k, v, activation="silu", qk_scale=0.05)}

@@ -59,9 +59,9 @@ def _specs(archs):
     cases = [("pffn", 1000, 256, 128), ("self_attn_1k_d64", 1024, 1024, 64), ("d256", 1000, 256, 256)]
     for arch in archs:
         for shape, tq, tk, d in cases:
-            fcfg = T._fwd_config_gpu(tq, tk, d, d, torch.bfloat16, arch)
             bk, bq = T._bwd_config_gpu(tq, tk, d, d, torch.bfloat16, arch)
             for act in ACTS:
+                fcfg = T._fwd_config_gpu(tq, tk, d, d, torch.bfloat16, arch, act=act)
                 items = [("fwd", fcfg, (True, True))]
                 items += [("dkdv", bk, o) for o in T.dkdv_passes(d, d)]
                 items.append(("dq", bq, (True, True)))

@@ -21,7 +21,7 @@ The code is fx's own code generator run on a copy of the graph whose
 (call_function, call_method, pytree in/out specs) is emitted exactly as fx
 would — except calls with a registered per-site specialiser
 (:func:`_specialisers`: ``recopt.ops.gdpa`` sites become thin functions with
-their constant options bound, see :func:`recopt.ops.gdpa_cpu.specialize`). If the graph module is recompiled (its graph edited), the lean
+their constant options bound, see :func:`recopt.ops.gdpa_site.specialize`). If the graph module is recompiled (its graph edited), the lean
 forward rebuilds itself on the next call. What it does not see: a
 submodule *replaced* after it was built (``gm.layers[0] = other``) — build
 a new one with :func:`lean_forward` — and hooks registered on the
@@ -152,13 +152,13 @@ def _specialisers() -> dict:
     """call_function target -> factory of a per-site function (see :meth:`LeanForward._specialised`).
 
     GDPA: on the CPU each call site gets a thin function with its activation
-    and scales baked in (:func:`recopt.ops.gdpa_cpu.specialize`), which falls
+    and scales baked in (:func:`recopt.ops.gdpa_site.specialize`), which falls
     back to the generic ``gdpa`` off the CPU or on layouts it does not handle.
     """
-    from .ops import gdpa_cpu
     from .ops.gdpa import gdpa
+    from .ops.gdpa_site import specialize
 
-    return {gdpa: gdpa_cpu.specialize}
+    return {gdpa: specialize}
 
 
 def lean_forward(gm: fx.GraphModule) -> LeanForward:

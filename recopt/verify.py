@@ -429,7 +429,7 @@ class Verifier:
         sets it refuses are not tried (a Dynamo graph's shape guards).
         Returns the example output.
         """
-        from .capture import propagate_shapes
+        from .graph.shapes import propagate_shapes
 
         cfg = self.config
         args = tuple(example_inputs)
@@ -528,7 +528,7 @@ class Verifier:
         recorded: a call breaking them re-specialises, so the graph never
         runs on such inputs); their reference output is kept.
         """
-        from .capture import propagate_shapes
+        from .graph.shapes import propagate_shapes
 
         cfg = self.config
         try:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import recopt
 from recopt.data import FeatureSpec, example_batch
 from recopt.distill.adapter import StudentAdapter, algorithm1_step
-from recopt.distill.grad_scale import GRAD_SCALE_OP, grad_scale, is_grad_scale_node
+from recopt.ops.grad_scale import GRAD_SCALE_OP, grad_scale, is_grad_scale_node
 from recopt.distill.losses import ExFMLossConfig, aux_head_loss, label_scale
 from recopt.models import build_model
 from recopt.passes.base import PassContext

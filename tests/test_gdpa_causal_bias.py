@@ -70,13 +70,17 @@ def test_bias_without_grad_and_gqa_and_opcheck():
     assert all(r == "SUCCESS" for r in res.values()), res
 
 
-def test_causal_and_bias_run_the_reference_and_say_why():
-    from recopt.ops.gdpa import backend_for, reference_reason
+def test_causal_and_bias_follow_the_default_backend(monkeypatch):
+    """The Triton kernels implement causal masks and a bias (dbias included,
+    tests/test_gdpa_triton_dbias.py): no feature forces the reference."""
+    from recopt.ops.gdpa import HAS_TRITON, backend_for, reference_reason
     q = torch.randn(1, 1, 2, 4)
     assert reference_reason(False, None) is None
-    assert "causal" in reference_reason(True, None)
-    assert "bias" in reference_reason(False, q)
-    assert backend_for(q, q, q, "silu", causal=True) == "reference"
+    assert reference_reason(True, q) is None
+    assert backend_for(q, q, q, "silu", causal=True, bias=q) == "reference"  # CPU tensors
+    if HAS_TRITON:
+        monkeypatch.setenv("RECOPT_GDPA_BACKEND", "triton")
+        assert backend_for(q, q, q, "silu", causal=True, bias=q) == "triton"
 
 
 def test_flops_count_the_bias():

@@ -6,6 +6,7 @@ import torch
 from recopt.ops import gdpa, gdpa_jagged
 from recopt.ops import gdpa_cpu as C
 from recopt.ops import gdpa_ref as R
+from recopt.ops.gdpa_site import specialize
 
 ACTS = sorted(R.ACTIVATIONS)
 
@@ -146,7 +147,7 @@ def test_specialised_site_equals_generic_gdpa(name, monkeypatch):
     shapes it serves itself and on those it hands back to the generic call."""
     monkeypatch.delenv(C.BACKEND_ENV, raising=False)
     const, shapes, tensors = SITE_CASES[name]
-    site = C.specialize(const)
+    site = specialize(const)
     assert site is not None
     q, k, v = (_rand(*s, seed=i) for i, s in enumerate(shapes))
     tk = tensors()
@@ -166,12 +167,12 @@ def test_specialised_site_equals_generic_gdpa(name, monkeypatch):
 
 
 def test_specialise_declines_non_constant_options_and_respects_forced_backend(monkeypatch):
-    assert C.specialize(dict(activation="silu", broadcast_q=True)) is None
-    assert C.specialize(dict(activation="silu"), dynamic=["bias"]) is None  # an option it does not serve
-    assert C.specialize(dict(activation="silu", qk_scale=torch.tensor(2.0))) is None
+    assert specialize(dict(activation="silu", broadcast_q=True)) is None
+    assert specialize(dict(activation="silu"), dynamic=["bias"]) is None  # an option it does not serve
+    assert specialize(dict(activation="silu", qk_scale=torch.tensor(2.0))) is None
     with pytest.raises(ValueError, match="unknown GDPA activation"):
-        C.specialize(dict(activation="nope"))
-    site = C.specialize(dict(activation="gelu"))
+        specialize(dict(activation="nope"))
+    site = specialize(dict(activation="gelu"))
     q, k, v = (_rand(2, 2, 4, 4, seed=s).requires_grad_() for s in range(3))
     monkeypatch.setenv(C.BACKEND_ENV, "reference")
     assert _uses_custom_op(site(q, k, v))  # a forced backend goes through the generic op

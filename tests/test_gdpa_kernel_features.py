@@ -153,6 +153,7 @@ def test_launcher_configs_fit_every_head_size():
                 b1, b2 = T._bwd_config_gpu(tq, tk, d, d, dtype, arch, heavy)
                 bd = T._pow2(d)
                 elt = 4 if dtype == torch.float32 else 2
-                for bm, bn, w, st in (f, b1, b2):
-                    assert T._smem_estimate(bm, bn, bd, bd, st, elt) <= T.SMEM_LIMIT, (d, dtype, f)
+                for kind, (bm, bn, w, st) in (("fwd", f), ("dkdv", b1), ("dq", b2)):
+                    assert T.smem_estimate(kind, bm, bn, bd, bd, st, elt) <= T.SMEM_LIMIT, (d, dtype, kind)
                 assert f[2] <= 4 * max(f[0] // 64, 1)
+                assert b1[2] <= 4 * max(b1[1] // 64, 1) and b2[2] <= 4 * max(b2[0] // 64, 1)

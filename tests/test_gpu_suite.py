@@ -68,3 +68,10 @@ def test_markdown_tables_for_correctness_and_gdpa():
     md = G.markdown(rep)
     assert "1/2 cases within tolerance" in md and "**NO**" in md
     assert "| pffn | gdpa | 1.500 | 8.000 |" in md
+
+
+def test_section_budgets_fit_the_six_minute_gpu_slot():
+    # Every section has a budget, and together they leave room for a compile overrunning
+    # its section inside the 6 minutes one device command gets.
+    assert set(G.BUDGET_S) == set(G.SECTIONS)
+    assert sum(G.BUDGET_S.values()) <= G.TOTAL_BUDGET_S <= 330.0

@@ -52,6 +52,10 @@ def test_ci_specs_cover_every_activation_head_size_and_arch():
     for arch in CC.ARCHS:
         assert {s.tags["kernel"] for s in gd if arch in s.archs} == {"fwd", "dkdv", "dq"}
     assert any(s.tags["variant"] == "all" for s in gd) and any(s.tags["variant"] == "causal" for s in gd)
+    for arch in CC.ARCHS:   # the bias gradient (stored and atomic) in the dQ kernel, both archs
+        dq = [s for s in gd if arch in s.archs and s.tags["kernel"] == "dq"]
+        assert any(s.tags["variant"] == "dbias" for s in dq)
+        assert any(s.tags["variant"] == "all" and s.constexprs["DBIAS"] == 2 for s in dq)
 
 
 def test_problems_are_named():
@@ -89,46 +93,10 @@ def test_module_level_float_in_jit_code_is_caught(tmp_path, monkeypatch):
     assert res["good_kernel"].ok and res["good_kernel"].problems() == [], res["good_kernel"].error
 
 
-# OPEN WORK (issue #15): backward kernels that still spill, with the spill bytes
-# (STACK + LOCAL) measured with triton 3.6.0 (ptxas 12.8 / 12.9-blackwell).
-# They are the backward with GQA and/or jagged inputs, masks or a bias, and every
-# d = 256 backward. A spill not listed here, or one that grows, fails the test;
-# the forward kernels, the FP8 kernel and the dense backward at d <= 128 on
-# sm_90 (the PFFN and self-attention paths) must not spill at all.
-KNOWN_BACKWARD_SPILLS = {
-    "gdpa_dkdv/gelu/all/bf16/d128/m16n64w4s2@sm_100": 288,
-    "gdpa_dkdv/gelu/all/bf16/d128/m16n64w4s2@sm_90": 16,
-    "gdpa_dkdv/gelu/all/bf16/d16/m32n64w4s3@sm_100": 8,
-    "gdpa_dkdv/gelu/all/bf16/d64/m32n64w4s3@sm_100": 24,
-    "gdpa_dkdv/gelu/all/fp32/d64/m16n32w4s1@sm_100": 8,
-    "gdpa_dkdv/gelu/light/bf16/d128/m16n64w4s2@sm_100": 312,
-    "gdpa_dkdv/gelu/light/bf16/d128/m32n64w4s2@sm_90": 88,
-    "gdpa_dkdv/gelu/light/bf16/d16/m32n64w4s3@sm_100": 8,
-    "gdpa_dkdv/gelu/light/bf16/d64/m64n64w4s3@sm_90": 72,
-    "gdpa_dkdv[dk]/gelu/all/bf16/d256/m16n64w4s1@sm_100": 576,
-    "gdpa_dkdv[dk]/gelu/light/bf16/d256/m16n64w4s1@sm_100": 40,
-    "gdpa_dkdv[dk]/gelu/light/bf16/d256/m16n64w4s1@sm_90": 400,
-    "gdpa_dkdv[dv]/gelu/all/bf16/d256/m16n64w4s1@sm_100": 280,
-    "gdpa_dkdv[dv]/gelu/light/bf16/d256/m16n64w4s1@sm_90": 32,
-    "gdpa_dq/gelu/light/bf16/d256/m128n32w8s1@sm_90": 200,
-    "gdpa_dq/gelu/light/bf16/d256/m64n16w4s1@sm_90": 360,
-}
-
-
 def _check(results):
-    """Problems that fail the test: any compile error or shared-memory overflow; any spill
-    outside KNOWN_BACKWARD_SPILLS; a known spill that grew."""
-    bad = []
-    for r in results:
-        probs = r.problems()
-        spill = max(r.stack, 0) + max(r.local, 0)
-        key = f"{r.name}@sm_{r.arch}"
-        if spill and key in KNOWN_BACKWARD_SPILLS:
-            if spill > KNOWN_BACKWARD_SPILLS[key]:
-                bad.append(f"{key}: spills grew to {spill} B (known: {KNOWN_BACKWARD_SPILLS[key]} B)")
-            probs = [p for p in probs if "spills" not in p]
-        bad += [f"{key}: {p}" for p in probs]
-    return bad
+    """Problems that fail the test: any compile error, shared-memory overflow or register spill
+    (STACK or LOCAL > 0), for every kernel, variant, head size and arch."""
+    return [f"{r.name}@sm_{r.arch}: {p}" for r in results for p in r.problems()]
 
 
 def test_every_kernel_compiles_for_sm90_and_sm100_without_spills():
@@ -136,15 +104,15 @@ def test_every_kernel_compiles_for_sm90_and_sm100_without_spills():
     assert len(res) >= 100
     bad = _check(res)
     assert not bad, "\n".join(bad)
-    clean = [r for r in res if not r.name.startswith(("gdpa_dkdv", "gdpa_dq"))
-             or (r.arch == 90 and ("/dense/" in r.name or "/causal/" in r.name or "/lengths/" in r.name)
-                 and "/d256/" not in r.name)]
-    assert clean and all(r.stack == 0 and r.local == 0 for r in clean)
+    assert all(r.stack == 0 and r.local == 0 for r in res)
     print(f"\n{len(res)} compiles, {sum(r.seconds for r in res):.0f} s of compile time")
 
 
 @pytest.mark.slow
 def test_full_cross_product_compiles():
+    """Every kernel: no compile error or shared-memory overflow. Spills fail too, except in
+    the softmax kernels, whose known spills tests/test_gdpa_softmax_compile.py tracks."""
     res = CC.compile_specs(CC.collect_specs(level="full"), workers=2)
-    bad = [b for b in _check(res) if "spills" not in b]  # full level: errors and shared memory only
+    bad = [b for r in res for b in _check([r])
+           if "spills" not in b or r.tags.get("family") != "gdpa_softmax"]
     assert not bad, "\n".join(bad)

@@ -8,10 +8,9 @@ import torch.nn as nn
 import recopt
 from recopt.data import example_batch
 from recopt.data.batch import FeatureSpec
-from recopt.models import EventTowerConfig, build_model
+from recopt.models import EventTowerConfig, build_model, personalize_event_towers
 from recopt.passes.base import PassContext
-from recopt.passes.kunlun import (CompSkip, band_attention_reference, local_attention,
-                                  personalize_event_towers)
+from recopt.passes.kunlun import CompSkip, band_attention_reference, local_attention
 from recopt.passes.kunlun.window import BandAttention
 from recopt.targets import get_target
 

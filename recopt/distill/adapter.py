@@ -1,4 +1,4 @@
-"""Student adapter (SPEC §8, Eq. 6–7, Algorithm 1).
+"""Student adapter (ExFM, Eq. 6–7, Algorithm 1).
 
 The adapter is a tiny MLP on the teacher's logged prediction, trained on the
 fresh labels the student sees, so it can correct a *stale* teacher (one whose

@@ -1,4 +1,4 @@
-"""Data augmentation system (DAS, SPEC §8): log a teacher's predictions once, share them.
+"""Data augmentation system (DAS, from ExFM): log a teacher's predictions once, share them.
 
 Several students (vertical models) each log a stream of ``(example id,
 label)`` rows; the features of an example are looked up by id

@@ -1,4 +1,4 @@
-"""ExFM losses (SPEC §8): plain KD, auxiliary head (Eq. 3–5) and the adapter term (Eq. 7).
+"""ExFM losses (arXiv 2502.17494): plain KD, auxiliary head (Eq. 3–5) and the adapter term (Eq. 7).
 
 ``h(ŷ, y)`` of the paper is the negative of binary cross-entropy on logits,
 so every loss here is ``F.binary_cross_entropy_with_logits`` (mean over the

@@ -1,4 +1,4 @@
-"""2D sparse parallelism on TorchRec + torch.distributed (SPEC §9).
+"""2D sparse parallelism on TorchRec + torch.distributed (the 2D sparse parallelism paper, arXiv 2508.03854; docs/sparse2d.md).
 
 - :func:`shard_2d` (inside each rank): shard a model's TorchRec collections
   over ``T = L × G`` ranks and return a :class:`Sharded2DModel` with

@@ -3,7 +3,7 @@
 Pure Python (no TorchRec, no process groups), so a plan can be inspected on a
 laptop before any job starts.
 
-**Layout** (TorchRec ``DMPCollection``'s default, SPEC §9.1): ``T`` ranks,
+**Layout** (TorchRec ``DMPCollection``'s default): ``T`` ranks,
 sharding-group size ``L``, ``G = T // L`` replica groups; ``step = G``::
 
     sharding group g ∈ [0, G): ranks [g, G+g, 2G+g, …, (L−1)G+g]   (lookup all-to-alls)

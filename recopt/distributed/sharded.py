@@ -1,4 +1,4 @@
-"""shard_2d: place a model's TorchRec collections on T = L × G ranks (SPEC §9, §11.6).
+"""shard_2d: place a model's TorchRec collections on T = L × G ranks (docs/sparse2d.md).
 
 Called inside every rank after ``torch.distributed`` is initialised. The model
 is a module that contains TorchRec ``EmbeddingBagCollection`` /
@@ -309,7 +309,7 @@ def shard_2d(model: nn.Module, *, sharding_group_size: int, world_size: Optional
              weight_decay: float = 0.0, sharding_types=None, device: Optional[torch.device] = None,
              inter_host_allreduce: bool = False, keep_weights: bool = True,
              example_inputs=None) -> Sharded2DModel:
-    """Shard ``model``'s TorchRec collections 2D over the default process group (SPEC §9).
+    """Shard ``model``'s TorchRec collections 2D over the default process group (docs/sparse2d.md).
 
     - ``model``: an ``nn.Module`` holding TorchRec ``EmbeddingBagCollection`` /
       ``EmbeddingCollection`` modules, or a :class:`recopt.OptimizedModel`

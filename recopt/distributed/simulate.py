@@ -5,7 +5,7 @@ batch) and a network (bandwidths, latency) into per-GPU memory and step
 time for 1D full sharding (L = T) and 2D (L fixed, G = T / L replicas), so
 the trend the paper reports can be reasoned about and the knobs (L, k) compared.
 ``docs/sparse2d.md`` lists the assumptions and compares the output with the
-paper's table (SPEC §9.4).
+paper's scaling table.
 
 Model, per GPU and step (weak scaling: ``batch_per_gpu`` samples per GPU):
 
@@ -45,7 +45,7 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class Workload:
-    """Defaults sketch the paper's ExFM-scale model (SPEC §9.4: 1.7 TB of embeddings)."""
+    """Defaults sketch the paper's ExFM-scale model (1.7 TB of embeddings)."""
 
     embedding_bytes: float = 1.7e12     # S: all tables, fp32
     dim: int = 128                      # typical table width (for the optimizer-state size)

@@ -8,7 +8,7 @@ custom_translation_table=...)``.
 
 Built in:
 
-- ``recopt::gdpa`` (dense GDPA, SPEC §3.2): ``MatMul(q, kᵀ)`` → ``Mul(pre_scale)``
+- ``recopt::gdpa`` (dense GDPA, semantics of :func:`recopt.ops.gdpa_ref.gdpa_ref`): ``MatMul(q, kᵀ)`` → ``Mul(pre_scale)``
   → zero masking (``Where``: window band, key lengths) → activation →
   ``Mul(qk_scale)`` → ``MatMul(·, v)`` → query-row masking. GQA repeats the
   K/V heads with ``Expand``/``Reshape``. Masked scores are **zero**, never
@@ -423,12 +423,10 @@ def _fbgemm_op(name: str):
 
 
 def _recopt_op(name: str):
-    """``torch.ops.recopt.<name>.default`` if recopt.ops defines it in this checkout, else None."""
-    try:
-        import recopt.ops  # noqa: F401  registers torch.ops.recopt.*
-    except Exception:
-        return None
-    packet = getattr(torch.ops.recopt, name, None) if hasattr(torch.ops, "recopt") else None
+    """``torch.ops.recopt.<name>.default`` if recopt.ops registers an op of that name, else None."""
+    import recopt.ops  # noqa: F401  registers torch.ops.recopt.*
+
+    packet = getattr(torch.ops.recopt, name, None)
     try:
         return packet.default if packet is not None else None
     except AttributeError:

@@ -10,7 +10,8 @@ from .linear import FP8Linear, fp8_linear
 from .metrics import DEFAULT_THRESHOLDS, METRICS, Metric, all_errors, register_metric
 from .mods import BlockNorm, apply_blocknorm, apply_hardswish, apply_no_bias
 from .probe import ActivationStats, ModuleProbe, WeightStats, collect_graph_stats, measure_overhead
-from .recipes import RECIPES, Recipe, dequantize, fake_quantize, get_recipe, quantize, reference_gemm, scaled_gemm
+from .recipes import RECIPES, Recipe, dequantize, fake_quantize, get_recipe, quantize, reference_gemm
+from .scaled import scaled_gemm
 from .timing import SiteTiming, environment, time_site
 
 __all__ = [

@@ -12,7 +12,7 @@ drawn from the probe's learned distributions) and a speed-up over bf16:
 - **predicted** otherwise from the target's peaks (:func:`predict_seconds`),
   and the report says "predicted, not measured".
 
-Rule (LoKA §7.4): keep a candidate if ``error < τ`` and ``speed-up >
+Rule (LoKA's dispatch): keep a candidate if ``error < τ`` and ``speed-up >
 min_speedup`` (1.05); take the fastest; none → the role stays bf16 with the
 reason. Decisions are plain data (:class:`SiteDecision`) that save to and
 load from JSON, so a decision file can be re-applied without re-probing.

@@ -17,9 +17,8 @@ from typing import Optional
 import torch
 
 from ..errors import require
+from ..modules.blocknorm import DEFAULT_EPS  # one epsilon for BlockNorm and its fused kernels
 from .recipes import E4M3, quantize
-
-DEFAULT_EPS = 1e-6
 
 
 def block_rms_norm(x: torch.Tensor, block: int, eps: float = DEFAULT_EPS) -> torch.Tensor:

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from .dual_quant import quant_rows, rowcol_quant
 from .gemm import dequant_mm, fp8_mm, hp_mm
-from .recipes import ROLES, _cached_weight_quant, fp8_dtype, get_recipe, no_kernel_reason
+from .recipes import ROLES, fp8_dtype, get_recipe, no_kernel_reason
+from .scaled import _cached_weight_quant
 
 HP = "bf16"  # role marker: keep this GEMM in high precision
 

@@ -6,8 +6,8 @@ Each metric maps ``(out, ref)`` to a float where *lower is safer*
 
 Why not LoKA's raw MERE with τ = 0.2: outputs near zero dominate a mean of
 element-wise relative errors, so one e4m3 GEMM on N(0,1) data already gives
-MERE ≈ 0.3 while its normwise error is ≈ 0.035 (SPEC §7.2, calibration
-warning). recopt's ``mere`` therefore declares its denominator rule:
+MERE ≈ 0.3 while its normwise error is ≈ 0.035 (a calibration
+warning about LoKA's probe metric). recopt's ``mere`` therefore declares its denominator rule:
 
     MERE_floor = mean_{m,n} |out − ref| / max(|ref|, floor),
     floor = FLOOR_FRAC · RMS(ref)          (FLOOR_FRAC = 0.1)

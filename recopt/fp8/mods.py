@@ -1,8 +1,9 @@
-"""LoKA Mods: architecture changes that make FP8 safe (SPEC §7.3). Each needs retraining.
+"""LoKA Mods: architecture changes that make FP8 safe (LoKA's "FP8-friendly" model
+changes). Each needs retraining.
 
 - :func:`apply_no_bias` — drop every linear bias except the final head's.
 - :func:`apply_blocknorm` — LayerNorm/RMSNorm fed by a linear site →
-  :class:`BlockNorm` (parameter-free RMS norm over fixed 256-wide blocks).
+  :class:`~recopt.modules.blocknorm.BlockNorm` (parameter-free RMS norm over fixed 256-wide blocks).
 - :func:`apply_hardswish` — SiLU and ``x·σ(x)`` → Hardswish;
   ``x·σ(norm(x))`` → ``x·hardsigmoid(norm(x))`` (the hard analogue, no exp).
 
@@ -17,47 +18,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused_quant import DEFAULT_EPS
+from ..graph.nodes import fresh_attr_name, set_submodule
+from ..modules.blocknorm import DEFAULT_BLOCK, BlockNorm  # noqa: F401  (BlockNorm re-exported: recopt.fp8.BlockNorm)
 from .sites import NORM_FUNCS, NORM_MODULES, find_sites, head_sites, is_swish_mul
-
-DEFAULT_BLOCK = 256
-
-
-class BlockNorm(nn.Module):
-    """Parameter-free RMS normalization over fixed blocks of the last dim.
-
-    ``y = x / sqrt(mean_block(x²) + eps)`` per block of ``block`` features
-    (identical in training and inference). ``num_features`` must be a
-    multiple of ``block``; a row narrower than ``block`` is one block.
-    """
-
-    __recopt_leaf__ = True  # one node in recopt.capture's graphs
-
-    def __init__(self, num_features: int, block: int = DEFAULT_BLOCK, eps: float = DEFAULT_EPS):
-        super().__init__()
-        eff = block if num_features >= block else num_features
-        if num_features % eff:
-            raise ValueError(f"BlockNorm: num_features={num_features} is not a multiple of block={block}")
-        self.num_features, self.block, self.eps = num_features, eff, eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # No Python branch on x's shape, so torch.fx can trace through it.
-        y = x.float().unflatten(-1, (-1, self.block))
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.flatten(-2).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, block={self.block}, eps={self.eps}"
-
-
-def _new_name(gm: fx.GraphModule, base: str) -> str:
-    base = base.replace(".", "_")
-    name, i = base, 0
-    names = dict(gm.named_modules())
-    while name in names:
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 def apply_no_bias(gm: fx.GraphModule) -> list:
@@ -78,7 +41,7 @@ def apply_no_bias(gm: fx.GraphModule) -> list:
                             dtype=old.weight.dtype)
             new.weight = old.weight
             new.train(old.training)
-            _set_submodule(gm, s.fqn, new)
+            set_submodule(gm, s.fqn, new)
         else:
             args = list(s.node.args)
             if len(args) > 2:
@@ -89,12 +52,6 @@ def apply_no_bias(gm: fx.GraphModule) -> list:
         out.append((s.node.name, "rewritten", "", "bias dropped", {"fqn": s.fqn}))
     _finish(gm)
     return out
-
-
-def _set_submodule(gm: fx.GraphModule, fqn: str, mod: nn.Module) -> None:
-    parent_name, _, leaf = fqn.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
-    setattr(parent, leaf, mod)
 
 
 def apply_blocknorm(gm: fx.GraphModule, block: int = DEFAULT_BLOCK) -> list:
@@ -125,7 +82,7 @@ def apply_blocknorm(gm: fx.GraphModule, block: int = DEFAULT_BLOCK) -> list:
                         f"N={n} is not a multiple of the {block}-wide block; kept (pad the layer to use BlockNorm)",
                         {"n": n}))
             continue
-        name = _new_name(gm, f"{node.target if is_mod else node.name}_blocknorm")
+        name = fresh_attr_name(gm, f"{node.target if is_mod else node.name}_blocknorm")
         gm.add_submodule(name, BlockNorm(n, block))
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(name, (src,))
@@ -144,7 +101,7 @@ def apply_hardswish(gm: fx.GraphModule) -> list:
     out = []
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(modules.get(node.target), nn.SiLU):
-            name = _new_name(gm, f"{node.target}_hardswish")
+            name = fresh_attr_name(gm, f"{node.target}_hardswish")
             gm.add_submodule(name, nn.Hardswish())
             node.target = name
             out.append((node.name, "rewritten", "", "SiLU → Hardswish", {}))

@@ -1,13 +1,13 @@
 """Probe: streaming statistics of GEMM inputs and weights, and sampling from them.
 
-Activations (LoKA §7.2): each GEMM input X ∈ R^{B×K} is modelled as
+Activations (LoKA's probe): each GEMM input X ∈ R^{B×K} is modelled as
 N(μ, Σ) over the feature axis K, updated by a batched Welford merge in
 float64 (:class:`ActivationStats`). When K is large a full K×K covariance
 is replaced by the exact diagonal plus a rank-r Frequent-Directions sketch
 of the scatter matrix (memory O(rK)).
 
-Weights: matrix-normal MN(M̄, U, V) with the online flip-flop EMA of SPEC
-§7.2 (:class:`WeightStats`); a diagonal U/V when a side is large.
+Weights: matrix-normal MN(M̄, U, V) with the online flip-flop EMA of LoKA's
+probe (:class:`WeightStats`); a diagonal U/V when a side is large.
 
 :class:`ModuleProbe` attaches the statistics to nn.Linear modules of a live
 model through forward pre-hooks that run every ``interval`` calls (so the
@@ -161,7 +161,7 @@ class ActivationStats:
 class WeightStats:
     """Matrix-normal EMA of a weight W (N×K as stored by nn.Linear): mean M̄, row cov U, col cov V.
 
-    ``update(W)`` follows SPEC §7.2's flip-flop: U' from W_c·L_V⁻ᵀ, V' from
+    ``update(W)`` follows LoKA's probe, the matrix-normal flip-flop estimate: U' from W_c·L_V⁻ᵀ, V' from
     L_U⁻¹·W_c, EMA with momentum ``m``, normalised so tr(U)/rows = 1. Sides
     larger than ``full_max`` keep only a diagonal.
     """

@@ -10,7 +10,6 @@ A *site* is one linear GEMM with a parameter weight:
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,10 +18,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..passes.base import module_path_of
+from ..graph import canon as C
+from ..graph.nodes import get_attr_value
+from ..graph.scopes import module_path_of
+from ..modules.blocknorm import BlockNorm
 
-LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
-MATMUL_FUNCS = {torch.matmul, operator.matmul}
 NORM_MODULES = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 NORM_FUNCS = {F.layer_norm, torch.layer_norm} | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
 SIGMOID_FUNCS = {torch.sigmoid, F.sigmoid}
@@ -43,13 +43,6 @@ class GemmSite:
     weight: Optional[torch.Tensor] = None
 
 
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def find_sites(gm: fx.GraphModule) -> list:
     """Every linear site of ``gm`` in graph order (FP8Linear modules excluded)."""
     from .linear import FP8Linear
@@ -62,21 +55,21 @@ def find_sites(gm: fx.GraphModule) -> list:
             if isinstance(mod, nn.Linear) and not isinstance(mod, FP8Linear) and node.args:
                 sites.append(GemmSite(node, "module", str(node.target), mod.in_features, mod.out_features,
                                       node.args[0], mod.bias is not None, mod.weight))
-        elif node.op == "call_function" and node.target in LINEAR_FUNCS:
+        elif node.op == "call_function" and C.op_kind(node) == "linear":
             w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
             b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             if isinstance(w, fx.Node) and w.op == "get_attr":
-                wt = _attr(gm, w.target)
+                wt = get_attr_value(gm, w)
                 if isinstance(wt, torch.Tensor) and wt.dim() == 2:
                     # Dynamo names parameters L__self___a_b_weight; its nn_module_stack has the real path.
                     fqn = module_path_of(node) or (w.target[: -len(".weight")] if w.target.endswith(".weight")
                                                    else w.target)
                     sites.append(GemmSite(node, "linear_fn", fqn, wt.shape[1], wt.shape[0], node.args[0],
                                           b is not None, wt))
-        elif node.op == "call_function" and node.target in MATMUL_FUNCS and len(node.args) == 2:
+        elif node.op == "call_function" and C.op_kind(node) == "matmul" and len(node.args) == 2:
             w = node.args[1]
             if isinstance(w, fx.Node) and w.op == "get_attr":
-                wt = _attr(gm, w.target)
+                wt = get_attr_value(gm, w)
                 if isinstance(wt, torch.Tensor) and wt.dim() == 2 and isinstance(node.args[0], fx.Node):
                     sites.append(GemmSite(node, "matmul", w.target, wt.shape[0], wt.shape[1], node.args[0],
                                           False, wt))
@@ -112,7 +105,7 @@ def op_label(gm: fx.GraphModule, node: fx.Node) -> str:
         t = node.target
         if t in NORM_FUNCS:
             return "rms_norm" if "rms" in getattr(t, "__name__", "") else "layer_norm"
-        if t in LINEAR_FUNCS:
+        if C.op_kind(node) == "linear":
             return "linear"
         return getattr(t, "__name__", str(t)).lstrip("_")
     if node.op == "call_method":
@@ -154,14 +147,13 @@ def is_norm(gm: fx.GraphModule, node) -> bool:
     if not isinstance(node, fx.Node):
         return False
     if node.op == "call_module":
-        from .mods import BlockNorm
         return isinstance(dict(gm.named_modules()).get(node.target), NORM_MODULES + (BlockNorm,))
     return node.op == "call_function" and node.target in NORM_FUNCS
 
 
 def is_swish_mul(gm: fx.GraphModule, node: fx.Node):
     """For ``x * sigmoid(x)`` → ("swish", x, sig); ``x * sigmoid(norm(x))`` → ("swish_norm", x, sig); else None."""
-    if node.op != "call_function" or node.target not in (operator.mul, torch.mul) or len(node.args) != 2:
+    if node.op != "call_function" or C.op_kind(node) != "mul" or len(node.args) != 2:
         return None
     for x, s in (node.args, node.args[::-1]):
         if isinstance(x, fx.Node) and is_sigmoid(gm, s):

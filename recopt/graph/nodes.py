@@ -1,6 +1,8 @@
-"""Node metadata helpers: shapes, dtypes, parameters, constants.
+"""Node metadata helpers (shapes, dtypes, parameters, constants) and the one
+copy of the graph-module edits every pass needs (fetch an attribute, swap a
+submodule, pick a free attribute name).
 
-Every helper takes an ``fx.Node`` whose ``meta`` holds ``tensor_meta``
+Every metadata helper takes an ``fx.Node`` whose ``meta`` holds ``tensor_meta``
 (ShapeProp) or ``val`` (fake tensor from Dynamo/export) and returns ``None``
 when the information is missing, never guesses.
 """
@@ -56,12 +58,53 @@ def get_module(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.nn.Module]:
         return None
 
 
-def get_attr_value(gm: fx.GraphModule, node: fx.Node) -> Any:
-    """The object a ``get_attr`` node fetches (parameter, buffer, constant)."""
-    obj = gm
-    for part in str(node.target).split("."):
+def get_attr_value(gm: torch.nn.Module, node: Any) -> Any:
+    """The object a ``get_attr`` node (or a dotted target string) fetches: parameter, buffer, constant.
+
+    Raises ``AttributeError`` naming the missing part when the path does not exist.
+    """
+    target = str(node.target) if isinstance(node, fx.Node) else str(node)
+    obj: Any = gm
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(f"{type(gm).__name__} has no attribute {target!r} (no {part!r} on "
+                                 f"{type(obj).__name__})")
         obj = getattr(obj, part)
     return obj
+
+
+def set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    """Put ``module`` at dotted ``path`` under ``root``, replacing what is there.
+
+    The parent must exist (``nn.ModuleList`` / ``nn.Sequential`` children are
+    addressed by index, ``blocks.0``); the last name need not. For a new
+    top-level name use :func:`fresh_attr_name` first so nothing is overwritten.
+    """
+    if not path:
+        raise ValueError("set_submodule needs a non-empty path (the root itself cannot be replaced)")
+    parent_path, _, name = path.rpartition(".")
+    try:
+        parent = root.get_submodule(parent_path) if parent_path else root
+    except AttributeError as e:
+        raise AttributeError(f"cannot set submodule {path!r}: its parent {parent_path!r} does not exist ({e})") from None
+    setattr(parent, name, module)  # ModuleList/Sequential keep children in _modules under "0", "1", ...
+
+
+def fresh_attr_name(root: torch.nn.Module, base: str) -> str:
+    """A name for a new direct attribute of ``root`` (submodule, parameter, buffer) that is not taken.
+
+    Dots and other characters that cannot appear in an attribute name become
+    ``_``; then ``base``, ``base_1``, ``base_2``, ... is the first one
+    ``root`` does not have (as a module, parameter, buffer or any attribute).
+    """
+    clean = "".join(c if c.isalnum() or c == "_" else "_" for c in base) or "_attr"
+    if clean[0].isdigit():
+        clean = "_" + clean
+    name, i = clean, 0
+    while hasattr(root, name):
+        i += 1
+        name = f"{clean}_{i}"
+    return name
 
 
 def is_parameter(gm: fx.GraphModule, node: Any) -> bool:
@@ -213,3 +256,70 @@ def is_getitem(node: Any, index: Optional[int] = None) -> bool:
     return (isinstance(node, fx.Node) and node.op == "call_function"
             and node.target is operator.getitem
             and (index is None or node.args[1] == index))
+
+
+# --------------------------------------------------------------------------- dead code
+
+_RANDOM_NAMES = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like",
+                 "bernoulli", "multinomial", "normal", "poisson", "dropout", "native_dropout",
+                 "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d",
+                 "uniform_", "normal_", "exponential_", "geometric_", "log_normal_", "cauchy_", "random_"}
+
+
+_OPERATOR_INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                     operator.ilshift, operator.irshift, operator.imatmul}
+
+
+def _inactive_dropout(node: fx.Node, name: str) -> bool:
+    """A dropout call that draws nothing: ``training=False`` or ``p=0`` as constants (and not in place)."""
+    if not name.endswith("dropout") or node.kwargs.get("inplace") is True:
+        return False
+    if node.op == "call_function" and len(node.args) > 3 and node.args[3] is True:
+        return False  # F.dropout(x, p, training, inplace=True)
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else None)
+    train = node.kwargs.get("training", node.kwargs.get("train", node.args[2] if len(node.args) > 2 else None))
+    if node.op == "call_method":  # Tensor has no dropout method; be safe
+        return False
+    return train is False or (isinstance(p, (int, float)) and not isinstance(p, bool) and p == 0)
+
+
+def has_side_effects(node: fx.Node) -> bool:
+    """Whether removing ``node`` could change behaviour even if nobody uses its result.
+
+    fx's notion of impure (placeholders, outputs, ops it knows mutate), plus
+    in-place methods and functions (``x.add_(y)``, ``x += y``, ``out=``,
+    mutable op schemas) and random draws (an unused draw still advances the
+    generator, so every later draw would change). A dropout with a constant
+    ``training=False`` or ``p=0`` draws nothing and is not a side effect.
+    This is the dead-code rule of the ``dead_code`` pass and of the pass
+    manager's clean-up after every pass (:func:`tidy_graph`).
+    """
+    if node.is_impure():
+        return True
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if isinstance(node.target, torch._ops.OpOverload):
+        name = node.target._schema.name.split("::")[-1]
+        if node.target._schema.is_mutable:
+            return True
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    if node.target in _OPERATOR_INPLACE:  # x += y on a tensor is x.add_(y)
+        return True
+    if name in _RANDOM_NAMES:
+        return not _inactive_dropout(node, name)
+    return bool(node.kwargs.get("out") is not None)
+
+
+def tidy_graph(gm: fx.GraphModule) -> None:
+    """Remove dead nodes (never those with :func:`has_side_effects`), lint, recompile.
+
+    What the pass manager does once after every pass that changed the graph;
+    a pass that prunes modules or parameters after removing dead nodes calls
+    it first itself.
+    """
+    gm.graph.eliminate_dead_code(is_impure_node=has_side_effects)
+    gm.graph.lint()
+    gm.recompile()

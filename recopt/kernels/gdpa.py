@@ -383,6 +383,32 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m
 
 
 @triton.jit
+def _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, hk, GROUP, start, stop, offs_n, offs_m, offs_d, offs_dv,
+                 q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq, sbk,
+                 qk_scale, pre_scale, window, causal_off,
+                 ACT: tl.constexpr, FAST: tl.constexpr, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
+                 MASKED: tl.constexpr, MASK_POS: tl.constexpr, OUT_DK: tl.constexpr, OUT_DV: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """Query tiles [start, stop) of each of the GROUP query heads of K/V head hk, as one flat
+    loop (tile counter t and head g carried, no division)."""
+    n = tl.cdiv(stop - start, BLOCK_M)
+    t = n * 0
+    g = n * 0
+    for _ in range(0, GROUP * n):
+        h = hk * GROUP + g
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_b + h * sqh, do_b + h * sdoh, bias_b + h * sbh, offs_n,
+                            start + t * BLOCK_M, offs_m, offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd,
+                            sdot, sdod, sbq, sbk, qk_scale, pre_scale, window, causal_off, ACT, FAST,
+                            HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, MASKED, MASK_POS, OUT_DK, OUT_DV)
+        t += 1
+        wrap = t == n
+        g = tl.where(wrap, g + 1, g)
+        t = tl.where(wrap, 0, t)
+    return dk, dv
+
+
+@triton.jit
 def gdpa_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV_, QOFF, KOFF, QLEN, KLEN, BIAS,
     sqb, sqt, sqh, sqd,
@@ -447,27 +473,24 @@ def gdpa_bwd_dkdv_kernel(
     # [mid, full): interior tiles (rows all valid, no positional mask); [full, hi): bounds-checked
     full = tl.maximum(tl.minimum(hi, q_len // BLOCK_M * BLOCK_M), mid)
 
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        q_base = Q + b64 * sqb + q_start * sqt + h * sqh
-        do_base = DO + b64 * sdob + q_start * sdot + h * sdoh
-        bias_base = BIAS + b64 * sbb + h * sbh
-        if HAS_WINDOW or CAUSAL:
-            for start_m in range(lo, mid, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m,
-                                    offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
-                                    qk_scale, pre_scale, window, causal_off,
-                                    ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, True, OUT_DK, OUT_DV)
-        for start_m in range(mid, full, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m,
-                                offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
-                                qk_scale, pre_scale, window, causal_off,
-                                ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, False, False, OUT_DK, OUT_DV)
-        for start_m in range(full, hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m,
-                                offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
-                                qk_scale, pre_scale, window, causal_off,
-                                ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, False, OUT_DK, OUT_DV)
+    # One flat loop per region over (query head of the group, query tile): a loop nested in
+    # a GROUP loop kept dK/dV out of the pipeliner's reach (spills at GQA on sm_90 and sm_100).
+    q_b = Q + b64 * sqb + q_start * sqt
+    do_b = DO + b64 * sdob + q_start * sdot
+    bias_b = BIAS + b64 * sbb
+    if HAS_WINDOW or CAUSAL:
+        dk, dv = _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, hk, GROUP, lo, mid, offs_n, offs_m, offs_d,
+                              offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq, sbk,
+                              qk_scale, pre_scale, window, causal_off, ACT, FAST, HAS_WINDOW, CAUSAL,
+                              HAS_BIAS, DOT_FP32, EVEN_D, True, True, OUT_DK, OUT_DV, BLOCK_M)
+    dk, dv = _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, hk, GROUP, mid, full, offs_n, offs_m, offs_d,
+                          offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq, sbk,
+                          qk_scale, pre_scale, window, causal_off, ACT, FAST, HAS_WINDOW, CAUSAL,
+                          HAS_BIAS, DOT_FP32, EVEN_D, False, False, OUT_DK, OUT_DV, BLOCK_M)
+    dk, dv = _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, hk, GROUP, full, hi, offs_n, offs_m, offs_d,
+                          offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq, sbk,
+                          qk_scale, pre_scale, window, causal_off, ACT, FAST, HAS_WINDOW, CAUSAL,
+                          HAS_BIAS, DOT_FP32, EVEN_D, True, False, OUT_DK, OUT_DV, BLOCK_M)
 
     dk = dk * (pre_scale * qk_scale)
     dv = dv * qk_scale
@@ -484,11 +507,17 @@ def gdpa_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
-             q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk,
+def _dq_tile(dq, q, do, k_base, v_base, bias_base, db_base, offs_m, start_n, offs_n, offs_d, offs_dv,
+             q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk, sdbq, sdbk,
              qk_scale, pre_scale, window, causal_off,
              ACT: tl.constexpr, FAST: tl.constexpr, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
-             HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr):
+             HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+             DBIAS: tl.constexpr, DB_SUM_Q: tl.constexpr, DB_SUM_K: tl.constexpr):
+    """One key tile of dQ. DBIAS (with HAS_BIAS): also the bias gradient of the tile,
+    ``qk_scale * act'(s) * dP`` (0 where masked): 1 stores it (the bias has the full
+    [B, H, Tq, Tk] shape, every element is visited once), 2 adds it atomically to an fp32
+    buffer (a bias broadcast over B or H); DB_SUM_Q / DB_SUM_K: the bias is broadcast over
+    queries / keys, the tile is summed over that axis first."""
     cols = start_n + offs_n
     col_ok = cols < k_len
     kt = _load_tile(k_base + cols[None, :] * skt + offs_d[:, None] * skd, col_ok[None, :],
@@ -506,26 +535,50 @@ def _dq_tile(dq, q, do, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs
     ds = _act_grad(s, ACT, FAST) * dp
     if MASKED and (HAS_WINDOW or CAUSAL):
         ds = tl.where(keep, ds, 0.0)
+    if HAS_BIAS and DBIAS != 0:
+        # rows past q_len and keys past k_len have dP == 0 (dO, V loaded as 0): ds is 0 there
+        dbt = ds * qk_scale
+        if DB_SUM_Q and DB_SUM_K:
+            tl.atomic_add(db_base, tl.sum(tl.sum(dbt, axis=1), axis=0))
+        elif DB_SUM_Q:
+            tl.atomic_add(db_base + cols * sdbk, tl.sum(dbt, axis=0), mask=col_ok)
+        elif DB_SUM_K:
+            tl.atomic_add(db_base + offs_m * sdbq, tl.sum(dbt, axis=1), mask=offs_m < q_len)
+        else:
+            db_ptrs = db_base + offs_m[:, None] * sdbq + cols[None, :] * sdbk
+            db_ok = (offs_m[:, None] < q_len) & col_ok[None, :]
+            if DBIAS == 1:
+                tl.store(db_ptrs, dbt.to(db_base.dtype.element_ty), mask=db_ok)
+            else:
+                tl.atomic_add(db_ptrs, dbt, mask=db_ok)
     return dq + _dot(ds.to(kt.dtype), tl.trans(kt), DOT_FP32)
 
 
 @triton.jit
 def gdpa_bwd_dq_kernel(
-    Q, K, V, DO, DQ, QOFF, KOFF, QLEN, KLEN, BIAS,
+    Q, K, V, DO, DQ, QOFF, KOFF, QLEN, KLEN, BIAS, DB,
     sqb, sqt, sqh, sqd,
     skb, skt, skh, skd,
     svb, svt, svh, svd,
     sdob, sdot, sdoh, sdod,
     sdqb, sdqt, sdqh, sdqd,
     sbb, sbh, sbq, sbk,
+    sdbb, sdbh, sdbq, sdbk,
     H, GROUP, T_Q, T_K, D, DV,
     qk_scale, pre_scale, window, causal_off,
     ACT: tl.constexpr, JAGGED: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
     HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     FAST: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
+    DBIAS: tl.constexpr, DB_SUM_Q: tl.constexpr, DB_SUM_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dQ for one block of query rows of one head. Grid: (cdiv(T_Q, BLOCK_M) * B * H,)."""
+    """dQ for one block of query rows of one head. Grid: (cdiv(T_Q, BLOCK_M) * B * H,).
+
+    With DBIAS != 0 also the bias gradient ``dbias[b, h, i, j] = qk_scale * act'(s_ij) *
+    dP_ij`` (see :func:`_dq_tile`) into ``DB`` (strides ``sdb*``, 0 for broadcast dims).
+    Score tiles the loop skips (fully masked, past the lengths) are not written: the
+    caller zero-fills ``DB``.
+    """
     pid_m, b, h = _split_pid(T_Q, H, BLOCK_M)
     hk = h // GROUP
     q_start, q_len = _seq_bounds(QOFF, QLEN, b, T_Q, JAGGED, HAS_QLEN)
@@ -546,17 +599,20 @@ def gdpa_bwd_dq_kernel(
     k_base = K + b64 * skb + k_start * skt + hk * skh
     v_base = V + b64 * svb + k_start * svt + hk * svh
     bias_base = BIAS + b64 * sbb + h * sbh
+    db_base = DB + b64 * sdbb + h * sdbh
     lo, mid, hi = _kv_range(start_m, q_len, k_len, window, causal_off, HAS_WINDOW, CAUSAL, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, mid, BLOCK_N):
-        dq = _dq_tile(dq, q, do, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
-                      q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk, qk_scale, pre_scale, window,
-                      causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, False)
+        dq = _dq_tile(dq, q, do, k_base, v_base, bias_base, db_base, offs_m, start_n, offs_n, offs_d,
+                      offs_dv, q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk, sdbq, sdbk, qk_scale,
+                      pre_scale, window, causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32,
+                      EVEN_D, False, DBIAS, DB_SUM_Q, DB_SUM_K)
     for start_n in range(mid, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d, offs_dv,
-                      q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk, qk_scale, pre_scale, window,
-                      causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True)
+        dq = _dq_tile(dq, q, do, k_base, v_base, bias_base, db_base, offs_m, start_n, offs_n, offs_d,
+                      offs_dv, q_len, k_len, D, DV, skt, skd, svt, svd, sbq, sbk, sdbq, sdbk, qk_scale,
+                      pre_scale, window, causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32,
+                      EVEN_D, True, DBIAS, DB_SUM_Q, DB_SUM_K)
 
     dq = dq * (pre_scale * qk_scale)
     if JAGGED:

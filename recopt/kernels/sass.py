@@ -66,10 +66,20 @@ def disassemble(cubin_path: str) -> tuple:
 
 
 def loops(instrs, labels) -> list:
-    """(start index, end index inclusive) of every loop: a branch to an earlier address."""
+    """(start index, end index inclusive) of every loop: a branch to an earlier address.
+
+    Branches placed after the kernel's last ``EXIT`` are out-of-line blocks (ptxas puts
+    the slow paths there, e.g. sm_100's mbarrier waits) that jump back into the body:
+    not loops. Counting them made a span from the middle of the main loop to the end of
+    the function look like the innermost tensor-core loop on sm_100.
+    """
     index = {ins.addr: i for i, ins in enumerate(instrs)}
+    exits = [i for i, ins in enumerate(instrs) if ins.opcode == "EXIT"]
+    last_exit = exits[-1] if exits else len(instrs)
     out = []
     for i, ins in enumerate(instrs):
+        if i > last_exit:
+            break
         m = _BRA_TARGET.search(ins.text)
         if m and m.group(1) in labels:
             tgt = labels[m.group(1)]

@@ -20,6 +20,7 @@ from ..data.batch import FeatureSpec
 from .dlrm import DLRM, DLRMConfig, TorchRecDLRM
 from .interformer import InterFormer, InterFormerConfig
 from .kunlun import EventTowerConfig, Kunlun, KunlunConfig
+from .event_towers import EventTowerReport, personalize_event_towers
 from .layers import HSP, PMA, MultiHeadAttention, count_parameters
 
 MODELS = {
@@ -60,4 +61,4 @@ def build_model(name: str, spec: FeatureSpec, config: Any = None, **overrides) -
 
 __all__ = ["DLRM", "DLRMConfig", "TorchRecDLRM", "InterFormer", "InterFormerConfig", "Kunlun", "KunlunConfig",
            "EventTowerConfig", "HSP", "PMA", "MultiHeadAttention", "MODELS", "build_model", "paper_config",
-           "count_parameters"]
+           "count_parameters", "personalize_event_towers", "EventTowerReport"]

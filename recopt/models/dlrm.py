@@ -26,7 +26,7 @@ Inputs (see :mod:`recopt.data.batch`; ``seq_times`` is accepted and unused)::
             seq_lengths [B, E], seq_times [B, E, T]) -> logits [B]
 
 Paper-sized configuration (DCNv2 baseline of the InterFormer benchmarks,
-SPEC §6.2)::
+its Appendix B)::
 
     DLRMConfig(embedding_dim=64, bottom_hidden=(512, 256), top_hidden=(500, 500), cross_layers=3)
 """

@@ -1,7 +1,7 @@
 """InterFormer (arXiv 2411.09852) in plain PyTorch.
 
 Tokens are rows here (the paper writes them as columns). Per layer ``l``
-(SPEC §6.1, Algorithm 1)::
+(the InterFormer paper, arXiv 2411.09852, Algorithm 1)::
 
     Cross Arch:        X_sum = Gating(LCE(X))                          # [B, n, d] -> [B, n_cls, d]
                        S_sum = Gating([S_CLS ‖ PMA(S) ‖ S_recent])     # [B, n_cls + n_pma + K, d]
@@ -30,7 +30,7 @@ Inputs (see :mod:`recopt.data.batch`; ``seq_times`` is accepted and unused)::
 
 with ``T >= n_recent``.
 
-Choices where the paper is silent (SPEC §6, §12), each the standard option:
+Choices where the paper is silent, each the standard option:
 gating is ``x ⊙ σ(Linear(x))`` (the converted text's ``σ(X ⊙ MLP(X))`` looks
 like an artifact); pre-LayerNorm residuals around PFFN and MHA; softmax
 attention with a ``1/sqrt(d_h)`` scale; DHEN = LayerNorm(DOT + DCN + X)
@@ -179,7 +179,7 @@ class SequenceArch(nn.Module):
     """``S = S + PFFN(X_sum, LN(S)); S = S + MHA(LN(S))`` with RoPE.
 
     The PFFN materializes the per-sample weight ``Wp = einsum('bkd,ke->bde', x_sum, W)``
-    ``[B, d, d]`` and applies ``bmm(s, Wpᵀ)`` (SPEC §11.1 pattern C)."""
+    ``[B, d, d]`` and applies ``bmm(s, Wpᵀ)`` (the PFFN spelling the ``pffn_gdpa`` pass re-associates, docs/gdpa.md)."""
 
     def __init__(self, cfg: InterFormerConfig):
         super().__init__()

@@ -1,6 +1,6 @@
 """Kunlun (arXiv 2602.10016) in plain PyTorch, full-compute form.
 
-Per layer ``l`` (SPEC §2; CompSkip is inserted later by a pass, not here)::
+Per layer ``l`` (the Kunlun paper, arXiv 2602.10016; CompSkip is inserted later by a pass, not here)::
 
     X_sum = WeightGen(X)                          # [B, n, d] -> [B, n_sum, d]
     H_e   = Summary_e(S_e)                        # HSP (or PMA): [B, T_e, d_e] -> [B, n_tok_e, d]
@@ -21,7 +21,7 @@ Inputs (see :mod:`recopt.data.batch`)::
     forward(dense [B, n_dense], sparse_ids [B, F], seq_ids [B, E, T, C],
             seq_lengths [B, E], seq_times [B, E, T]) -> logits [B]
 
-Choices where the sources are silent (SPEC §12), each the standard option:
+Choices where the paper and its public descriptions are silent, each the standard option:
 
 * context tokens: one token for all dense features + one per sparse feature;
 * WeightGen: token-axis Linear(n -> n_sum) then a 2-layer SiLU MLP on d;
@@ -43,7 +43,7 @@ Choices where the sources are silent (SPEC §12), each the standard option:
 * padded sequence positions are zeroed at the input so outputs never depend
   on padding values; an empty sequence's summary is a finite constant.
 
-Paper-sized configuration (per-event settings from SPEC §4.4's illustration;
+Paper-sized configuration (per-event settings from the paper's illustration of event-level personalization;
 the paper's own values are unknown)::
 
     KunlunConfig(d_model=256, n_summary=8, n_experts=4, head_hidden=(1024, 512, 256),

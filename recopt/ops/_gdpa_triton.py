@@ -73,10 +73,21 @@ def _smem_estimate(bm: int, bn: int, bd: int, bdv: int, stages: int, elt: int) -
     return elt * (bm * bd + stages * bn * (bd + bdv) + bm * bn)
 
 
-def _prune(configs, bd: int, bdv: int, elt: int):
+def smem_estimate(kind: str, bm: int, bn: int, bd: int, bdv: int, stages: int, elt: int) -> int:
+    """Shared-memory bytes of one program of kernel ``kind`` (fwd, dkdv, dq): the resident
+    tiles (fwd: Q; dkdv: K and V; dq: Q and dO), the streamed ones per pipeline stage (fwd:
+    K, V; dkdv: Q, dO; dq: K, V) and one score tile staged for the second GEMM."""
+    if kind == "dkdv":
+        return elt * (bn * (bd + bdv) + stages * bm * (bd + bdv) + bm * bn)
+    if kind == "dq":
+        return elt * (bm * (bd + bdv) + stages * bn * (bd + bdv) + bm * bn)
+    return _smem_estimate(bm, bn, bd, bdv, stages, elt)
+
+
+def _prune(configs, bd: int, bdv: int, elt: int, kind: str = "fwd"):
     """Keep configs that fit shared memory (first one wins); the last resort always fits."""
     for bm, bn, w, st in configs:
-        if _smem_estimate(bm, bn, bd, bdv, st, elt) <= SMEM_LIMIT:
+        if smem_estimate(kind, bm, bn, bd, bdv, st, elt) <= SMEM_LIMIT:
             return bm, bn, w, st
     return configs[-1]
 
@@ -90,31 +101,39 @@ def _arch(device) -> int:
 
 
 def fwd_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: int = 90,
-               heavy: bool = False):
+               heavy: bool = False, act: str = ""):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward for this shape
     (16 x 16 tiles, one warp under the CPU interpreter). ``heavy``: jagged inputs, a
-    bias, a causal or window mask (more live registers per score element)."""
+    bias, a causal or window mask (more live registers per score element). ``act``: the
+    activation (sm_100 picks the tile width per activation, see ``_WIDE_ON_SM100``)."""
     if interpreting():
         return 16, 16, 1, 1
-    return _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch, heavy)
+    return _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch, heavy, act)
 
 
-def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
+# Activations whose plain forward takes 128 x 128 score tiles on sm_100 too (the wider tile
+# amortises the per-tile cost over twice the elements; gelu: 13.05 SASS instructions per
+# element, budget 14). There ptxas holds the kernel to 128 registers, and gelu_tanh's
+# (tanh.approx) 128 x 128 tile spills 40-48 B, so it keeps 128 x 64 (11.3, budget 13).
+_WIDE_ON_SM100 = frozenset(ACTIVATIONS) - {"gelu_tanh"}
+
+
+def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False, act=""):
     bd, bdv = _pow2(d), _pow2(dv)
     big = max(bd, bdv)
     elt = 4 if dtype == torch.float32 else 2
     bm = 128 if t_q > 64 else 64
     # 128 x 128 score tiles (64 elements per thread amortise the loop's fixed cost) only for the
     # plain variant on sm_90; masks, a bias, or sm_100's register allocation need narrower tiles
-    wide = 128 if (t_k > 64 and not heavy and arch < 100) else 64
+    wide = 128 if (t_k > 64 and not heavy and (arch < 100 or act in _WIDE_ON_SM100)) else 64
     if big >= 256:
         cands = [(bm, 32 if bm == 128 else 16, 8, 2), (64, 16, 4, 2)]
     elif big >= 128:
         cands = [(bm, wide, 8, 2), (bm, 64, 8, 2), (64, 64, 4, 2)]
     else:
         cands = [(bm, wide, 8, 2), (bm, 64, 4, 3), (64, 32, 4, 2)]
-    if elt == 4:  # exact fp32 path (FMA dots): small tiles
-        cands = [(min(c[0], 64), 16, 4, 2) for c in cands]
+    if elt == 4:  # exact fp32 path (FMA dots, operands in registers): small tiles, 16 rows from d 128
+        cands = [(min(c[0], 64 if big < 128 else 16), 16, 4, 2) for c in cands]
     if t_k <= 32:
         cands = [(c[0], min(c[1], 32), c[2], c[3]) for c in cands]
     # at most one warpgroup (4 warps) per 64 rows: more would split the score tile's columns
@@ -143,19 +162,28 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     elt = 4 if dtype == torch.float32 else 2
     narrow = heavy or arch >= 100
     if big >= 256:
-        # dK and dV in separate launches (dkdv_passes): one 64 x 256 fp32 accumulator each
-        dkdv, dq = [(16, 64, 4, 1)], [(128, 16 if narrow else 32, 8, 1) if t_q > 64 else (64, 16, 4, 1)]
+        # dK and dV in separate launches (dkdv_passes): one 64 x 256 fp32 accumulator per
+        # warpgroup, 128 registers a thread. sm_90: two warpgroups (128 keys, 128 queries for
+        # dQ at any Tq) halve the per-thread share of each streamed tile, and two stages make
+        # those loads cp.async; with one warpgroup or one stage they went through registers
+        # and spilled (8-360 B, depending on the activation and variant)
+        if arch >= 100:
+            dkdv, dq = [(16, 64, 4, 1)], [(128, 16, 8, 1) if t_q > 64 else (64, 16, 4, 1)]
+        else:
+            dkdv, dq = [(16, 128, 8, 2)], [(128, 16, 8, 2)]
     elif big >= 128:
-        # dK, dV accumulators alone are 128 registers/thread: a narrow query step keeps it unspilled
-        dkdv = [(16 if narrow else 32, 64, 4, 2)]
+        # dK, dV accumulators are 128 registers/thread on sm_90 (wgmma accumulates in registers):
+        # a narrow query step keeps it unspilled; sm_100 accumulates in tensor memory and takes
+        # 64-row steps unless masks or a bias add live values
+        dkdv = [(16 if heavy else (64 if arch >= 100 else 32), 64, 4, 2)]
         dq = [(128, 32 if narrow else 64, 8, 2) if t_q > 64 else (64, 32, 4, 2)]
     else:
-        dkdv = [(32 if narrow else 64, 64, 4, 3), (32, 64, 4, 2)]
+        dkdv = [(32 if heavy else 64, 64, 4, 3), (32, 64, 4, 2)]
         dq = [(64, 32 if narrow else 64, 4, 3), (64, 32, 4, 2)]
-    if elt == 4:  # exact fp32 path (FMA dots): small tiles
-        dkdv = [(16, 32, 4, 1)]
-        dq = [(32, 16, 4, 1)]
-    return _prune(dkdv, bd, bdv, elt), _prune(dq, bd, bdv, elt)
+    if elt == 4:  # exact fp32 path (FMA dots, operands in registers): small tiles, smaller from d 128
+        dkdv = [(16, 32 if big < 128 else 16, 4, 1)]
+        dq = [(32 if big < 256 else 16, 16, 4, 1)]
+    return _prune(dkdv, bd, bdv, elt, "dkdv"), _prune(dq, bd, bdv, elt, "dq")
 
 
 def dkdv_passes(d: int, dv: int) -> tuple:
@@ -268,7 +296,8 @@ def gdpa_fwd(
         return out.zero_() if not jagged else out
     # jagged offsets, masks and a bias keep more values live: narrower tiles (see fwd_config)
     heavy = bool(causal) or bias is not None or (window is not None and window >= 0) or jagged
-    BLOCK_M, BLOCK_N, warps, stages = fwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device), heavy)
+    BLOCK_M, BLOCK_N, warps, stages = fwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device), heavy,
+                                                 activation)
     grid = (triton.cdiv(T_Q, BLOCK_M) * nb * H,)
     c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation,
                 causal, causal_offset, bias, nb, H)
@@ -291,12 +320,19 @@ def gdpa_bwd(
     q_lengths=None, kv_lengths=None, q_offsets=None, kv_offsets=None,
     max_seq_len_q: Optional[int] = None, max_seq_len_kv: Optional[int] = None,
     causal: bool = False, causal_offset: int = 0, bias: Optional[torch.Tensor] = None,
-    out: Optional[tuple] = None,
+    bias_grad: bool = False, out: Optional[tuple] = None,
 ):
-    """Backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed, no atomics).
+    """Backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed, no atomics),
+    and ``dbias`` shaped like ``bias`` (in its dtype) as a fourth element when
+    ``bias_grad`` (which needs a ``bias``).
 
-    ``causal``, ``causal_offset`` and ``bias`` as in :func:`gdpa_fwd` (the bias
-    gets no gradient here).
+    ``causal``, ``causal_offset`` and ``bias`` as in :func:`gdpa_fwd`. The bias
+    gradient is the score gradient ``qk_scale * act'(s) * dP`` (0 where masked),
+    summed over the bias's broadcast dims; the dQ kernel writes it while it
+    recomputes the scores: stored directly when the bias has the full
+    ``[B, H, Tq, Tk]`` shape, else added atomically (fp32, summed over broadcast
+    query/key dims inside the tile first; the order of the atomic adds, so the
+    last bits, may differ run to run). Dense inputs only.
     """
     jagged = q_offsets is not None
     B, H, Hkv, T_Q, T_K, D, DV = _geometry(q, k, v, jagged, max_seq_len_q, max_seq_len_kv)
@@ -308,10 +344,12 @@ def gdpa_bwd(
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     else:
         dq, dk, dv = out
+    db, db_meta = _dbias_buffer(bias, bias_grad, jagged, nb, H, T_Q, T_K)
     if nb == 0 or (T_Q == 0 and T_K == 0):
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return _with_dbias((dq.zero_(), dk.zero_(), dv.zero_()), db, bias)
     go = grad_out
-    heavy = bool(causal) or bias is not None or (window is not None and window >= 0)
+    # jagged offsets, masks and a bias keep more values live: narrower tiles (see bwd_config)
+    heavy = bool(causal) or bias is not None or (window is not None and window >= 0) or jagged
     cfg_dkdv, cfg_dq = bwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device), heavy)
     c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation,
                 causal, causal_offset, bias, nb, H)
@@ -336,13 +374,42 @@ def gdpa_bwd(
     if T_Q > 0 and dq.numel() > 0:
         wrap_triton(gdpa_bwd_dq_kernel)[(triton.cdiv(T_Q, cfg_dq[0]) * nb * H,)](
             q, k, v, go, dq, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
+            db if db is not None else q,
             *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(go, jagged),
-            *_strides(dq, jagged), *c["bias_strides"],
-            *scal, **meta(cfg_dq),
+            *_strides(dq, jagged), *c["bias_strides"], *db_meta.pop("strides"),
+            *scal, **db_meta, **meta(cfg_dq),
         )
     else:
         dq.zero_()
-    return dq, dk, dv
+    return _with_dbias((dq, dk, dv), db, bias)
+
+
+def _dbias_buffer(bias, bias_grad, jagged, nb, H, T_Q, T_K):
+    """(zero-filled dbias buffer or None, the dQ kernel's DB strides and DBIAS constexprs).
+
+    DBIAS 1: the bias has the full [B, H, Tq, Tk] shape; the kernel stores into a buffer of
+    the bias's dtype. DBIAS 2: broadcast over some dim; fp32 buffer, atomic adds (summed over
+    broadcast query/key dims inside each tile first: DB_SUM_Q / DB_SUM_K).
+    """
+    off = dict(strides=(0, 0, 0, 0), DBIAS=0, DB_SUM_Q=False, DB_SUM_K=False)
+    if not bias_grad:
+        return None, off
+    if bias is None:
+        raise ValueError("gdpa_bwd(bias_grad=True) needs the bias whose gradient it computes")
+    if jagged:
+        raise ValueError("gdpa_bwd: the bias gradient is computed for dense inputs only "
+                         "(the jagged op takes no bias)")
+    full = tuple(bias.shape) == (nb, H, T_Q, T_K)
+    db = torch.zeros(bias.shape, dtype=bias.dtype if full else torch.float32, device=bias.device)
+    strides = tuple(0 if db.shape[i] == 1 else db.stride(i) for i in range(4))
+    return db, dict(strides=strides, DBIAS=1 if full else 2,
+                    DB_SUM_Q=not full and bias.shape[2] == 1, DB_SUM_K=not full and bias.shape[3] == 1)
+
+
+def _with_dbias(grads, db, bias):
+    if db is None:
+        return grads
+    return grads + (db.to(bias.dtype),)
 
 
 # ----------------------------------------------------------------------------- compile checks
@@ -376,8 +443,15 @@ VARIANTS = {
     "gqa": dict(GQA=True),
     "bcast_q": dict(BCAST_Q=True),
     "light": dict(JAGGED=True, GQA=True),
-    "all": dict(JAGGED=True, HAS_WINDOW=True, CAUSAL=True, HAS_BIAS=True, GQA=True),
+    "gqa_len": dict(HAS_QLEN=True, HAS_KLEN=True, GQA=True),
+    "all": dict(JAGGED=True, HAS_WINDOW=True, CAUSAL=True, HAS_BIAS=True, GQA=True, DBIAS=2),
+    # the bias gradient (dQ kernel): stored for a full-shape bias, atomic adds for a broadcast one
+    "dbias": dict(HAS_KLEN=True, CAUSAL=True, HAS_BIAS=True, DBIAS=1),
+    "dbias_bcast": dict(HAS_BIAS=True, DBIAS=2, DB_SUM_Q=True),
 }
+
+# variants the launchers serve with their "heavy" configs (jagged, masks, a bias)
+_HEAVY_VARIANTS = ("jagged", "window", "causal", "bias", "light", "all", "dbias", "dbias_bcast")
 
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 HEAD_DIMS = (16, 32, 64, 128, 256)         # BLOCK_D classes: every d in [1, 256] maps onto one
@@ -389,7 +463,7 @@ def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, outs=(True, Tru
 
     attr, ptrs, stride_groups = _KERNELS[kind]
     flags = dict(JAGGED=False, HAS_QLEN=False, HAS_KLEN=False, HAS_WINDOW=False, CAUSAL=False,
-                 HAS_BIAS=False, GQA=False, BCAST_Q=False)
+                 HAS_BIAS=False, GQA=False, BCAST_Q=False, DBIAS=0, DB_SUM_Q=False, DB_SUM_K=False)
     flags.update(VARIANTS[variant])
     ty = _TYPES[dtype]
     sig, const, div = {}, {}, []
@@ -429,6 +503,14 @@ def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, outs=(True, Tru
         DOT_FP32=dtype == torch.float32, EVEN_D=d == _pow2(d),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(d),
     )
+    if kind == "dq":                                 # the bias gradient's buffer (fp32 when atomic)
+        sig["DB"] = f"*{ty}" if flags["DBIAS"] == 1 else "*fp32"
+        div.append("DB")
+        for n in ("sdbb", "sdbh", "sdbq"):
+            sig[n] = "i32"
+            div.append(n)
+        const["sdbk"] = 1
+        const.update(DBIAS=flags["DBIAS"], DB_SUM_Q=flags["DB_SUM_Q"], DB_SUM_K=flags["DB_SUM_K"])
     part = ""
     if kind == "dkdv":
         const.update(OUT_DK=outs[0], OUT_DV=outs[1])
@@ -443,14 +525,15 @@ def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, outs=(True, Tru
                       num_warps=warps, num_stages=stages, divisible=tuple(dict.fromkeys(div)), tags=tags)
 
 
-def launch_configs(kind: str, dtype, arch: int = 90) -> list:
-    """Every (d, config, heavy) the launcher can pick for this kernel kind, dtype and arch."""
+def launch_configs(kind: str, dtype, arch: int = 90, act: str = "gelu") -> list:
+    """Every (d, config, heavy) the launcher can pick for this kernel kind, dtype, arch and
+    activation (the forward's tile width depends on it on sm_100)."""
     out = []
     for d in HEAD_DIMS:
         for heavy in (False, True):
             for tq, tk in _SHAPES:
                 if kind == "fwd":
-                    picked = _fwd_config_gpu(tq, tk, d, d, dtype, arch, heavy)
+                    picked = _fwd_config_gpu(tq, tk, d, d, dtype, arch, heavy, act)
                 else:
                     picked = _bwd_config_gpu(tq, tk, d, d, dtype, arch, heavy)[0 if kind == "dkdv" else 1]
                 cfg = (d, picked, heavy)
@@ -462,15 +545,18 @@ def launch_configs(kind: str, dtype, arch: int = 90) -> list:
 def compile_specs(level: str = "ci") -> list:
     """Specs for recopt.kernels.compile_check.
 
-    ``ci`` (about a minute on 2 idle cores), per arch (sm_90, sm_100): every
+    ``ci`` (about 100 s on 2 idle cores), per arch (sm_90, sm_100): every
     config the launcher can pick for every head-size class (16..256), compiled
     with the heaviest variant that config serves (``all``: jagged, window,
-    causal, bias, GQA, gelu, for the configs picked under masks or a bias;
-    ``light``: jagged, lengths, GQA, gelu, otherwise), in bf16 and (d 64) fp32;
-    every activation through the dK/dV kernel (it holds both act and its
-    gradient) and the three fast activations through the forward; on sm_90 also
-    each kernel's ``dense``, ``causal`` and odd-head-size code paths. ``full``:
-    activation x variant x config x dtype, both archs.
+    causal, bias, GQA, gelu, the atomic bias gradient in dQ, for the configs
+    picked under jagged inputs, masks or a bias; ``gqa_len`` / ``lengths``:
+    lengths and GQA, otherwise), in bf16 and (d 64) fp32, the forward also with
+    gelu_tanh where its config differs; every activation through the dK/dV
+    kernel (it holds both act and its gradient) and through the forward on
+    sm_100 (three fast ones on sm_90); dQ's stored and atomic bias gradients;
+    on sm_90 also each kernel's ``dense``, ``causal`` and odd-head-size code
+    paths, and the d = 256 backward with ``raw``. ``full``: activation x
+    variant x config x dtype, both archs.
     """
     specs, seen = [], set()
 
@@ -487,26 +573,44 @@ def compile_specs(level: str = "ci") -> list:
         for arch in (90, 100):
             if level == "full":
                 for dtype in (bf16, torch.float16, torch.float32):
-                    for d, cfg, heavy in launch_configs(kind, dtype, arch):
-                        for act in ACTIVATIONS:
+                    for act in ACTIVATIONS:
+                        for d, cfg, heavy in launch_configs(kind, dtype, arch, act):
                             for variant in VARIANTS:
-                                if heavy == (variant in ("window", "causal", "bias", "all")):
+                                if variant.startswith("dbias") and kind != "dq":
+                                    continue                 # only the dQ kernel has DBIAS
+                                if heavy == (variant in _HEAVY_VARIANTS):
                                     add(kind, act, variant, d, dtype, cfg, (arch,))
                 continue
-            for d, cfg, heavy in launch_configs(kind, bf16, arch):
-                add(kind, "gelu", "all" if heavy else ("lengths" if kind == "fwd" else "light"), d, bf16, cfg,
-                    (arch,))
+            done = set()
+            for act in (("gelu", "gelu_tanh") if kind == "fwd" else ("gelu",)):
+                for d, cfg, heavy in launch_configs(kind, bf16, arch, act):
+                    if (d, cfg, heavy) not in done:  # gelu_tanh: only the configs gelu does not take
+                        done.add((d, cfg, heavy))
+                        add(kind, act, "all" if heavy else ("lengths" if kind == "fwd" else "gqa_len"), d,
+                            bf16, cfg, (arch,))
             for d, cfg, heavy in launch_configs(kind, torch.float32, arch):
                 if d == 64:
-                    add(kind, "gelu", "all" if heavy else ("lengths" if kind == "fwd" else "light"), d,
+                    add(kind, "gelu", "all" if heavy else ("lengths" if kind == "fwd" else "gqa_len"), d,
                         torch.float32, cfg, (arch,))
-            main = [c for d, c, h in launch_configs(kind, bf16, arch) if d == 128 and not h][-1]
             acts = ACTIVATIONS if kind == "dkdv" else (("gelu", "gelu_tanh", "silu") if kind == "fwd" else ())
+            if kind == "fwd" and arch >= 100:
+                acts = ACTIVATIONS                   # the tile width depends on the activation here
             for act in acts:
+                main = [c for d, c, h in launch_configs(kind, bf16, arch, act) if d == 128 and not h][-1]
                 add(kind, act, "dense", 128, bf16, main, (arch,))
+            main = [c for d, c, h in launch_configs(kind, bf16, arch) if d == 128 and not h][-1]
+            heavy_main = [c for d, c, h in launch_configs(kind, bf16, arch) if d == 128 and h][-1]
+            if kind == "dq":  # the bias gradient: stored (full-shape bias) and atomic (broadcast)
+                add(kind, "gelu", "dbias", 128, bf16, heavy_main, (arch,))
+                if arch == 90:
+                    add(kind, "silu", "dbias_bcast", 64, bf16,
+                        [c for d, c, h in launch_configs(kind, bf16, arch) if d == 64 and h][-1], (arch,))
             if arch == 90:
-                heavy_main = [c for d, c, h in launch_configs(kind, bf16, arch) if d == 128 and h][-1]
                 add(kind, "gelu", "dense", 128, bf16, main, (arch,))
                 add(kind, "gelu", "causal", 128, bf16, heavy_main, (arch,))
                 add(kind, "gelu", "lengths", 96, bf16, main, (arch,))   # d != BLOCK_D: masked head-dim loads
+                if kind != "fwd":  # d = 256 is the tightest fit; register use is not monotonic in the
+                    # activation (raw spilled here where gelu did not): the simplest one as well
+                    add(kind, "raw", "dense", 256, bf16,
+                        [c for d, c, h in launch_configs(kind, bf16, arch) if d == 256 and not h][-1], (arch,))
     return specs

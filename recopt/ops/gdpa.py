@@ -52,9 +52,9 @@ def backend_for(q: Tensor, k: Tensor, v: Tensor, activation: str, causal: bool =
                 bias: Optional[Tensor] = None) -> str:
     """``"triton"`` or ``"reference"``: which implementation runs for these inputs.
 
-    ``causal`` and ``bias`` are not in the Triton kernels yet: such calls run
-    the reference (on any device, also under ``RECOPT_GDPA_BACKEND=triton``);
-    :func:`reference_reason` names why, and the gdpa pass reports it.
+    ``causal`` and an additive ``bias`` (with its gradient) run in the Triton
+    kernels; :func:`reference_reason` names any feature that would send a call
+    to the reference on every device (none today), and the gdpa pass reports it.
     """
     choice = os.environ.get(BACKEND_ENV, "auto").lower()
     if choice not in ("auto", "triton", "reference"):
@@ -81,12 +81,18 @@ def backend_for(q: Tensor, k: Tensor, v: Tensor, activation: str, causal: bool =
 
 
 def reference_reason(causal: bool, bias: Optional[Tensor]) -> Optional[str]:
-    """Why a call with these features runs the reference whatever the device, or None."""
-    missing = [n for n, on in (("causal", causal), ("bias", bias is not None)) if on]
-    if missing:
-        return (f"{' and '.join(missing)} not in the Triton GDPA kernels yet: the plain-PyTorch "
-                "reference runs (O(T^2) memory)")
+    """Why a call with these features runs the reference whatever the device, or None.
+
+    None for every pointwise call: the Triton kernels implement causal masks
+    (fully masked tiles skipped) and an additive bias, forward and backward
+    (dbias included). A bias that is not a 4-D tensor is rejected by the op.
+    """
     return None
+
+
+def _bias4(bias: Optional[Tensor]) -> Optional[Tensor]:
+    """A bias of fewer than 4 dims as a 4-D view (leading size-1 dims), as the kernels take it."""
+    return bias if bias is None or bias.dim() == 4 else bias[(None,) * (4 - bias.dim())]
 
 
 def _define(name: str):
@@ -133,7 +139,7 @@ def _gdpa_op(
     if backend_for(q, k, v, activation, causal, bias) == "triton":
         return _T.gdpa_fwd(q, k, v, activation=activation, qk_scale=qk_scale,
                            pre_scale=pre_scale, window=window,
-                           q_lengths=q_lengths, kv_lengths=kv_lengths)
+                           q_lengths=q_lengths, kv_lengths=kv_lengths, causal=causal, bias=_bias4(bias))
     return R.gdpa_ref(q, k, v, q_lengths, kv_lengths, activation, qk_scale, pre_scale, window,
                       causal, bias)
 
@@ -147,10 +153,12 @@ def _gdpa_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dbias)``; ``dbias`` is an empty tensor when ``bias`` is None."""
     if backend_for(q, k, v, activation, causal, bias) == "triton":
-        dq, dk, dv = _T.gdpa_bwd(grad_out.contiguous(), q, k, v, activation=activation,
-                                 qk_scale=qk_scale, pre_scale=pre_scale, window=window,
-                                 q_lengths=q_lengths, kv_lengths=kv_lengths)
-        return dq, dk, dv, q.new_empty(0)
+        grads = _T.gdpa_bwd(grad_out.contiguous(), q, k, v, activation=activation,
+                            qk_scale=qk_scale, pre_scale=pre_scale, window=window,
+                            q_lengths=q_lengths, kv_lengths=kv_lengths, causal=causal, bias=_bias4(bias),
+                            bias_grad=bias is not None)
+        return grads[0], grads[1], grads[2], (grads[3].view(bias.shape) if bias is not None
+                                              else q.new_empty(0))
     grads = R.gdpa_bwd_ref(grad_out, q, k, v, q_lengths, kv_lengths, activation,
                            qk_scale, pre_scale, window, causal, bias)
     dbias = grads[3].contiguous() if bias is not None else q.new_empty(0)
@@ -357,8 +365,8 @@ def gdpa(
             graph passes its own ``self.training`` so ``.train()``/``.eval()``
             keep working. With dropout active the reference runs.
 
-    Causal and bias run the reference until the Triton kernels support them
-    (:func:`reference_reason`).
+    Causal masks and a bias run in the Triton kernels too (on CUDA), the bias
+    gradient included.
 
     Returns:
         ``[B, H, Tq, dv]`` in ``q.dtype``.

@@ -1,4 +1,4 @@
-"""Momentum-scaled row-wise AdaGrad (2D sparse parallelism, SPEC §9.3).
+"""Momentum-scaled row-wise AdaGrad (the 2D sparse parallelism paper, arXiv 2508.03854).
 
 Row-wise AdaGrad keeps one accumulator per embedding row: for a touched row
 ``i`` of width ``D`` with gradient ``g`` (duplicates already summed)::

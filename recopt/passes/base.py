@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Optional
 import torch
 import torch.fx as fx
 
+from ..graph.scopes import module_path_of
 from ..report import REJECTED, REWRITTEN, Site, _jsonable  # noqa: F401  (the report's vocabulary)
 
 
@@ -142,23 +143,6 @@ class PassContext:
         if node.op != "placeholder":
             raise ValueError(f"input_index expects a placeholder node, got {node.op} {node.name}")
         return [n for n in node.graph.nodes if n.op == "placeholder"].index(node)
-
-
-def module_path_of(node: fx.Node) -> str:
-    """The dotted path of the module a node came from, or "" if unknown.
-
-    ``call_module`` nodes name their module; for other nodes the last entry
-    of ``nn_module_stack`` (kept by Dynamo capture) or the recorded source is
-    used.
-    """
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        last = list(stack.values())[-1]
-        path = last[0] if isinstance(last, tuple) else str(last)
-        return path.replace("L['self'].", "").replace("L__self___", "")
-    return node.meta.get("recopt_module_path", "")
 
 
 class Pass:

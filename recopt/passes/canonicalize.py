@@ -9,26 +9,22 @@ promotion would change them), which ``tensor_meta`` tells.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..graph import canon as C
+from ..graph.nodes import tidy_graph
 from .base import Pass, PassContext, PassResult, Semantics
 from .registry import register_pass
 
-_NEUTRAL = {
-    operator.mul: 1, torch.mul: 1, "mul": 1,
-    operator.truediv: 1, torch.div: 1, "div": 1,
-    operator.add: 0, torch.add: 0, "add": 0,
-    operator.sub: 0, torch.sub: 0, "sub": 0,
-}
-_RIGHT_ONLY = {operator.truediv, torch.div, "div", operator.sub, torch.sub, "sub"}
+# By canonical op kind (recopt.graph.canon.op_kind: every spelling of mul/div/add/sub).
+_NEUTRAL = {"mul": 1, "div": 1, "add": 0, "sub": 0}
+_RIGHT_ONLY = {"div", "sub"}
 # x + 0 is not the identity on floats: -0.0 + 0 is +0.0 (and 1/x then flips
 # sign). It is removed only for integer and bool results; x - 0 keeps -0.0.
-_FLOAT_UNSAFE = {operator.add, torch.add, "add"}
+_FLOAT_UNSAFE = {"add"}
 
 
 def _meta(n):
@@ -56,9 +52,8 @@ class RemoveIdentity(Pass):
             gm.graph.erase_node(node)
             sites.append(self.rewritten(node, "returns its input unchanged; removed"))
         if any(s.status == "rewritten" for s in sites):
-            gm.graph.lint()
+            tidy_graph(gm)
             gm.delete_all_unused_submodules()
-            gm.recompile()
         return PassResult(gm, sites)
 
     def _identity_source(self, node: fx.Node, modules: dict):
@@ -76,11 +71,12 @@ class RemoveIdentity(Pass):
             if isinstance(d, torch.dtype) and m is not None and m.dtype == d:
                 return x, None
             return None, None
-        if key in _NEUTRAL and len(node.args) == 2 and not node.kwargs:
+        kind = C.op_kind(node) if key is not None else None
+        if kind in _NEUTRAL and len(node.args) == 2 and not node.kwargs:
             a, b = node.args
-            neutral = _NEUTRAL[key]
+            neutral = _NEUTRAL[kind]
             for x, c in ((a, b), (b, a)):
-                if c is b or key not in _RIGHT_ONLY:
+                if c is b or kind not in _RIGHT_ONLY:
                     if isinstance(x, fx.Node) and isinstance(c, (int, float)) and not isinstance(c, bool) and c == neutral:
                         mx, mo = _meta(x), _meta(node)
                         if mx is None or mo is None:
@@ -88,7 +84,7 @@ class RemoveIdentity(Pass):
                         if mx.shape != mo.shape or mx.dtype != mo.dtype:
                             return None, ("changes_dtype_or_shape",
                                           f"arithmetic with {c} changes dtype/shape ({mx.dtype}→{mo.dtype}); kept")
-                        if key in _FLOAT_UNSAFE and (mx.dtype.is_floating_point or mx.dtype.is_complex):
+                        if kind in _FLOAT_UNSAFE and (mx.dtype.is_floating_point or mx.dtype.is_complex):
                             return None, ("signed_zero",
                                           "x + 0 turns -0.0 into +0.0 on floating types; kept")
                         return x, None

@@ -1,18 +1,18 @@
 """dead_code: remove nodes whose results nobody uses.
 
-Side-effecting calls are kept: the impure ops fx knows about, in-place
-methods and functions (``buf.add_(1)``: a buffer counter the graph keeps as
-a real mutation), and random draws (removing an unused draw would shift
-every later draw, so dropout masks would change). Each removed node is
-reported as a rewritten site.
+Side-effecting calls are kept (:func:`recopt.graph.nodes.has_side_effects`):
+the impure ops fx knows about, in-place methods and functions
+(``buf.add_(1)``: a buffer counter the graph keeps as a real mutation), and
+random draws (removing an unused draw would shift every later draw, so
+dropout masks would change). Each removed node is reported as a rewritten
+site. The manager removes dead code with the same rule after every pass
+(without reporting sites); this pass is how a pipeline reports it.
 """
 from __future__ import annotations
 
-import operator
-
-import torch
 import torch.fx as fx
 
+from ..graph.nodes import has_side_effects
 from .base import Pass, PassContext, PassResult, Semantics
 from .registry import register_pass
 
@@ -26,7 +26,7 @@ class DeadCodeElimination(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         before = {n.name: n for n in gm.graph.nodes}
-        gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+        gm.graph.eliminate_dead_code(is_impure_node=has_side_effects)
         after = {n.name for n in gm.graph.nodes}
         sites = [
             self.rewritten(node, "result unused; removed")
@@ -37,34 +37,3 @@ class DeadCodeElimination(Pass):
             gm.delete_all_unused_submodules()
             gm.recompile()
         return PassResult(gm, sites)
-
-
-_RANDOM_NAMES = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like",
-                 "bernoulli", "multinomial", "normal", "poisson", "dropout", "native_dropout",
-                 "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d",
-                 "uniform_", "normal_", "exponential_", "geometric_", "log_normal_", "cauchy_", "random_"}
-
-
-_OPERATOR_INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                     operator.ilshift, operator.irshift, operator.imatmul}
-
-
-def _is_impure(node: fx.Node) -> bool:
-    """fx's notion of impure, plus in-place ops and random draws."""
-    if node.is_impure():
-        return True
-    if node.op not in ("call_method", "call_function"):
-        return False
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if isinstance(node.target, torch._ops.OpOverload):
-        name = node.target._schema.name.split("::")[-1]
-        if node.target._schema.is_mutable:
-            return True
-    if name.endswith("_") and not name.endswith("__"):
-        return True
-    if node.target in _OPERATOR_INPLACE:  # x += y on a tensor is x.add_(y)
-        return True
-    if name in _RANDOM_NAMES:
-        return True
-    return bool(node.kwargs.get("out") is not None)

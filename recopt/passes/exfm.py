@@ -9,7 +9,7 @@ into one that returns ``(serving_logit, distill_logit[, distill2_logit])``:
 * each **distillation head** ``D_k`` is a copy of ``S`` (same weights at
   initialisation, separate parameters afterwards) applied to
   ``GS_β(x)``, where ``x`` is the backbone output that feeds ``S`` and GS_β
-  is :func:`recopt.distill.grad_scale.grad_scale` (identity forward,
+  is :func:`recopt.ops.grad_scale.grad_scale` (identity forward,
   gradient × β backward).
 
 The serving path is left untouched, so output 0 is bit-identical to the
@@ -44,7 +44,6 @@ output must be bit-identical).
 from __future__ import annotations
 
 import copy
-import operator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -53,7 +52,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..distill.grad_scale import GRAD_SCALE_OP, is_grad_scale_node
+from ..graph import canon as C
+from ..graph.nodes import fresh_attr_name, get_attr_value
+from ..ops.grad_scale import GRAD_SCALE_OP, is_grad_scale_node
 from .base import Pass, PassConfig, PassContext, PassResult, Semantics
 from .registry import register_pass
 
@@ -62,17 +63,14 @@ META_KEY = "exfm"
 #: Prefix of the submodules / parameters that hold distillation-head copies.
 DISTILL_PREFIX = "exfm_distill"
 
-_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 _ACTIVATION_MODULES = (nn.ReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish,
                        nn.Hardswish, nn.Dropout, nn.Identity, nn.PReLU)
 _ACTIVATION_FUNCTIONS = {F.relu, F.silu, F.gelu, F.leaky_relu, F.elu, F.mish, F.hardswish, F.dropout,
                          torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.tanh,
                          torch.ops.aten.relu.default, torch.ops.aten.silu.default, torch.ops.aten.gelu.default}
 _ACTIVATION_METHODS = {"relu", "sigmoid", "tanh"}
-# Shape-only ops allowed after the last linear layer (e.g. ``squeeze(-1)``).
-_TAIL_METHODS = {"squeeze", "view", "reshape", "flatten", "unsqueeze", "float", "contiguous", "to"}
-_TAIL_FUNCTIONS = {torch.squeeze, torch.flatten, torch.reshape, torch.unsqueeze,
-                   torch.ops.aten.squeeze.dim, torch.ops.aten.view.default, torch.ops.aten.reshape.default}
+# Shape-only ops allowed after the last linear layer (e.g. ``squeeze(-1)``), by canonical kind.
+_TAIL_KINDS = ("view", "identity", "cast")
 
 
 @dataclass
@@ -103,9 +101,8 @@ class AuxHeadConfig(PassConfig):
 # ----------------------------------------------------------------------------- head discovery
 
 def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), nn.Linear)
-    return node.op == "call_function" and node.target in _LINEAR_FUNCTIONS
+    """``nn.Linear`` or any spelling of ``F.linear`` (``recopt.graph.canon``)."""
+    return C.op_kind(node, gm) == "linear"
 
 
 def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -117,9 +114,8 @@ def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _is_tail(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _TAIL_METHODS
-    return node.op == "call_function" and node.target in _TAIL_FUNCTIONS
+    """A shape-only op (view/reshape/squeeze/flatten ..., contiguous/clone, dtype casts)."""
+    return node.op in ("call_method", "call_function") and C.op_kind(node) in _TAIL_KINDS
 
 
 def _chain_input(node: fx.Node) -> Optional[fx.Node]:
@@ -182,13 +178,6 @@ def find_serving_head(gm: fx.GraphModule, head_layers: int = 1):
 
 # ----------------------------------------------------------------------------- rewrite
 
-def _get_attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _reset(module: nn.Module) -> None:
     for m in module.modules():
         if hasattr(m, "reset_parameters"):
@@ -220,8 +209,8 @@ def add_distill_heads(gm: fx.GraphModule, head: HeadMatch, config: AuxHeadConfig
                 if a in env:
                     return env[a]
                 if a.op == "get_attr":
-                    value = _get_attr(gm, a.target)
-                    name = f"{DISTILL_PREFIX}{k}_p{n_param}"
+                    value = get_attr_value(gm, a)
+                    name = fresh_attr_name(gm, f"{DISTILL_PREFIX}{k}_p{n_param}")
                     n_param += 1
                     if isinstance(value, nn.Parameter):
                         new = nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
@@ -247,7 +236,7 @@ def add_distill_heads(gm: fx.GraphModule, head: HeadMatch, config: AuxHeadConfig
                 module = copy.deepcopy(gm.get_submodule(node.target))
                 if not config.copy_weights:
                     _reset(module)
-                target = f"{DISTILL_PREFIX}{k}_l{i}"
+                target = fresh_attr_name(gm, f"{DISTILL_PREFIX}{k}_l{i}")
                 gm.add_submodule(target, module)
             with graph.inserting_after(last):
                 new = graph.create_node(node.op, target, args, kwargs, name=f"{DISTILL_PREFIX}{k}_{node.name}")

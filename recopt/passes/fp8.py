@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 
 from ..fp8 import dispatch as D
+from ..graph.nodes import set_submodule, tidy_graph
 from ..fp8.linear import HP, FP8Linear
 from ..fp8.metrics import DEFAULT_THRESHOLDS, get_metric
 from ..fp8.mods import apply_blocknorm, apply_hardswish, apply_no_bias, DEFAULT_BLOCK
@@ -100,10 +101,10 @@ def _rewrite(gm: fx.GraphModule, site, recipes: dict, backend: str = "recopt") -
     if backend == "torchao":
         from ..fp8.torchao_backend import to_torchao_linear
 
-        gm.add_submodule(site.fqn, to_torchao_linear(gm.get_submodule(site.fqn), recipes["forward"]))
+        set_submodule(gm, site.fqn, to_torchao_linear(gm.get_submodule(site.fqn), recipes["forward"]))
         return
     if site.kind == "module":
-        gm.add_submodule(site.fqn, FP8Linear.from_linear(gm.get_submodule(site.fqn), recipes))
+        set_submodule(gm, site.fqn, FP8Linear.from_linear(gm.get_submodule(site.fqn), recipes))
         return
     node = site.node
     args = (recipes["forward"], recipes["dgrad"], recipes["wgrad"])
@@ -248,9 +249,8 @@ class FP8Pass(Pass):
         if measured and cfg.timings_path and not cfg.load_decisions:
             self._cache.save()
         if changed:
-            gm.graph.lint()
+            tidy_graph(gm)
             gm.delete_all_unused_submodules()  # BlockNorms folded into fused sites
-            gm.recompile()
         # Inference mode decides and rewrites the forward only: gradients
         # are not part of its contract, so the manager does not check them.
         return PassResult(gm, out_sites, inference_only=(mode == "inference"))

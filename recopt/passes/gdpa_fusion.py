@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from recopt.graph import attention as A
 from recopt.graph import canon as C
-from recopt.graph.nodes import node_dtype, node_shape
+from recopt.graph.nodes import node_dtype, node_shape, tidy_graph
 from recopt.ops import gdpa as gdpa_fn
 from recopt.ops import gdpa_ref as R
 from recopt.ops.gdpa import gdpa_flops, reference_reason
@@ -143,9 +143,7 @@ class GDPAFusion(Pass):
                     site = sdpa.try_sdpa(self, gm, node, erased)
             if site is not None:
                 sites.append(site)
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
+        tidy_graph(gm)
         return PassResult(gm, sites)
 
     # ------------------------------------------------------------------ pattern A / C

@@ -7,7 +7,11 @@ For every pass: **copy → run → check → accept or roll back → record**.
 2. run: timed; a pass that raises or returns something other than a
    :class:`~recopt.passes.base.PassResult` is reported as ``failed`` and
    skipped (a :class:`~recopt.errors.PassError` naming it with ``strict=True``);
-3. check: the :class:`~recopt.verify.Verifier` runs the rewritten graph on
+3. tidy and check: the manager removes dead code from the returned graph
+   (never in-place ops or random draws:
+   :func:`recopt.graph.nodes.has_side_effects`), lints and recompiles it,
+   once per pass, so a pass need not do it itself (a graph that does not
+   lint fails the pass); then the :class:`~recopt.verify.Verifier` runs it on
    every verification input set (the example and the edge cases derived
    from it) and compares with the graph before the pass; an ``exact`` pass
    must match within the dtype's tolerance (and keep parameter gradients),
@@ -26,7 +30,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -34,6 +38,7 @@ import torch.fx as fx
 from ..costs import graph_activation_bytes, graph_flop_count
 from ..errors import InputError, PassError, VerificationError
 from ..report import APPLIED, FAILED, NO_CHANGE, ROLLED_BACK, OptimizationReport, PassRun
+from ..graph.nodes import tidy_graph
 from ..guards import compile_guards
 from ..state import TensorValues
 from ..targets import Target, get_target
@@ -229,6 +234,19 @@ class PassManager:
                 del ctx.guards[n_guards:]
                 continue
             new_gm = result.graph_module
+            # tidy: dead code (never side effects or random draws), lint, recompile, once
+            # for every pass, so a pass need not and a stale forward is never verified
+            if not edited:
+                try:
+                    tidy_graph(new_gm)
+                except Exception as e:  # not a fallback: the pass is reported failed and skipped
+                    self._roll_back(run, result, f"the graph it returned does not lint: {type(e).__name__}: {e}",
+                                    by="the manager's lint")
+                    run.status = FAILED
+                    del ctx.guards[n_guards:]
+                    if self.strict:
+                        raise PassError(run.message) from e
+                    continue
             # check
             t1 = time.perf_counter()
             exact = p.semantics is Semantics.EXACT
@@ -282,14 +300,14 @@ class PassManager:
         return current, report
 
     @staticmethod
-    def _roll_back(run: PassRun, result: PassResult, failure: str) -> None:
+    def _roll_back(run: PassRun, result: PassResult, failure: str, by: str = "verification") -> None:
         run.status = ROLLED_BACK
         run.message = failure
         for s in result.sites:
             if s.status == REWRITTEN:
                 s.status = REJECTED
                 s.reason_code = "rolled_back"
-                s.reason = f"rewrite rolled back by verification: {failure}"
+                s.reason = f"rewrite rolled back by {by}: {failure}"
         run.n_rejected += run.n_rewritten
         run.n_rewritten = 0
 

@@ -61,13 +61,7 @@ def _load_builtins() -> None:
         return
     _builtins_loaded = True
     for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            # Only a missing built-in module itself is tolerated (not yet
-            # written in this checkout); a missing dependency inside one is a bug.
-            if e.name != mod:
-                raise
+        importlib.import_module(mod)  # every built-in pass module exists; a failing import is a bug
 
 
 def available_passes() -> dict[str, type]:

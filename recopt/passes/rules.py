@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch.fx as fx
 
+from ..graph.nodes import tidy_graph
 from .base import Pass, PassContext, PassResult
 
 
@@ -111,7 +112,5 @@ class RulePass(Pass):
                                             details={"rule": rule.name}))
                 break
         if any(s.status == "rewritten" for s in sites):
-            gm.graph.eliminate_dead_code()
-            gm.graph.lint()
-            gm.recompile()
+            tidy_graph(gm)
         return PassResult(gm, sites)

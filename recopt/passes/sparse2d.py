@@ -50,70 +50,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..graph.nodes import fresh_attr_name, get_attr_value, tidy_graph
+from ..ops.kjt import build_bag_kjt, build_sequence_kjt, unflatten_sequence_embedding
 from .base import Pass, PassConfig, PassContext, PassResult, Semantics, Site
 from .registry import register_pass
 
 META_KEY = "recopt_sparse2d"
 
-
-# ----------------------------------------------------------------------------- in-graph helpers
-
-@torch.fx.wrap
-def build_bag_kjt(keys: List[str], inputs: List[torch.Tensor], offsets: List[Optional[torch.Tensor]],
-                  include_last_offset: List[bool], weights: List[Optional[torch.Tensor]]):
-    """A ``KeyedJaggedTensor`` from ``nn.EmbeddingBag``-style arguments, one entry per key.
-
-    ``inputs[k]`` is either 1-D ids with ``offsets[k]`` (``[B]`` bag starts, or
-    ``[B+1]`` when ``include_last_offset[k]``) or 2-D ``[B, L]`` ids with
-    ``offsets[k] = None`` (B bags of L ids). ``weights[k]`` are per-id weights
-    (all given or all None). Ids are cast to int64; every key must have the
-    same number of bags B (the KJT's stride).
-    """
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    values, lengths, ws = [], [], []
-    for x, off, last, w in zip(inputs, offsets, include_last_offset, weights):
-        if x.dim() == 2:
-            values.append(x.reshape(-1).long())
-            lengths.append(torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device))
-            if w is not None:
-                ws.append(w.reshape(-1))
-            continue
-        if last:
-            n = off[-1]
-            lens = off[1:] - off[:-1]
-            x = x[:n]
-            w = w[:n] if w is not None else None
-        else:
-            lens = torch.diff(off, append=torch.full((1,), x.numel(), dtype=off.dtype, device=off.device))
-        values.append(x.long())
-        lengths.append(lens.long())
-        if w is not None:
-            ws.append(w)
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=keys, values=torch.cat(values), lengths=torch.cat(lengths),
-        weights=torch.cat(ws) if ws else None)
-
-
-@torch.fx.wrap
-def build_sequence_kjt(keys: List[str], inputs: List[torch.Tensor]):
-    """A ``KeyedJaggedTensor`` of stride 1: key k holds all of ``inputs[k]`` (any shape) as one list."""
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    device = inputs[0].device
-    lengths = torch.tensor([x.numel() for x in inputs], dtype=torch.long, device=device)
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=keys, values=torch.cat([x.reshape(-1).long() for x in inputs]), lengths=lengths)
-
-
-@torch.fx.wrap
-def unflatten_sequence_embedding(jt, indices: torch.Tensor) -> torch.Tensor:
-    """``JaggedTensor`` values ``[N, D]`` → ``indices.shape + (D,)``, the ``nn.Embedding`` output."""
-    values = jt.values()
-    return values.reshape(tuple(indices.shape) + (values.shape[-1],))
-
-
-# ----------------------------------------------------------------------------- site extraction
 
 @dataclass
 class EmbeddingSite:
@@ -154,13 +97,6 @@ def _bind(node: fx.Node, names: tuple) -> dict:
     return bound
 
 
-def _get_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _site_from_node(gm: fx.GraphModule, node: fx.Node) -> Optional[EmbeddingSite]:
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
@@ -181,7 +117,7 @@ def _site_from_node(gm: fx.GraphModule, node: fx.Node) -> Optional[EmbeddingSite
         w = a.get("weight")
         if not (isinstance(w, fx.Node) and w.op == "get_attr"):
             return None
-        weight = _get_attr(gm, w.target)
+        weight = get_attr_value(gm, w)
         ref = w.target[: -len(".weight")] if w.target.endswith(".weight") else w.target
         site = EmbeddingSite(node, "bag" if is_bag else "embedding", ref, w.target, weight, a["input"],
                              padding_idx=a.get("padding_idx"), max_norm=a.get("max_norm"),
@@ -395,7 +331,7 @@ class Sparse2DPass(Pass):
         collections: dict = {}
         for gi, g in enumerate(groups):
             suffix = "_weighted" if g["weighted"] else ("_seq" if g["kind"] == "embedding" else "")
-            coll_name = _free_attr(gm, self.config.collection_name + suffix)
+            coll_name = fresh_attr_name(gm, self.config.collection_name + suffix)
             # one table per distinct weight, one feature per lookup site
             tables: Dict[str, dict] = {}
             feature_of = {}
@@ -455,10 +391,9 @@ class Sparse2DPass(Pass):
                                 "new_weight_key": mapping[s.weight_key]}
         for s_node in done:
             gm.graph.erase_node(s_node)
-        gm.graph.eliminate_dead_code()
+        tidy_graph(gm)
         gm.delete_all_unused_submodules()
         _delete_unused_get_attr_params(gm, set(mapping))
-        gm.recompile()
         meta = gm.meta.setdefault(META_KEY, {"state_dict_mapping": {}, "collections": {}})
         meta["state_dict_mapping"].update(mapping)
         meta["collections"].update(collections)
@@ -469,13 +404,6 @@ def _is_torchrec_collection(mod: nn.Module) -> bool:
     names = {c.__name__ for c in type(mod).__mro__}
     return type(mod).__module__.startswith("torchrec.") and bool(
         names & {"EmbeddingBagCollection", "EmbeddingCollection"})
-
-
-def _free_attr(gm: nn.Module, name: str) -> str:
-    out, i = name, 1
-    while hasattr(gm, out):
-        out, i = f"{name}_{i}", i + 1
-    return out
 
 
 def _delete_unused_get_attr_params(gm: fx.GraphModule, keys: set) -> None:

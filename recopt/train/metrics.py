@@ -7,7 +7,7 @@
 * ``normalized_entropy``: NE = LogLoss / H(p), with H the binary entropy of
   the base rate p. Lower is better; 1.0 is what always predicting p scores.
   By default p is the mean label of the evaluated data; the harness passes
-  the *training* base rate (SPEC §6.3: "entropy of the mean training CTR"),
+  the *training* base rate (the InterFormer benchmarks normalise by "the entropy of the mean training CTR"),
   so a model is not credited for knowing the test CTR.
 """
 from __future__ import annotations

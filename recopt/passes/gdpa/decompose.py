@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from recopt.graph.canon import arg
-from recopt.graph.nodes import get_module, node_dtype, node_shape
+from recopt.graph.nodes import get_module, node_dtype, node_shape, tidy_graph
 from recopt.ops.mha_fastpath import fastpath_nan_rows, nested_fastpath_zero_pad
 
 from . import cpu as _cpu
@@ -406,9 +406,7 @@ class DecomposeAttention(Pass):
             for node, plan in plans:
                 sites.append(plan if not isinstance(plan, MHACall) else self._open_mha(gm, node, plan))
         if any(s.status == "rewritten" for s in sites):
-            gm.graph.eliminate_dead_code()
-            gm.graph.lint()
-            gm.recompile()
+            tidy_graph(gm)
         return PassResult(gm, sites)
 
     def _plan_mha(self, gm, node, mod: nn.MultiheadAttention):

@@ -3,15 +3,13 @@
 Importing this package registers the graph passes ``compskip``,
 ``sliding_window`` (and its exact variant ``band_attention``) and ``hsp``.
 Event-level personalization is a config transform, not a graph pass:
-:func:`recopt.passes.kunlun.event_towers.personalize_event_towers`.
+:func:`recopt.models.personalize_event_towers` (beside the models it rebuilds).
 """
 from . import compskip, hsp, window  # noqa: F401  (registers the passes)
 from .compskip import CompSkip, CompSkipConfig
-from .event_towers import EventTowerReport, personalize_event_towers
 from .hsp import HSPConfig, PMAToHSP
-from .local_attention import band_attention_reference, local_attention
+from recopt.ops.local_attention import band_attention_reference, local_attention  # re-exported (run-time op)
 from .window import BandAttention, SlidingWindow, SlidingWindowConfig
 
 __all__ = ["CompSkip", "CompSkipConfig", "PMAToHSP", "HSPConfig", "SlidingWindow", "BandAttention",
-           "SlidingWindowConfig", "local_attention", "band_attention_reference", "personalize_event_towers",
-           "EventTowerReport"]
+           "SlidingWindowConfig", "local_attention", "band_attention_reference"]

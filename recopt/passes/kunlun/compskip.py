@@ -32,12 +32,12 @@ from typing import Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from recopt.graph.nodes import get_module, node_shape
+from recopt.graph.nodes import get_module, node_shape, set_submodule, tidy_graph
 
-from ..base import Pass, PassConfig, PassContext, PassResult, Semantics, Site
+from ..base import Pass, PassConfig, PassContext, PassResult, Semantics
 from ..registry import register_pass
 from . import structure as S
-from .torch_layers import POST_NORM_SKIP, ScheduledEncoder, ScheduledEncoderLayer
+from recopt.modules.scheduled_encoder import POST_NORM_SKIP, ScheduledEncoder, ScheduledEncoderLayer
 
 ROLES = ("sa", "pf", "sum")
 
@@ -120,10 +120,8 @@ class CompSkip(Pass):
                 changed |= self._encoder(gm, node, sites, layer_scopes)
 
         if changed:
-            gm.graph.eliminate_dead_code()
+            tidy_graph(gm)
             S.prune_unused(gm)
-            gm.graph.lint()
-            gm.recompile()
             if args:
                 flops1 = S.node_flops(gm, args)
                 for site, scopes in layer_scopes:
@@ -254,7 +252,7 @@ class CompSkip(Pass):
             new, site = self._schedule_encoder_layer(gm, node, str(node.target), i)
             if site is None:
                 continue
-            _set_submodule(gm, str(node.target), new)
+            set_submodule(gm, str(node.target), new)
             sites.append(site)
             layer_scopes.append((site, [S.normalize_path(str(node.target))]))
             changed = True
@@ -271,7 +269,7 @@ class CompSkip(Pass):
                 new_sites.append(site)
         if not new_sites:
             return False
-        _set_submodule(gm, path, ScheduledEncoder(enc, new_layers))
+        set_submodule(gm, path, ScheduledEncoder(enc, new_layers))
         for site in new_sites:
             site.details["flops_scope"] = f"the whole nn.TransformerEncoder {path} (one leaf call)"
             sites.append(site)
@@ -333,13 +331,6 @@ def _branch_problem(br: S.Branch):
 def _first_node(gm, path):
     nodes = S.nodes_in_scope(gm, path)
     return nodes[0] if nodes else next(iter(gm.graph.nodes))
-
-
-def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    owner = gm.get_submodule(parent) if parent else gm
-    setattr(owner, name, module) if not isinstance(owner, (nn.ModuleList, nn.Sequential)) else \
-        owner.__setitem__(int(name), module)
 
 
 def _scoped(names: set, flops: dict) -> float:

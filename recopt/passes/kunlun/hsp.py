@@ -4,7 +4,7 @@ Recognises a PMA-style pooler: a module that owns learned queries
 (``seeds [k, d]`` or ``[1, k, d]``) and attends with them over one sequence
 ``S [B, T, d]`` (optionally with a ``[B, T]`` bool key mask), returning one
 ``[B, k, d]`` value. It is replaced by
-:class:`recopt.models.layers.HSP` ``(d, heads, n_out=k, n_seeds, rank)``
+:class:`recopt.modules.attention.HSP` ``(d, heads, n_out=k, n_seeds, rank)``
 called on the same ``(S, key_keep)``; the output shape is unchanged, so the
 consumers are untouched.
 
@@ -30,8 +30,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from recopt.graph import canon as C
-from recopt.graph.nodes import get_module, node_shape
-from recopt.models.layers import HSP
+from recopt.graph.nodes import fresh_attr_name, get_module, node_shape, tidy_graph
+from recopt.modules.attention import HSP
+from recopt.ops.masks import all_keys
 
 from ..base import Pass, PassConfig, PassContext, PassResult, Semantics
 from ..registry import register_pass
@@ -52,14 +53,6 @@ class HSPConfig(PassConfig):
     def __post_init__(self):
         if self.seed_factor < 1 or self.rank < 1:
             raise ValueError("seed_factor and rank must be >= 1")
-
-
-def all_keys(s: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` all-True key mask for a sequence ``s [B, T, d]`` (poolers without a mask)."""
-    return torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
-
-
-torch.fx.wrap("all_keys")
 
 
 @register_pass
@@ -90,10 +83,8 @@ class PMAToHSP(Pass):
             if site.status == "rewritten":
                 done.append(site)
         if done:
-            gm.graph.eliminate_dead_code()
+            tidy_graph(gm)
             S.prune_unused(gm)
-            gm.graph.lint()
-            gm.recompile()
             if args:
                 flops1 = S.node_flops(gm, args)
                 for site in done:
@@ -120,7 +111,9 @@ class PMAToHSP(Pass):
         notes = []
         if self.config.warm_start:
             notes.append(_warm_start(hsp, seeds.detach().reshape(k, d), src))
-        path = f"{summ.scope}.hsp"
+        owner = gm.get_submodule(summ.scope) if summ.scope else gm
+        name = fresh_attr_name(owner, "hsp")
+        path = f"{summ.scope}.{name}" if summ.scope else name
         gm.add_submodule(path, hsp)
         g = gm.graph
         with g.inserting_before(summ.output):

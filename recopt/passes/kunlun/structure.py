@@ -22,52 +22,18 @@ query side and an outside sequence on the key side (PMA, HSP).
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from recopt.costs import FlopCounter
 from recopt.graph import canon as C
 from recopt.graph.nodes import depends_on_inputs, get_attr_value, get_module, node_shape
-
-_INDEX_RE = re.compile(r"\[(?:'([^']*)'|(\d+))\]")
-
-
-def normalize_path(path: str) -> str:
-    """``L['self'].towers[0].blocks[1]`` / ``towers.0.blocks.1@2`` -> ``towers.0.blocks.1``."""
-    path = path.split("@")[0]
-    path = path.replace("L['self'].", "").replace("L['self']", "")
-    path = path.replace("L__self___", "")
-    path = path.replace("._modules", "")
-    path = _INDEX_RE.sub(lambda m: "." + (m.group(1) or m.group(2)), path)
-    return path.strip(".")
-
-
-def scope_of(node: fx.Node) -> str:
-    """The dotted module path ``node`` belongs to ("" for the top level)."""
-    if node.op == "call_module":
-        return normalize_path(str(node.target))
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        last = list(stack.values())[-1]
-        path = last[0] if isinstance(last, tuple) else str(last)
-        return normalize_path(path)
-    if node.op == "get_attr":
-        return normalize_path(str(node.target).rpartition(".")[0])
-    return ""
-
-
-def in_scope(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix + ".")
-
-
-def nodes_in_scope(gm: fx.GraphModule, prefix: str) -> list:
-    return [n for n in gm.graph.nodes if n.op not in ("placeholder", "output") and in_scope(scope_of(n), prefix)]
+from recopt.graph.scopes import (flops_by_prefix, in_scope, node_flops, nodes_in_scope,  # noqa: F401
+                                 normalize_path, scope_of)
 
 
 def external_outputs(nodes: Iterable[fx.Node]) -> list:
@@ -113,34 +79,6 @@ def descendants(node: fx.Node, limit: Optional[set] = None) -> set:
 
 
 # --------------------------------------------------------------------------- FLOPs per node
-
-
-class _PerNodeFlops(fx.Interpreter):
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.flops: dict = {}
-
-    def run_node(self, n):
-        with FlopCounter() as c:
-            out = super().run_node(n)
-        if c.total:
-            self.flops[n.name] = float(c.total)
-        return out
-
-
-def node_flops(gm: fx.GraphModule, args: tuple) -> dict:
-    """``{node name: forward FLOPs}`` of one run of ``gm`` on ``args`` (no grad)."""
-    interp = _PerNodeFlops(gm)
-    with torch.no_grad():
-        interp.run(*args)
-    return interp.flops
-
-
-def flops_by_prefix(gm: fx.GraphModule, flops: dict, prefixes: Iterable[str]) -> dict:
-    """Sum ``flops`` (from :func:`node_flops`) over the nodes in each module prefix."""
-    names = {n.name: scope_of(n) for n in gm.graph.nodes}
-    return {p: sum(f for name, f in flops.items() if name in names and in_scope(names[name], p))
-            for p in prefixes}
 
 
 # --------------------------------------------------------------------------- stacks
@@ -223,9 +161,9 @@ def is_norm(node: fx.Node, gm: fx.GraphModule) -> bool:
 
 
 def is_add(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in (operator.add, torch.add, operator.iadd):
-        return len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2])
-    if node.op == "call_method" and node.target in ("add", "__add__"):
+    """A residual-style sum of two graph values: any spelling of add (``recopt.graph.canon``),
+    or ``x += f(x)`` (``operator.iadd``, which canon leaves out because it writes in place)."""
+    if C.op_kind(node) == "add" or (node.op == "call_function" and node.target is operator.iadd):
         return len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2])
     return False
 

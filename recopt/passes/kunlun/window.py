@@ -12,7 +12,7 @@ additive masks ``scores + where(keep, 0, -1e9)``:
   ``(arange(T)[:, None] - arange(T)[None, :]).abs() <= w``); ``w`` is read from
   that construction, never from the example's length. The region
   ``q kᵀ -> scale -> mask -> softmax|act -> scale -> @ v`` becomes one
-  :func:`~recopt.passes.kunlun.local_attention.local_attention` call with
+  :func:`~recopt.ops.local_attention.local_attention` call with
   ``window=w`` that skips out-of-band tiles. Verified by the manager like any
   exact pass.
 * ``sliding_window`` (architecture; retrain): also adds a band of half width
@@ -21,7 +21,7 @@ additive masks ``scores + where(keep, 0, -1e9)``:
   keep their band (exact). ``recopt.ops.gdpa`` calls that are self-attention
   get GDPA's ``window`` argument (GDPA's kernel skips out-of-band tiles);
   ``nn.TransformerEncoderLayer`` leaves are swapped for
-  :class:`~recopt.passes.kunlun.torch_layers.ScheduledEncoderLayer` with the window.
+  :class:`~recopt.modules.scheduled_encoder.ScheduledEncoderLayer` with the window.
 
 Relation to the ``gdpa`` fusion pass: ``gdpa`` maps a band that already exists
 in *pointwise* attention to GDPA's ``window`` too (exactly). Both passes are
@@ -55,15 +55,15 @@ import torch.nn as nn
 from recopt.graph import attention as A
 from recopt.graph import canon as C
 from recopt.graph.masks import MaskParts
-from recopt.graph.nodes import get_module, node_shape
+from recopt.graph.nodes import get_module, node_shape, set_submodule, tidy_graph
+from recopt.modules.scheduled_encoder import ScheduledEncoder, ScheduledEncoderLayer, window_support
 from recopt.ops import gdpa_ref as R
+from recopt.ops.local_attention import local_attention, local_attention_flops
 
 from ..base import Pass, PassConfig, PassContext, PassResult, Semantics
 from ..gdpa.emit import _permute, _scalar_expr
 from ..registry import register_pass
 from . import structure as S
-from .local_attention import local_attention, local_attention_flops
-from .torch_layers import ScheduledEncoder, ScheduledEncoderLayer, window_support
 
 
 @dataclass
@@ -128,10 +128,8 @@ class _WindowBase(Pass):
             if site is not None:
                 sites.append(site)
         if any(s.status == "rewritten" for s in sites):
-            gm.graph.eliminate_dead_code()
+            tidy_graph(gm)
             S.prune_unused(gm)
-            gm.graph.lint()
-            gm.recompile()
         return PassResult(gm, sites)
 
     # ------------------------------------------------------------------ raw attention chains
@@ -325,9 +323,8 @@ class _WindowBase(Pass):
         if T <= 2 * w + 1:
             return self.rejected(node, "too_short", f"T={T} <= 2w+1={2 * w + 1}")
         new = [ScheduledEncoderLayer(l, window=w, n_global=self.config.n_global) for l in layers]
-        from .compskip import _set_submodule
 
-        _set_submodule(gm, str(node.target), ScheduledEncoder(mod, new) if is_stack else new[0])
+        set_submodule(gm, str(node.target), ScheduledEncoder(mod, new) if is_stack else new[0])
         E = with_sa[0].self_attn.embed_dim
         B = (shp[0] if bf else shp[1]) if shp else 0
         dense = 4 * B * T * T * E * len(with_sa)

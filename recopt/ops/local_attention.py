@@ -27,14 +27,13 @@ leaf call.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
-from recopt.ops import gdpa_ref as R
+from . import gdpa_ref as R
 
 EMPTY_ROWS = ("uniform", "zero")
 

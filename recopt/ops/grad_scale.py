@@ -1,13 +1,15 @@
 """Gradient scaling GS_β: identity in the forward pass, gradient × β in the backward.
 
-ExFM (SPEC §8, Eq. 3–5) feeds the distillation head through GS_β so the
+ExFM feeds the distillation head through GS_β so the
 teacher's signal reaches the shared backbone with a tunable strength β while
 the head itself sees the plain distillation loss.
 
 It is the custom op ``torch.ops.recopt.grad_scale(x, beta)`` so that
 ``torch.fx`` (symbolic tracing and Dynamo) records it as one ``call_function``
 node, ``torch.export``/AOTAutograd keep it whole, and passes can find it by
-its target (:data:`GRAD_SCALE_OP`).
+its target (:data:`GRAD_SCALE_OP`). It lives in ``recopt.ops`` because
+graphs rewritten by the ``exfm_aux_head`` pass call it at run time; the module
+form is :class:`recopt.modules.grad_scale.GradScale`.
 
 Contract: ``x`` any floating tensor, any shape and device; ``beta`` a Python
 float. Forward returns a new tensor equal to ``x`` (same shape, dtype,
@@ -53,20 +55,6 @@ def grad_scale(x: Tensor, beta: float) -> Tensor:
     if beta != beta or beta in (float("inf"), float("-inf")):
         raise ValueError(f"grad_scale: beta must be finite, got {beta}")
     return torch.ops.recopt.grad_scale(x, beta)
-
-
-class GradScale(torch.nn.Module):
-    """Module form of :func:`grad_scale` with a fixed ``beta``."""
-
-    def __init__(self, beta: float):
-        super().__init__()
-        self.beta = float(beta)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return grad_scale(x, self.beta)
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}"
 
 
 def is_grad_scale_node(node: torch.fx.Node) -> bool:

@@ -1,13 +1,15 @@
 """Event-level personalization (Kunlun): a config transform.
 
-Each event type of a :class:`recopt.models.Kunlun` has its own sequence tower
-(:class:`recopt.models.EventTowerConfig`: ``d_model``, ``n_heads``,
+Each event type of a :class:`~recopt.models.Kunlun` has its own sequence tower
+(:class:`~recopt.models.EventTowerConfig`: ``d_model``, ``n_heads``,
 ``n_summary``, ``n_layers``, ``window``, ...). :func:`personalize_event_towers`
 re-instantiates the model with new per-event settings (high-value events get
 more compute, cheap ones less) and reports the forward FLOPs of every tower
 before and after, measured with :class:`recopt.costs.FlopCounter` on sample
 inputs and attributed to ``towers.<e>`` by module scope. Not a graph rewrite:
-the new model has new parameters and must be trained.
+the new model has new parameters and must be trained. It lives beside the
+models (it builds a Kunlun), so ``recopt.passes`` imports nothing from
+``recopt.models``.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from . import structure as S
+from ..graph.scopes import flops_by_prefix, node_flops
+from .kunlun import EventTowerConfig, Kunlun
 
 
 @dataclass
@@ -43,18 +46,18 @@ class EventTowerReport:
 
 def tower_flops(model: torch.nn.Module, inputs: tuple) -> tuple:
     """``({event name: FLOPs per sample}, total FLOPs per sample)`` of a Kunlun model."""
-    from recopt.capture import capture
+    from ..capture import capture  # at call time: capture is an optimizer layer above the models
 
     was = model.training
     model.eval()
     try:
         gm = capture(model, inputs).graph_module
-        flops = S.node_flops(gm, inputs)
+        flops = node_flops(gm, inputs)
     finally:
         model.train(was)
     B = int(inputs[0].shape[0])
     names = list(model.spec.event_names)
-    per = S.flops_by_prefix(gm, flops, [f"towers.{e}" for e in range(len(names))])
+    per = flops_by_prefix(gm, flops, [f"towers.{e}" for e in range(len(names))])
     return {names[e]: per[f"towers.{e}"] / B for e in range(len(names))}, sum(flops.values()) / B
 
 
@@ -62,13 +65,11 @@ def personalize_event_towers(model: torch.nn.Module, towers: Mapping[Any, Any], 
                              seed: Optional[int] = None) -> tuple:
     """``(new_model, EventTowerReport)``: ``model`` (a Kunlun) rebuilt with per-event tower configs.
 
-    ``towers`` maps an event name or index to an :class:`recopt.models.EventTowerConfig`
+    ``towers`` maps an event name or index to an :class:`~recopt.models.EventTowerConfig`
     or a dict of fields to change (``{"clicks": {"d_model": 64, "n_layers": 3}}``);
     events not listed keep their tower. ``inputs`` (the five model inputs) enable
     the FLOP report; ``seed`` seeds the new model's initialisation.
     """
-    from recopt.models import EventTowerConfig, Kunlun
-
     if not isinstance(model, Kunlun):
         raise TypeError(f"personalize_event_towers expects a recopt.models.Kunlun, got {type(model).__name__}; "
                         "event towers are a Kunlun config concept")

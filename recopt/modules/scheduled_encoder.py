@@ -4,7 +4,8 @@
 leaf modules, so the Kunlun passes cannot rewrite their insides in the graph.
 Instead they swap each layer for a :class:`ScheduledEncoderLayer` that owns
 the *same* submodules under the same names (state-dict keys unchanged for the
-parts that remain) and runs only the kept sub-blocks.
+parts that remain) and runs only the kept sub-blocks. A run-time module of rewritten graphs,
+so it lives in ``recopt.modules`` rather than beside the passes.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .local_attention import local_attention
+from ..ops.local_attention import local_attention
 
 POST_NORM_SKIP = ("identity", "norm")
 
