@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from recopt.capture import capture
 from recopt.passes.base import PassContext
-from recopt.passes.kunlun.local_attention import local_attention
+from recopt.ops.local_attention import local_attention
 from recopt.passes.kunlun.window import BandAttention, SlidingWindow
 
 
