@@ -188,8 +188,14 @@ def test_mha_module_split_into_projections_and_gdpa():
     model = MHA().eval()
     gm = fx.symbolic_trace(model)
     ShapeProp(gm).propagate(x, pad)
-    res = GDPAFusion().run(gm, PassContext(target=None, example_inputs=(x, pad)))
-    assert [s.details.get("pattern") for s in res.sites] == ["mha"]
+    from recopt.passes.gdpa.decompose import DecomposeAttention
+
+    ctx = PassContext(target=None, example_inputs=(x, pad))
+    opened = DecomposeAttention().run(gm, ctx)
+    assert [s.details.get("pattern") for s in opened.sites] == ["mha"]
+    ShapeProp(gm).propagate(x, pad)
+    res = GDPAFusion().run(gm, ctx)
+    assert [s.status for s in res.sites] == ["rewritten"]
     assert not any(n.op == "call_module" for n in res.graph_module.graph.nodes)
     torch.testing.assert_close(res.graph_module(x, pad), model(x, pad), rtol=1e-5, atol=1e-5)
 

@@ -159,19 +159,32 @@ def test_state_dict_keys_equal_the_models_and_load_both_ways(cls):
     assert torch.equal(model.lin.weight, fresh.lin.weight)
 
 
-def test_train_graph_rejects_fusing_attention_with_live_dropout():
-    """GDPA fuses MHA in the eval graph; in the train graph attention dropout is live, so it must not."""
+def test_train_graph_keeps_the_attention_dropout_stream():
+    """In the train graph attention dropout is live: each MHA keeps the module's random stream.
+
+    ``self.mha`` (weights asked for: softmax -> F.dropout -> bmm) is fused with GDPA's
+    dropout, which draws as F.dropout on the same probabilities; the encoder's
+    self-attention (need_weights=False: dropout inside SDPA) stays SDPA."""
     torch.manual_seed(0)
     model = MHADropout().train()
-    opt = recopt.optimize(model, _inputs(MHADropout), target="cpu", backend="eager",
+    args = _inputs(MHADropout)
+    opt = recopt.optimize(model, args, target="cpu", backend="eager",
                           configs={"gdpa": {"cpu_sites": "all"},  # cpu: fuse anyway, to test it
                                    "decompose_attention": {"cpu_sites": "all"}})
-    assert opt.report.sites_for("gdpa", "rewritten"), "eval graph: MHA fused"
+    assert len(opt.report.sites_for("gdpa", "rewritten")) == 2, "eval graph: both MHAs fused"
     assert opt.train_report is not None
-    assert not opt.train_report.sites_for("gdpa", "rewritten")
     # two MHAs: self.mha, and the encoder layer's self_attn (opened by decompose_attention)
-    assert [s.reason_code for s in opt.train_report.sites_for("gdpa", "rejected")] == ["mha_options"] * 2
+    assert len(opt.train_report.sites_for("decompose_attention", "rewritten")) == 3
+    assert len(opt.train_report.sites_for("gdpa", "rewritten")) == 1
+    assert [s.reason_code for s in opt.train_report.sites_for("gdpa", "rejected")] == ["sdpa_dropout"]
     assert "separate graphs" in opt.report.modes_note
+    model.train(), opt.train()
+    torch.manual_seed(11)
+    want = model(*args)
+    torch.manual_seed(11)
+    got = opt(*args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(opt(*args), got), "dropout is live in train mode"
 
 
 def test_model_without_mode_dependent_layers_gets_one_graph():

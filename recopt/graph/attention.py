@@ -40,7 +40,8 @@ from recopt.ops import gdpa_ref as R
 
 from . import canon as C
 from . import masks as M
-from .nodes import const_value, get_module, is_parameter, is_shape_scalar, node_dtype, node_shape
+from .nodes import (const_value, depends_on_inputs, get_module, is_parameter, is_shape_scalar, node_dtype,
+                    node_shape)
 
 class Mismatch(Exception):
     """The region is not expressible: ``code`` (stable, for tools) and ``reason`` (for people)."""
@@ -315,14 +316,17 @@ def _require_canonical(n, cur_perm, reshaped):
 
 def _check_dropout(gm, n, plan: _Plan, post: bool):
     """Dropout on the activated scores becomes GDPA's ``dropout_p``; an
-    ``nn.Dropout`` follows the graph's ``self.training`` at run time."""
+    ``nn.Dropout`` (or ``F.dropout(training=self.training)`` of the graph
+    module) follows the graph's ``self.training`` at run time."""
     mod = get_module(gm, n)
     if mod is not None:
         p, training = float(mod.p), "graph"
     else:
         p = C.arg(n, 1, "p", 0.5)
         training = C.arg(n, 2, "training", C.arg(n, 2, "train", True))
-        if not isinstance(training, bool) or C.scalar(p) is None:
+        if isinstance(training, fx.Node) and training.op == "get_attr" and training.target == "training":
+            training = "graph"     # F.dropout(..., training=self.training) of the graph module
+        if not isinstance(training, (bool, str)) or C.scalar(p) is None:
             raise Mismatch("dropout_training", f"{_label(n)}: p or training is not a constant")
         p = float(p)
     if p == 0.0 or training is False:
@@ -519,20 +523,25 @@ def _plan_masks(gm, plan: _Plan, rank: int) -> dict:
     causal; everything else stays an ``attn_mask`` (exact).
     """
     out = dict(window=None, causal=False, q_masks=[], k_masks=[], kv_len=[], q_len=[],
-               attn_mask_parts=None)
+               attn_mask_parts=None, parts=[])
     parts = []
     for m in plan.masks:
-        factors = [m.node] if m.invert else _and_factors(gm, m.node)
+        node, invert = m.node, m.invert
+        if invert and C.op_kind(node, gm) == "not" and isinstance(node.args[0], fx.Node) \
+                and node_dtype(node.args[0]) == torch.bool:
+            node, invert = node.args[0], False       # masked_fill(~keep): keeps `keep` (a & b split below)
+        factors = [node] if invert else _and_factors(gm, node)
         for f in factors:
             if node_shape(f) is None:
                 raise Mismatch("shape_unknown", f"no shape for mask {f.name}")
-            got = M.keep_parts(gm, f, m.invert, rank)
+            got = M.keep_parts(gm, f, invert, rank)
+            out["parts"].append(MaskFactor(f, invert, got, m.fill))
             if plan.act == R.SOFTMAX:
                 if isinstance(got, M.MaskParts) and got.causal and got.window is None and not (
                         got.kv_lengths or got.q_lengths or got.key_masks or got.query_masks):
                     out["causal"] = True
                 else:
-                    parts.append(("keep", f, m.invert))
+                    parts.append(("keep", f, invert))
                 continue
             if not isinstance(got, M.MaskParts):
                 raise Mismatch(*got)
@@ -557,6 +566,65 @@ def _plan_masks(gm, plan: _Plan, rank: int) -> dict:
 
 
 @dataclass
+class MaskFactor:
+    """One factor of a mask as :func:`recopt.graph.masks.keep_parts` reads it (symbolically).
+
+    ``node`` (negated when ``invert``) keeps the scores where True; ``parts`` is a
+    :class:`~recopt.graph.masks.MaskParts` or the ``(code, reason)`` it cannot be
+    read as; ``fill`` is the value masked scores get (``-inf``, ``-1e9``, ``0``)."""
+
+    node: fx.Node
+    invert: bool
+    parts: Any
+    fill: float
+
+
+def additive_keep(gm: fx.GraphModule, node) -> Optional[tuple]:
+    """``(keep, fill)`` when ``node`` is an additive mask ``where(keep, 0, fill)`` with
+    ``fill <= -1e4`` (what ``scores + mask`` before a softmax writes), else None."""
+    if not isinstance(node, fx.Node) or C.op_kind(node, gm) != "where" or len(node.args) < 3:
+        return None
+    cond, a, b = node.args[:3]
+    va, vb = (C.scalar(x) for x in (a, b))
+    if va == 0.0 and vb is not None and vb <= -1e4 and isinstance(cond, fx.Node):
+        return cond, float(vb)
+    return None
+
+
+def bias_mask_factors(gm: fx.GraphModule, match: "AttentionMatch") -> list:
+    """The match's additive biases read as masks (:class:`MaskFactor` per factor of
+    their keep condition), or None when some bias is not an additive mask."""
+    out = []
+    for b in match.plan.biases:
+        got = additive_keep(gm, b.node) if b.sign > 0 else None
+        if got is None:
+            return None
+        keep, fill = got
+        for f in _and_factors(gm, keep):
+            if node_shape(f) is None:
+                raise Mismatch("shape_unknown", f"no shape for mask {f.name}")
+            out.append(MaskFactor(f, False, M.keep_parts(gm, f, False, match.rank), fill))
+    return out
+
+
+def same_sequence(q, k, depth: int = 14) -> bool:
+    """Whether ``q`` and ``k`` are computed from one ``[B, T, *]`` sequence tensor with
+    ``T`` = q's query length (self-attention), following inputs up to ``depth`` steps."""
+    if not isinstance(q, fx.Node) or not isinstance(k, fx.Node):
+        return False
+    qs = node_shape(q)
+    if qs is None or len(qs) < 2:
+        return False
+    common = (_side_inputs([q], depth) | {q}) & (_side_inputs([k], depth) | {k})
+    for n in common:
+        s = node_shape(n)
+        if n.op != "get_attr" and s is not None and len(s) == 3 and s[1] == qs[-2] and \
+                (n.op == "placeholder" or depends_on_inputs(n)):
+            return True
+    return False
+
+
+@dataclass
 class AttentionMatch:
     """A matched region, everything a rewrite needs (no further checks)."""
 
@@ -572,6 +640,11 @@ class AttentionMatch:
     v_shape: tuple
     rank: int                        # rank of the scores
     nb: int                          # batch dims of the GDPA call (0..2)
+
+    @property
+    def mask_factors(self) -> list:
+        """Every mask factor (:class:`MaskFactor`), both normalisers."""
+        return self.masks["parts"]
 
 
 def _permuted(shape, perm):

@@ -13,11 +13,10 @@ Patterns (docs/gdpa.md has the user-facing list):
   per-sample weight from a shared one (InterFormer's single-layer PFFN):
   rewritten to ``gdpa(s, B, Aᵀ, "raw")`` when that saves FLOPs; the d×d
   weight is never built.
-- ``F.scaled_dot_product_attention`` calls (``is_causal`` included) and
-  ``nn.MultiheadAttention`` modules (masks, either ``batch_first``, dropout
-  following the graph's mode) → GDPA's softmax mode, MHA split into its
-  projections so later passes see the linears. Encoders are opened first by
-  the ``decompose_attention`` pass (:mod:`recopt.passes.gdpa.decompose`).
+- ``F.scaled_dot_product_attention`` calls (``is_causal`` included) → GDPA's
+  softmax mode. Encoders and ``nn.MultiheadAttention`` are opened first by
+  the ``decompose_attention`` pass (:mod:`recopt.passes.gdpa.decompose`) into
+  plain ops that reach this pass as SDPA calls or softmax chains.
 
 Every candidate gets a :class:`~recopt.passes.base.Site`; a rejected one
 carries a reason code (``REASONS`` lists them).
@@ -74,8 +73,6 @@ REASONS = {
     "too_small": "sizes below GDPAConfig minimums",
     "no_flop_gain": "re-association would not reduce FLOPs",
     "sdpa_dropout": "SDPA with dropout_p > 0",
-    "mha_options": "nn.MultiheadAttention options the rewrite does not cover",
-    "attention_weights_used": "the attention weights output of nn.MultiheadAttention is used",
     cpu.NOT_FASTER: "a target with no fused GDPA kernel (the CPU): the call would run the same ops "
                     "as the model plus its own overhead (GDPAConfig.cpu_sites='all' forces it)",
 }
@@ -87,8 +84,9 @@ class GDPAConfig(PassConfig):
 
     ``attention``: pointwise-activation attention and PFFN chains (pattern A).
     ``softmax``: manual softmax attention → GDPA softmax mode (SDPA).
-    ``sdpa_calls`` / ``mha_modules``: rewrite ``F.scaled_dot_product_attention``
-    calls / ``nn.MultiheadAttention`` modules. ``reassociate_pffn``: pattern C.
+    ``sdpa_calls``: rewrite ``F.scaled_dot_product_attention`` calls
+    (``nn.MultiheadAttention`` reaches this pass opened by ``decompose_attention``;
+    ``DecomposeConfig.mha`` switches that off). ``reassociate_pffn``: pattern C.
     ``convert_nan_masks``: treat -inf masking before silu/gelu/hardswish as
     zero masking (the original computes NaN there; off by default so the
     output never silently changes). ``min_q_len``/``min_kv_len``: skip
@@ -101,7 +99,6 @@ class GDPAConfig(PassConfig):
     attention: bool = True
     softmax: bool = True
     sdpa_calls: bool = True
-    mha_modules: bool = True
     reassociate_pffn: bool = True
     convert_nan_masks: bool = False
     min_q_len: int = 1
@@ -138,15 +135,12 @@ class GDPAFusion(Pass):
             site = None
             if kind in ("matmul", "einsum"):
                 site = self._try_matmul(gm, node, erased)
-            elif kind in ("sdpa", "mha"):
-                off = (kind == "sdpa" and not self.config.sdpa_calls) or (kind == "mha" and not self.config.mha_modules)
-                skip = None if off else cpu.leave_alone(self.config, ctx.target, kind)
+            elif kind == "sdpa":
+                skip = cpu.leave_alone(self.config, ctx.target, kind) if self.config.sdpa_calls else None
                 if skip is not None:
                     site = self.rejected(node, cpu.NOT_FASTER, skip)
-                elif kind == "sdpa":
-                    site = sdpa.try_sdpa(self, gm, node, erased)
                 else:
-                    site = sdpa.try_mha(self, gm, node, erased)
+                    site = sdpa.try_sdpa(self, gm, node, erased)
             if site is not None:
                 sites.append(site)
         tidy_graph(gm)

@@ -1,7 +1,8 @@
 """Attention rewrites by job.
 
-- :mod:`.decompose` — the ``decompose_attention`` pass: opens encoder leaves (runs first);
-- :mod:`.sdpa` — SDPA calls and ``nn.MultiheadAttention`` → GDPA softmax mode;
+- :mod:`.decompose` — the ``decompose_attention`` pass: opens encoder and
+  ``nn.MultiheadAttention`` leaves into plain ops (runs first);
+- :mod:`.sdpa` — SDPA calls (those of opened MHAs included) → GDPA softmax mode;
 - :mod:`.pffn` — PFFN re-association;
 - :mod:`.emit` — graph-building helpers they share.
 

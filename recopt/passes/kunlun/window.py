@@ -1,11 +1,17 @@
 """Sliding-window self-attention (Kunlun).
 
-Two passes share one matcher:
+Two passes read attention through the one matcher of every attention pass,
+:func:`recopt.graph.attention.match_attention` (anchored at ``P @ v``; any
+matmul/einsum/transpose spelling, scale before or after the mask, masks read
+symbolically by :mod:`recopt.graph.masks`), plus :func:`~recopt.graph.attention.same_sequence`
+for self-attention and :func:`~recopt.graph.attention.bias_mask_factors` for
+additive masks ``scores + where(keep, 0, -1e9)``:
 
 * ``band_attention`` (exact): the model already masks its self-attention scores
   with a constant band ``|i - j| <= w`` built from index differences (e.g.
-  ``(arange(T)[:, None] - arange(T)[None, :]).abs() <= w``). The chain
-  ``q @ kᵀ -> scale -> mask -> softmax|act -> scale -> @ v`` becomes one
+  ``(arange(T)[:, None] - arange(T)[None, :]).abs() <= w``); ``w`` is read from
+  that construction, never from the example's length. The region
+  ``q kᵀ -> scale -> mask -> softmax|act -> scale -> @ v`` becomes one
   :func:`~recopt.ops.local_attention.local_attention` call with
   ``window=w`` that skips out-of-band tiles. Verified by the manager like any
   exact pass.
@@ -26,9 +32,11 @@ GDPA's Triton kernel for pointwise banded attention.
 Reason codes: ``not_self_attention``, ``no_band`` (exact pass, nothing to do),
 ``too_short`` (T <= 2w + 1: a window saves nothing), ``mask_not_band``
 (a query x key mask that is neither a band nor key padding), ``mask_fill``
-(masked scores filled so that the activation is not 0), ``layout``/``rank``
-(not ``[B, H, T, d]`` with ``q @ k.transpose(-2, -1)``), ``unsupported_op``
-(something between the matmuls the matcher does not know),
+(masked scores filled so that the activation is not 0, or ``-inf`` with key
+padding: a fully padded row is NaN in the model), ``layout``/``rank``
+(not ``[B, H, T, d]``, or GQA), ``unsupported_op`` (a score bias that is not an
+additive mask, per-row scales), the matcher's own codes (docs/gdpa.md) for
+regions it cannot describe,
 ``dropout_training``, ``encoder_mask`` / ``encoder_attention``
 (torch.nn encoder layers with a ``src_mask`` or unsupported attention options),
 ``gdpa_options`` (a gdpa call with an ``attn_mask`` or lengths).
@@ -38,21 +46,22 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
+from recopt.graph import attention as A
 from recopt.graph import canon as C
-from recopt.graph.masks import MaskParts, keep_parts
-from recopt.graph.nodes import const_value, depends_on_inputs, get_module, node_shape, set_submodule, tidy_graph
+from recopt.graph.masks import MaskParts
+from recopt.graph.nodes import get_module, node_shape, set_submodule, tidy_graph
 from recopt.modules.scheduled_encoder import ScheduledEncoder, ScheduledEncoderLayer, window_support
 from recopt.ops import gdpa_ref as R
 from recopt.ops.local_attention import local_attention, local_attention_flops
 
 from ..base import Pass, PassConfig, PassContext, PassResult, Semantics
+from ..gdpa.emit import _permute, _scalar_expr
 from ..registry import register_pass
 from . import structure as S
 
@@ -84,21 +93,14 @@ class _Reject(Exception):
 
 @dataclass
 class _Chain:
-    m1: fx.Node
-    m2: fx.Node
-    q: fx.Node
-    k: fx.Node
-    v: fx.Node
-    T: int
-    pre_scale: float = 1.0
-    post_scale: float = 1.0
-    activation: str = "softmax"
-    key_masks: list = None      # bool nodes broadcastable to [B, 1, 1, T] (True = keep)
-    band: Optional[int] = None
-    fill: float = 0.0
+    """A matched self-attention region as ``local_attention`` arguments."""
 
-
-_BIG = 1e4
+    match: A.AttentionMatch
+    T: int                       # the example's length (cost decisions only)
+    activation: str
+    key_masks: list              # (node, invert): keep masks over the keys
+    band: Optional[int]
+    empty: str                   # local_attention's empty_rows
 
 
 class _WindowBase(Pass):
@@ -111,9 +113,8 @@ class _WindowBase(Pass):
         for node in list(gm.graph.nodes):
             if node.graph is not gm.graph or node.op == "output":
                 continue
-            mm = C.as_matmul(node, gm)
-            if mm is not None:
-                site = self._try_chain(gm, node, mm)
+            if C.as_matmul(node, gm) is not None:
+                site = self._try_chain(gm, node)
             elif node.op == "call_function" and getattr(node.target, "__name__", "") == "gdpa" \
                     and self.add_windows:
                 site = self._try_gdpa(gm, node)
@@ -133,149 +134,88 @@ class _WindowBase(Pass):
 
     # ------------------------------------------------------------------ raw attention chains
 
-    def _try_chain(self, gm, m1_node, m1):
-        # Anchor on score products q @ kᵀ whose result feeds a second matmul through a pointwise chain.
-        try:
-            chain = self._match(gm, m1_node, m1)
-        except _Reject as r:
-            return self.rejected(m1_node, r.code, r.reason)
-        if chain is None:
+    def _try_chain(self, gm, m2_node):
+        """A region of the one attention matcher (:mod:`recopt.graph.attention`) anchored at
+        ``P @ v``; everything about it (scale, masks, band width) is read from how the graph
+        builds it, never from the example's sizes."""
+        region = A.find_region(gm, m2_node)
+        if region is None:
             return None
+        m1, m2, path = region
         try:
+            if not A.same_sequence(m1.lhs, m1.rhs):
+                raise _Reject("not_self_attention", f"{m1.node.name}: query and key do not come from one "
+                              "sequence (cross-attention / pooling); a sliding window applies to "
+                              "self-attention only")
+            match = A.match_attention(gm, m1, m2, path)
+            chain = self._describe(gm, match)
             window, n_global, kind = self._decide(chain)
-        except _Reject as r:
-            return self.rejected(chain.m2, r.code, r.reason)
+        except (_Reject, A.Mismatch) as r:
+            return self.rejected(m2_node, r.code, r.reason, details={"first_matmul": m1.node.name})
         return self._emit(gm, chain, window, n_global, kind)
 
-    def _match(self, gm, m1_node, m1) -> Optional[_Chain]:
-        # walk forward: single-user pointwise ops up to a matmul whose lhs is the chain
-        path, cur = [], m1_node
-        m2 = None
-        for _ in range(12):
-            if len(cur.users) != 1:
-                return None
-            nxt = next(iter(cur.users))
-            mm2 = C.as_matmul(nxt, gm)
-            if mm2 is not None:
-                if mm2.lhs is not cur:
-                    return None
-                m2 = mm2
-                break
-            path.append(nxt)
-            cur = nxt
-        if m2 is None or not path:
-            return None
-        kinds = [C.op_kind(n, gm) for n in path]
-        acts = [n for n in path if C.as_activation(n, gm) is not None]
-        if len(acts) != 1:
-            return None
-        # self-attention: q and k come from one sequence tensor
-        q, kt = m1.lhs, m1.rhs
-        if m1.lhs_perm is not None or m1.rhs_perm is not None or m2.rhs_perm is not None \
-                or m2.out_perm is not None:
-            raise _Reject("layout", "an einsum/permuted spelling of attention; expected q @ k.transpose(-2, -1)")
-        if not _self_attention(q, kt):
-            raise _Reject("not_self_attention", f"{m1_node.name}: query and key do not come from one sequence "
-                          "(cross-attention / pooling); a sliding window applies to self-attention only")
-        k = _untranspose(kt)
-        shp = node_shape(m1_node)
-        if k is None or shp is None or len(shp) != 4 or node_shape(q) is None or len(node_shape(q)) != 4:
-            raise _Reject("layout" if k is None else "rank",
-                          "expected q, k, v of shape [B, H, T, d] and q @ k.transpose(-2, -1)")
-        if shp[-1] != shp[-2]:
-            raise _Reject("not_self_attention", f"scores of shape {list(shp)} are not square")
-        chain = _Chain(m1_node, m2.node, q, k, m2.rhs, int(shp[-1]), key_masks=[])
-        act_node = acts[0]
-        seen_act = False
-        for n, kind in zip(path, kinds):
-            if n is act_node:
-                av = C.as_activation(n, gm)
-                if av is None or av.name is None:
-                    raise _Reject("unsupported_op", f"activation {n.name} is not supported"
-                                  + (f": {av.unsupported}" if av is not None else ""))
-                if av.name == "softmax" and av.dim not in (-1, 3):
-                    raise _Reject("unsupported_op", f"softmax over dim {av.dim}, not the keys")
-                chain.activation = av.name if av.name == "softmax" else R.canonical_activation(av.name)
-                seen_act = True
-                continue
-            if kind == "dropout":
-                mod = get_module(gm, n) if n.op == "call_module" else None
-                if (mod is not None and mod.training and mod.p > 0) or (n.op != "call_module" and
-                                                                        C.arg(n, 2, "training", True)):
-                    raise _Reject("dropout_training", "attention dropout is active")
-                continue
-            if kind in ("mul", "div"):
-                other = _other(n, path, m1_node)
-                val = _scalar_of(gm, other)
-                if val is None:
-                    raise _Reject("unsupported_op", f"{n.name} scales the scores by a tensor")
-                val = val if kind == "mul" else 1.0 / val
-                if seen_act:
-                    chain.post_scale *= val
-                else:
-                    chain.pre_scale *= val
-                continue
-            if seen_act:
-                raise _Reject("unsupported_op", f"{n.name} ({kind}) after the activation")
-            if kind == "add":
-                other = _other(n, path, m1_node)
-                keep, fill = _additive_keep(gm, other)
-                if keep is None:
-                    raise _Reject("unsupported_op", f"{n.name} adds a score bias that is not a mask")
-                self._split_keep(gm, keep, chain, invert=False)
-                chain.fill = fill
-                continue
-            if kind == "where":
-                cond, a, b = n.args[0], n.args[1], n.args[2]
-                main = a if (a in path or a is m1_node) else b
-                fill = b if main is a else a
-                fv = _scalar_of(gm, fill)
-                if fv is None:
-                    raise _Reject("unsupported_op", f"{n.name} fills scores with a tensor")
-                self._split_keep(gm, cond, chain, invert=main is not a)
-                chain.fill = fv
-                continue
-            if kind == "masked_fill":
-                fv = _scalar_of(gm, C.arg(n, 2, "value"))
-                if fv is None:
-                    raise _Reject("unsupported_op", f"{n.name} fills with a tensor")
-                self._split_keep(gm, C.arg(n, 1, "mask"), chain, invert=True)
-                chain.fill = fv
-                continue
-            if kind in ("identity", "cast"):
-                continue
-            raise _Reject("unsupported_op", f"{n.name} ({kind or n.target}) between the attention matmuls")
-        if chain.activation == "softmax":
-            if chain.key_masks or chain.band is not None:
-                if not chain.fill <= -_BIG:
-                    raise _Reject("mask_fill", f"softmax scores masked with {chain.fill}; expected a large negative")
-        elif chain.key_masks or chain.band is not None:
-            if float(R.act_fwd(torch.tensor([chain.fill]), chain.activation).abs().max()) != 0.0:
-                raise _Reject("mask_fill", f"masked scores filled with {chain.fill} and "
-                              f"{chain.activation}({chain.fill}) != 0")
-        return chain
-
-    def _split_keep(self, gm, keep, chain: _Chain, invert: bool):
-        """Key masks and bands, read symbolically (:func:`recopt.graph.masks.keep_parts`):
-        a band's width comes from how it is built, never from the example's length."""
-        factors = [keep] if invert else _and_factors(gm, keep)
+    def _describe(self, gm, match: A.AttentionMatch) -> _Chain:
+        """What ``local_attention`` needs, or :class:`_Reject` with the reason it cannot run it."""
+        plan = match.plan
+        if match.rank != 4 or any(len(s) != 4 for s in (match.q_shape, match.k_shape, match.v_shape)):
+            raise _Reject("rank", "expected q, k, v of shape [B, H, T, d]")
+        if not (match.q_shape[:2] == match.k_shape[:2] == match.v_shape[:2]):
+            raise _Reject("layout", f"q, k, v batch/head dims differ ({list(match.q_shape[:2])}, "
+                          f"{list(match.k_shape[:2])}, {list(match.v_shape[:2])}): local_attention has no GQA")
+        Tq, Tk = match.q_shape[-2], match.k_shape[-2]
+        if Tq != Tk:
+            raise _Reject("not_self_attention", f"scores of {Tq} queries x {Tk} keys are not square")
+        if plan.pre_tensors or plan.post_tensors:
+            raise _Reject("unsupported_op", "scores or outputs scaled by a per-row tensor")
+        if plan.dropout is not None and (gm.training or plan.dropout[1] is True):
+            raise _Reject("dropout_training", "attention dropout is active")
+        factors = list(match.mask_factors)
+        if plan.biases:
+            as_masks = A.bias_mask_factors(gm, match)
+            if as_masks is None:
+                raise _Reject("unsupported_op", "a score bias that is not an additive mask "
+                              "where(keep, 0, -big) is added to the scores")
+            factors += as_masks
+        act = plan.act if plan.act == R.SOFTMAX else R.canonical_activation(plan.act)
+        key_masks, band = [], None
         for f in factors:
-            if node_shape(f) is None:
-                raise _Reject("unsupported_op", f"no shape for mask {f.name}")
-            got = keep_parts(gm, f, invert, 4)
+            got = f.parts
             if not isinstance(got, MaskParts):
                 raise _Reject("mask_not_band", got[1])
             if got.causal or got.q_lengths or got.query_masks:
-                raise _Reject("mask_not_band", f"mask {f.name} is causal or masks queries: "
+                raise _Reject("mask_not_band", f"mask {f.node.name} is causal or masks queries: "
                               "not a symmetric band or key padding")
             if (got.key_masks or got.kv_lengths) and got.window is not None:
-                raise _Reject("mask_not_band", f"mask {f.name} combines a band and key padding in "
+                raise _Reject("mask_not_band", f"mask {f.node.name} combines a band and key padding in "
                               "one tensor; write them as two masks joined by &")
             if got.key_masks or got.kv_lengths:
-                # key-only: kept as the original factor (multiplied into k)
-                chain.key_masks.append(("not", f) if invert else f)
+                shape = node_shape(f.node)
+                if len(shape) >= 3 and shape[-3] != 1:
+                    raise _Reject("mask_not_band", f"key mask {f.node.name} of shape {list(shape)} varies "
+                                  "per head; local_attention takes one key mask per sample")
+                key_masks.append((f.node, f.invert))
             if got.window is not None:
-                chain.band = got.window if chain.band is None else min(chain.band, got.window)
+                band = got.window if band is None else min(band, got.window)
+        fills = {f.fill for f in factors}
+        empty = "zero"
+        if act == R.SOFTMAX and factors:
+            if any(not fl <= -1e4 for fl in fills):
+                raise _Reject("mask_fill", f"softmax scores masked with {sorted(fills)}; expected a large negative")
+            inf = {math.isinf(fl) for fl in fills}
+            if len(inf) > 1:
+                raise _Reject("mask_fill", "scores masked with both -inf and a finite fill")
+            if inf.pop():
+                if key_masks:
+                    # a query row whose keys are all padded is NaN in the model
+                    raise _Reject("mask_fill", "-inf masking with key padding: a fully padded row is NaN "
+                                  "in the model, local_attention returns 0 there")
+            else:
+                empty = "uniform"
+        elif factors:
+            for fl in fills:
+                if float(R.act_fwd(torch.tensor([fl]), act).abs().max()) != 0.0:
+                    raise _Reject("mask_fill", f"masked scores filled with {fl} and {act}({fl}) != 0")
+        return _Chain(match, int(Tq), act, key_masks, band, empty)
 
     def _decide(self, chain: _Chain):
         T = chain.T
@@ -293,43 +233,46 @@ class _WindowBase(Pass):
 
     def _emit(self, gm, chain: _Chain, window: int, n_global: int, kind: str):
         g = gm.graph
-        with g.inserting_before(chain.m2):
+        match = chain.match
+        m1, m2, plan = match.m1, match.m2, match.plan
+        with g.inserting_before(m2.node):
             keep = None
-            for f in chain.key_masks:
-                node = g.call_function(operator.invert, (f[1],)) if isinstance(f, tuple) else f
+            for node, invert in chain.key_masks:
+                node = g.call_function(operator.invert, (node,)) if invert else node
                 keep = node if keep is None else g.call_function(operator.and_, (keep, node))
-            if keep is not None:
-                shape = node_shape(chain.key_masks[0][1] if isinstance(chain.key_masks[0], tuple)
-                                   else chain.key_masks[0])
-                if shape is not None and len(shape) < 4:
-                    keep = g.call_method("reshape", (keep, -1, 1, 1, chain.T))
-            empty = "uniform" if chain.fill > -math.inf and chain.activation == "softmax" else "zero"
-            out = g.call_function(local_attention, (chain.q, chain.k, chain.v, window), dict(
-                activation=chain.activation, pre_scale=chain.pre_scale, post_scale=chain.post_scale,
-                key_keep=keep, n_global=n_global, empty_rows=empty, block=self.config.block))
-        out.meta.update({k: v for k, v in chain.m2.meta.items() if k in ("tensor_meta", "nn_module_stack",
+            if keep is not None:       # [.., Tk] -> [B | 1, 1, 1, Tk], the key length read at run time
+                keep = g.call_method("reshape", (keep, -1, 1, 1, g.call_method("size", (keep, -1))))
+            q = _permute(g, m1.lhs, m1.lhs_perm)
+            k = _permute(g, match.key, match.k_perm)
+            v = _permute(g, m2.rhs, m2.rhs_perm)
+            out = g.call_function(local_attention, (q, k, v, window), dict(
+                activation=chain.activation, pre_scale=_scalar_expr(g, plan.pre_scale, plan.pre_nodes),
+                post_scale=_scalar_expr(g, plan.qk_scale, plan.post_nodes),
+                key_keep=keep, n_global=n_global, empty_rows=chain.empty, block=self.config.block))
+            if m2.out_perm is not None:
+                out = g.call_method("permute", (out, *m2.out_perm))
+        out.meta.update({k: v for k, v in m2.node.meta.items() if k in ("tensor_meta", "nn_module_stack",
                                                                         "stack_trace")})
-        chain.m2.replace_all_uses_with(out)
-        qs, vs = node_shape(chain.q), node_shape(chain.v)
-        B, H, T, d = (qs + (0,) * 4)[:4] if qs else (0, 0, 0, 0)
-        dv = vs[-1] if vs else d
+        m2.node.replace_all_uses_with(out)
+        B, H, T, d = match.q_shape
+        dv = match.v_shape[-1]
         dense = 2 * B * H * T * T * (d + dv)
         after = local_attention_flops(B, H, T, d, dv, window, n_global,
                                       self.config.block)
         what = ("band already in the graph: rewrite is exact" if kind == "exact"
                 else f"band |i-j| <= {window} added" + (f", first {n_global} tokens global" if n_global else "")
                 + " (architecture change: retrain)")
-        return self.rewritten(chain.m2, f"{chain.activation} self-attention -> local_attention(window={window}); "
+        return self.rewritten(out, f"{chain.activation} self-attention -> local_attention(window={window}); "
                               f"{what}", flops_before=float(dense), flops_after=float(after),
                               details={"window": window, "n_global": n_global, "T": T, "kind": kind,
-                                       "activation": chain.activation, "first_matmul": chain.m1.name,
-                                       "empty_rows": empty})
+                                       "activation": chain.activation, "first_matmul": m1.node.name,
+                                       "empty_rows": chain.empty})
 
     # ------------------------------------------------------------------ recopt.ops.gdpa calls
 
     def _try_gdpa(self, gm, node):
         q, k = node.args[0], node.args[1]
-        if not _self_attention(q, k, transposed=False):
+        if not A.same_sequence(q, k):
             return self.rejected(node, "not_self_attention", "gdpa call whose query and key do not come from one "
                                  "sequence")
         kw = node.kwargs
@@ -412,88 +355,3 @@ class SlidingWindow(_WindowBase):
     config_cls = SlidingWindowConfig
     add_windows = True
     description = "Kunlun sliding-window self-attention (|i-j| <= w, global tokens exempt)"
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _other(n: fx.Node, path: list, m1: fx.Node):
-    for a in n.args[:2]:
-        if not (isinstance(a, fx.Node) and (a in path or a is m1)):
-            return a
-    return None
-
-
-def _scalar_of(gm, x) -> Optional[float]:
-    v = C.scalar(x)
-    if v is not None:
-        return float(v)
-    if isinstance(x, fx.Node):
-        val = const_value(gm, x)
-        if isinstance(val, (int, float)):
-            return float(val)
-        if isinstance(val, torch.Tensor) and val.numel() == 1:
-            return float(val.item())
-    return None
-
-
-def _additive_keep(gm, node):
-    """``(keep, fill)`` if ``node`` is ``where(keep, 0, fill)`` / ``masked_fill(zeros, ~keep, fill)``."""
-    if not isinstance(node, fx.Node):
-        return None, 0.0
-    kind = C.op_kind(node, gm)
-    if kind == "where":
-        cond, a, b = node.args[0], node.args[1], node.args[2]
-        va, vb = _scalar_of(gm, a), _scalar_of(gm, b)
-        if va == 0.0 and vb is not None and vb <= -_BIG:
-            return cond, vb
-    return None, 0.0
-
-
-def _and_factors(gm, node) -> list:
-    if C.op_kind(node, gm) == "and" and all(isinstance(a, fx.Node) for a in node.args[:2]):
-        return _and_factors(gm, node.args[0]) + _and_factors(gm, node.args[1])
-    return [node]
-
-
-def _untranspose(kt: fx.Node) -> Optional[fx.Node]:
-    """``k`` if ``kt`` is ``k.transpose(-2, -1)`` / ``k.mT`` of a rank-4 ``k``."""
-    if not isinstance(kt, fx.Node):
-        return None
-    p = C.as_permute(kt)
-    if p is None:
-        return None
-    base, perm = p
-    rank = len(perm)
-    if rank == 4 and tuple(perm) == (0, 1, 3, 2):
-        return base
-    return None
-
-
-def _lineage(node: fx.Node, depth: int = 14) -> set:
-    out, frontier = set(), [node]
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            for a in n.all_input_nodes:
-                if a not in out and a.op != "get_attr":
-                    out.add(a)
-                    nxt.append(a)
-        frontier = nxt
-    return out
-
-
-def _self_attention(q, kt, transposed: bool = True) -> bool:
-    if not isinstance(q, fx.Node) or not isinstance(kt, fx.Node):
-        return False
-    lq, lk = _lineage(q) | {q}, _lineage(kt) | {kt}
-    qs = node_shape(q)
-    if qs is None:
-        return False
-    T = qs[-2]
-    for n in lq & lk:
-        s = node_shape(n)
-        if s is not None and len(s) == 3 and s[1] == T and depends_on_inputs(n) and n.op != "placeholder" \
-                or (n.op == "placeholder" and s is not None and len(s) == 3 and s[1] == T):
-            return True
-    return False
