@@ -98,3 +98,47 @@ def test_a_pass_whose_graph_does_not_lint_fails_and_is_skipped():
     torch.testing.assert_close(opt(x), torch.relu(x) * 2.0 + 1.0)
     with pytest.raises(recopt.PassError, match="does not lint"):
         recopt.PassManager([_Broken()], strict=True).run(fx.symbolic_trace(_M()), (x,))
+
+
+class _AttnWithDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, q, k, v, x):
+        p = F.dropout(torch.softmax(q @ k.transpose(-1, -2), -1), 0.2, self.training)
+        unused = self.drop(x)   # an unused draw outside the region: kept
+        x.mul_(2.0)             # an in-place op: kept
+        return p @ v
+
+
+def test_erase_absorbed_removes_the_replaced_region_and_its_draws_but_nothing_else():
+    from recopt.graph.nodes import erase_absorbed
+
+    gm = fx.symbolic_trace(_AttnWithDropout().train())
+    g = gm.graph
+    out_mm = next(n for n in g.nodes if n.target is operator.matmul and n.args[1].op == "placeholder")
+    q, k, v = (n for n in g.nodes if n.op == "placeholder" and n.name in ("q", "k", "v"))
+    with g.inserting_before(out_mm):
+        fused = g.call_function(torch.mul, (v, 1.0))   # stands in for the fused call
+    out_mm.replace_all_uses_with(fused)
+    erase_absorbed(g, out_mm)
+    targets = [n.target for n in g.nodes]
+    assert F.dropout not in targets and torch.softmax not in targets, "the region's draw is absorbed"
+    assert "drop" in targets, "a draw outside the region stays (it advances the generator)"
+    assert "mul_" in targets, "in-place ops stay"
+    assert has_side_effects(next(n for n in g.nodes if n.target == "drop"))
+
+
+def test_eval_graph_dropout_module_with_p0_is_not_a_draw():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d0, self.d1 = nn.Dropout(0.0), nn.Dropout(0.1)
+
+        def forward(self, x):
+            return self.d0(x) + self.d1(x)
+
+    gm = fx.symbolic_trace(M())
+    by_target = {n.target: n for n in gm.graph.nodes}
+    assert not has_side_effects(by_target["d0"]) and has_side_effects(by_target["d1"])

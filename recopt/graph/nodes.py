@@ -297,6 +297,10 @@ def has_side_effects(node: fx.Node) -> bool:
     """
     if node.is_impure():
         return True
+    if node.op == "call_module":  # nn.Dropout and friends draw when their module is training
+        owner = node.graph.owning_module
+        mod = owner.get_submodule(node.target) if owner is not None else None
+        return isinstance(mod, torch.nn.modules.dropout._DropoutNd) and mod.p != 0
     if node.op not in ("call_method", "call_function"):
         return False
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
@@ -311,6 +315,46 @@ def has_side_effects(node: fx.Node) -> bool:
     if name in _RANDOM_NAMES:
         return not _inactive_dropout(node, name)
     return bool(node.kwargs.get("out") is not None)
+
+
+def _draws_or_pure(node: fx.Node) -> bool:
+    """Whether erasing ``node`` when its consumer is replaced loses nothing but its draw:
+    no side effect, or a random draw that does not write into its input."""
+    if not has_side_effects(node):
+        return True
+    if node.op == "call_module":
+        return True  # a dropout module (the only call_module with a side effect above)
+    if node.op != "call_function" or node.kwargs.get("inplace") is True:
+        return False
+    if len(node.args) > 3 and node.args[3] is True:   # F.dropout(x, p, training, inplace=True)
+        return False
+    name = getattr(node.target, "__name__", "")
+    return name in _RANDOM_NAMES and not name.endswith("_")
+
+
+def erase_absorbed(graph: fx.Graph, root: fx.Node) -> None:
+    """Erase ``root`` (whose uses were replaced) and every node that only fed it.
+
+    A fusing pass replaces a region by one call that does the region's work,
+    random draws included (a fused dropout draws inside the new call). The
+    pass manager's dead-code clean-up keeps unused random draws, so the
+    region's draws would survive and shift every later draw; this erases
+    them, with the rest of the region, walking back from ``root`` through
+    nodes left without users. In-place ops and other side effects are kept.
+    """
+    if root.users:
+        raise ValueError(f"erase_absorbed: {root.name} still has users {list(root.users)}")
+    work = [root]
+    while work:
+        node = work.pop()
+        if node.graph is not graph or node.users or node.op not in ("call_function", "call_method",
+                                                                    "call_module"):
+            continue
+        if node is not root and not _draws_or_pure(node):
+            continue
+        inputs = list(node.all_input_nodes)
+        graph.erase_node(node)
+        work.extend(inputs)
 
 
 def tidy_graph(gm: fx.GraphModule) -> None:

@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from recopt.graph import attention as A
 from recopt.graph import canon as C
-from recopt.graph.nodes import node_dtype, node_shape, tidy_graph
+from recopt.graph.nodes import erase_absorbed, node_dtype, node_shape, tidy_graph
 from recopt.ops import gdpa as gdpa_fn
 from recopt.ops import gdpa_ref as R
 from recopt.ops.gdpa import gdpa_flops, reference_reason
@@ -129,7 +129,7 @@ class GDPAFusion(Pass):
         erased: set = set()
         self._target = ctx.target
         for node in list(gm.graph.nodes):
-            if node in erased or node.graph is not gm.graph:
+            if node in erased or node.graph is not gm.graph or getattr(node, "_erased", False):
                 continue
             kind = C.op_kind(node, gm)
             site = None
@@ -246,7 +246,7 @@ class GDPAFusion(Pass):
                 out = g.call_method("to", (out, want))
         _copy_meta(out, m2.node)
         m2.node.replace_all_uses_with(out)
-        g.erase_node(m2.node)
+        erase_absorbed(g, m2.node)   # the chain's dropout now draws inside gdpa
         batch = math.prod(_broadcast(q_shape[:-2], k_shape[:-2], v_shape[:-2]))
         flops = gdpa_flops(batch, 1, Tq, Tk, d, dv)
         kind = _pattern_name(plan, nb, Tq, Tk)
