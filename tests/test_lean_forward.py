@@ -155,3 +155,35 @@ def test_gdpa_sites_with_graph_value_scales_keep_the_generic_call():
     for b in (1, 4):
         xb = torch.randn(b, 7, 8)
         torch.testing.assert_close(opt(xb), model(xb))
+
+
+def test_lean_softmax_site_matches_the_op_on_rows_whose_mask_is_all_minus_inf():
+    """The lean per-site function and the generic op agree where a float mask blocks a
+    whole row (0 and no gradient, as the reference and SDPA), and the optimized model
+    returns what the model returns (it returned NaN while the verified graph gave 0)."""
+    import torch.nn.functional as F
+
+    from recopt.ops.gdpa import gdpa
+    from recopt.ops.gdpa_site import specialize
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 3, 5, requires_grad=True) for _ in range(3))
+    mask = torch.randn(2, 1, 3, 4)[..., :3].clone()
+    mask[1, :, 0] = float("-inf")          # batch 1, query 0: every key blocked
+    site = specialize({"activation": "softmax", "qk_scale": 1.0, "pre_scale": 0.5}, ("attn_mask",))
+    got = site(q, k, v, attn_mask=mask)
+    want = gdpa(q, k, v, attn_mask=mask, activation="softmax", pre_scale=0.5)
+    torch.testing.assert_close(got, want)
+    assert torch.isfinite(got).all() and (got[1, :, 0] == 0).all()
+    gq = torch.autograd.grad(got.sum(), q)[0]
+    wq = torch.autograd.grad(want.sum(), q)[0]
+    torch.testing.assert_close(gq, wq)
+
+    class M(nn.Module):
+        def forward(self, q, k, v, m):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    args = tuple(t.detach() for t in (q, k, v)) + (mask,)
+    opt = recopt.optimize(M(), args, target="cpu", backend="eager", configs={"gdpa": {"cpu_sites": "all"}})
+    assert opt.report.sites_for("gdpa", "rewritten")
+    torch.testing.assert_close(opt(*args), M()(*args))

@@ -53,9 +53,13 @@ def specialize(kwargs: dict, dynamic=()):
                     or not attn_mask.is_floating_point() or q.dim() != 4 or k.dim() != 4
                     or q.shape[1] != k.shape[1] or not use_lean(q)):
                 return generic(q, k, v, attn_mask=attn_mask, q_lengths=q_lengths, kv_lengths=kv_lengths, **const)
-            # The float-mask math of recopt.ops.gdpa._softmax_with_mask, op for op.
+            # The float-mask math of recopt.ops.gdpa_ref.softmax_attention (masked_rows
+            # "zero", the only mode this site serves): a row whose scores are all -inf
+            # gives 0 and no gradient, as the reference and SDPA do, not softmax's NaN.
             s = (q @ k.transpose(-2, -1)) * pre_scale + attn_mask
-            o = torch.softmax(s, dim=-1) @ v
+            dead = torch.isneginf(s).all(dim=-1, keepdim=True)
+            p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+            o = p @ v
             return o * qk_scale if qk_scale != 1.0 else o
 
         return gdpa_softmax_site
