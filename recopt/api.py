@@ -388,6 +388,38 @@ def _with_pass_guards(cap: CapturedModel, guards: list, report: OptimizationRepo
     return dataclasses.replace(cap, guards=list(cap.guards) + [g.code for g in guards])
 
 
+def _check_lean(gm: fx.GraphModule, runner: Any, args: tuple, training: bool, mode: str,
+                report: OptimizationReport) -> Any:
+    """``runner`` if the eager lean forward computes what the verified graph computes on the
+    example (same seed, ``gm`` in ``training`` mode), else ``gm`` itself, with a report note.
+
+    Verification checks the graph; the lean forward replaces each GDPA call by a per-site
+    function (:mod:`recopt.ops.gdpa_site`), so a difference between the two would otherwise
+    reach the user unseen. The caller's model state and RNG are restored by ``optimize``.
+    """
+    from .state import clone_inputs
+    from .verify import compare_outputs
+
+    was = gm.training
+    try:
+        gm.train(training)
+        outs = []
+        for fn in (gm, runner):
+            with torch.no_grad(), torch.random.fork_rng(devices=rng_devices(args)):
+                torch.manual_seed(0)
+                outs.append(fn(*clone_inputs(args)))
+    finally:
+        gm.train(was)
+    mismatch = compare_outputs(outs[0], outs[1])
+    if mismatch is None:
+        return runner
+    report.notes.append(f"{mode} graph: the lean eager forward differed from the verified graph on the "
+                        f"example ({mismatch.message}); the graph's own forward runs instead. "
+                        "Please report this as a recopt bug.")
+    warnings.warn(f"recopt: {report.notes[-1]}", stacklevel=3)
+    return gm
+
+
 def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report: OptimizationReport,
                     settings: dict, t_start: float) -> OptimizedModel:
     """Capture and optimize the eval graph and, where the model depends on the mode, the train graph."""
@@ -464,6 +496,13 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
         report.modes_note = (f"eval only; train mode runs the original model eagerly (mode-dependent: {shown}), "
                              f"because the train-mode capture failed: {train_failure}")
         report.notes.append(report.modes_note)
+    if backend == "eager" and settings["verify"].enabled:
+        for mode in ("eval", "train"):
+            if mode in runners and (mode == "eval" or runners[mode] is not runners["eval"]):
+                runners[mode] = _check_lean(graphs[mode], runners[mode], args, mode == "train", mode,
+                                            report if mode == "eval" or train_report is None else train_report)
+        if "train" in runners and graphs.get("train") is graphs.get("eval"):
+            runners["train"] = runners["eval"]
     if plan.note:
         report.notes.append(plan.report_note(train_compiled="train" in runners))
     report.total_s = time.perf_counter() - t_start

@@ -187,3 +187,36 @@ def test_lean_softmax_site_matches_the_op_on_rows_whose_mask_is_all_minus_inf():
     opt = recopt.optimize(M(), args, target="cpu", backend="eager", configs={"gdpa": {"cpu_sites": "all"}})
     assert opt.report.sites_for("gdpa", "rewritten")
     torch.testing.assert_close(opt(*args), M()(*args))
+
+
+def test_optimize_checks_the_lean_forward_against_the_verified_graph(monkeypatch):
+    """A lean per-site function that departs from the op is caught at optimize time: the
+    graph's own forward runs, the report says why, and a warning is raised."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    import recopt.ops.gdpa_site as site_mod
+
+    real = site_mod.specialize
+
+    def wrong(kwargs, dynamic=()):
+        fn = real(kwargs, dynamic)
+        return None if fn is None else (lambda *a, **k: fn(*a, **k) * 1.5)
+
+    monkeypatch.setattr(site_mod, "specialize", wrong)
+
+    class M(nn.Module):
+        def forward(self, q, k, v, m):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    torch.manual_seed(0)
+    args = tuple(torch.randn(2, 2, 3, 5) for _ in range(3)) + (torch.randn(2, 1, 3, 3),)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = recopt.optimize(M(), args, target="cpu", backend="eager",
+                              configs={"gdpa": {"cpu_sites": "all"}})
+    assert opt.report.sites_for("gdpa", "rewritten")
+    assert any("lean eager forward differed" in n for n in opt.report.notes)
+    assert any("lean eager forward differed" in str(w.message) for w in caught)
+    torch.testing.assert_close(opt(*args), M()(*args))
