@@ -15,23 +15,9 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_av
 
 from recopt.ops import _gdpa_triton as T  # noqa: E402
 from recopt.ops import gdpa_ref as R  # noqa: E402
-
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"
-
-
-def _rand(shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+from triton_test_helpers import DEVICE, nan_filled as _nan, rand as _rand, rel  # noqa: E402
 
 
-def _nan(shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "unwritten (NaN) elements in the kernel output"
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 def ref(q, k, v, act, qk_scale, pre_scale, window=-1, q_len=None, k_len=None, causal=False,

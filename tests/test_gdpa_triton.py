@@ -16,25 +16,11 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_av
 
 from recopt.ops import _gdpa_triton as T  # noqa: E402
 from recopt.ops import gdpa_ref as R  # noqa: E402
+from triton_test_helpers import DEVICE, nan_filled as _poison, rand as _rand, rel  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
+
 ACTS = sorted(R.ACTIVATIONS)
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "unwritten (NaN) elements in the kernel output"
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-
-
-def _rand(shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
-
-
-def _poison(shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
 
 
 def _ref_grads(q, k, v, go, **kw):
