@@ -96,7 +96,6 @@ def _predict_ms(shape: str, kind_stats: dict, act: str):
 
 def run(archs=(90, 100), workers=2):
     from recopt.kernels.compile_check import compile_specs
-    from recopt.kernels.sass import loop_stats, min_macs
 
     specs = _specs(archs)
     by_name = {(s.name, s.archs[0]): s for s in specs}
@@ -110,16 +109,26 @@ def run(archs=(90, 100), workers=2):
                    config=f"{t['BLOCK_M']}x{t['BLOCK_N']} w{t['num_warps']} s{t['num_stages']}",
                    part=r.name.split("/")[0].replace("gdpa_", ""),
                    ok=r.ok, error=r.error, registers=r.registers, spill=r.stack + r.local, shared=r.shared)
-        if r.ok:
-            st = loop_stats(r.cubin_path, t["BLOCK_M"], t["BLOCK_N"], t["num_warps"])
-            if st is not None:
-                bd = max(16, 1 << (t["d"] - 1).bit_length())
-                need = min_macs(row["part"], t["BLOCK_M"], t["BLOCK_N"], bd, bd)
-                row.update(instr_per_elem=round(st.instr_per_elem, 2), mufu_per_elem=round(st.mufu_per_elem, 2),
-                           tc_instr=st.tensor_core, tc_kind=st.tc_kind,
-                           tc_ratio=(round(st.tc_macs_per_cta / need, 3) if st.tc_macs_per_cta else None))
+        _add_loop_stats(row, r, t)
         rows.append(row)
     return rows
+
+
+def _add_loop_stats(row: dict, r, t: dict) -> None:
+    """Main-loop figures of a compiled kernel's SASS added to its ``row`` (nothing when the
+    kernel failed to compile or its loop was not found)."""
+    from recopt.kernels.sass import loop_stats, min_macs
+
+    if not r.ok:
+        return
+    st = loop_stats(r.cubin_path, t["BLOCK_M"], t["BLOCK_N"], t["num_warps"])
+    if st is None:
+        return
+    bd = max(16, 1 << (t["d"] - 1).bit_length())
+    need = min_macs(row["part"], t["BLOCK_M"], t["BLOCK_N"], bd, bd)
+    row.update(instr_per_elem=round(st.instr_per_elem, 2), mufu_per_elem=round(st.mufu_per_elem, 2),
+               tc_instr=st.tensor_core, tc_kind=st.tc_kind,
+               tc_ratio=(round(st.tc_macs_per_cta / need, 3) if st.tc_macs_per_cta else None))
 
 
 def budgets(rows):
@@ -212,7 +221,6 @@ def softmax_specs(archs):
 def run_softmax(archs=(90,), workers=2):
     """Rows like :func:`run` (act "softmax") for the softmax kernels."""
     from recopt.kernels.compile_check import compile_specs
-    from recopt.kernels.sass import loop_stats, min_macs
 
     specs = softmax_specs(archs)
     by_name = {(s.name, s.archs[0]): s for s in specs}
@@ -224,14 +232,7 @@ def run_softmax(archs=(90,), workers=2):
         row = dict(name=r.name, arch=r.arch, shape=t["shape"], kernel=t["kernel"], act="softmax", d=t["d"],
                    config=f"{t['BLOCK_M']}x{t['BLOCK_N']} w{t['num_warps']} s{t['num_stages']}", part=part,
                    ok=r.ok, error=r.error, registers=r.registers, spill=r.stack + r.local, shared=r.shared)
-        if r.ok:
-            st = loop_stats(r.cubin_path, t["BLOCK_M"], t["BLOCK_N"], t["num_warps"])
-            if st is not None:
-                bd = max(16, 1 << (t["d"] - 1).bit_length())
-                need = min_macs(part, t["BLOCK_M"], t["BLOCK_N"], bd, bd)
-                row.update(instr_per_elem=round(st.instr_per_elem, 2), mufu_per_elem=round(st.mufu_per_elem, 2),
-                           tc_instr=st.tensor_core, tc_kind=st.tc_kind,
-                           tc_ratio=(round(st.tc_macs_per_cta / need, 3) if st.tc_macs_per_cta else None))
+        _add_loop_stats(row, r, t)
         rows.append(row)
     return rows
 
