@@ -388,35 +388,53 @@ def _with_pass_guards(cap: CapturedModel, guards: list, report: OptimizationRepo
     return dataclasses.replace(cap, guards=list(cap.guards) + [g.code for g in guards])
 
 
-def _check_lean(gm: fx.GraphModule, runner: Any, args: tuple, training: bool, mode: str,
-                report: OptimizationReport) -> Any:
-    """``runner`` if the eager lean forward computes what the verified graph computes on the
-    example (same seed, ``gm`` in ``training`` mode), else ``gm`` itself, with a report note.
+def _lowering_sets(manager: PassManager, args: tuple, verify) -> list:
+    """The ``(name, args)`` sets the lowering is checked on: the example, then up to
+    ``verify.lowering_inputs`` verification sets of other shapes (see :mod:`recopt.lowering_check`)."""
+    from .lowering_check import differently_shaped_sets
+
+    verifier = manager.verifier
+    if verifier is None or not verifier.sets:
+        return [("the example inputs", args)]
+    return [("the example inputs", args)] + differently_shaped_sets(verifier.set_names, verifier.sets,
+                                                                    verify.lowering_inputs)
+
+
+def _check_lowered(gm: fx.GraphModule, runner: Any, sets: list, training: bool, mode: str,
+                   report: OptimizationReport, settings: dict) -> Any:
+    """``runner`` if the lowered callable computes what the verified graph computes on ``sets``
+    (same seed, ``gm`` in ``training`` mode; gradients and buffers too in train mode), else
+    ``gm`` itself, with a report note and a ``UserWarning`` (a :class:`VerificationError` under
+    ``strict``).
 
     Verification checks the graph; the lean forward replaces each GDPA call by a per-site
-    function (:mod:`recopt.ops.gdpa_site`), so a difference between the two would otherwise
-    reach the user unseen. The caller's model state and RNG are restored by ``optimize``.
+    function (:mod:`recopt.ops.gdpa_site`) and Inductor compiles the graph anew, so a difference
+    between them and the graph would otherwise reach the user unseen. The caller's model state
+    and RNG are restored by ``optimize``.
     """
-    from .state import clone_inputs
-    from .verify import compare_outputs
+    from .errors import VerificationError
+    from .lower import draws_random_numbers, keeps_inductor_random
+    from .lowering_check import check_lowering
 
-    was = gm.training
-    try:
-        gm.train(training)
-        outs = []
-        for fn in (gm, runner):
-            with torch.no_grad(), torch.random.fork_rng(devices=rng_devices(args)):
-                torch.manual_seed(0)
-                outs.append(fn(*clone_inputs(args)))
-    finally:
-        gm.train(was)
-    mismatch = compare_outputs(outs[0], outs[1])
-    if mismatch is None:
+    backend = settings["backend"]
+    what = "the lean eager forward" if backend == "eager" else "the Inductor-compiled graph"
+    if backend == "inductor" and keeps_inductor_random(settings["compile_options"]) and draws_random_numbers(gm):
+        report.notes.append(f"{mode} graph: {what} was not checked against the verified graph: it draws random "
+                            "numbers and compile_options set fallback_random=False (Inductor's own generator), "
+                            "so its outputs differ from the graph's for any seed")
         return runner
-    report.notes.append(f"{mode} graph: the lean eager forward differed from the verified graph on the "
-                        f"example ({mismatch.message}); the graph's own forward runs instead. "
-                        "Please report this as a recopt bug.")
-    warnings.warn(f"recopt: {report.notes[-1]}", stacklevel=3)
+    verify = settings["verify"]
+    failure = check_lowering(gm, runner, sets, training, gradients=verify.gradients, seed=verify.seed)
+    if failure is None:
+        return runner
+    message = (f"{mode} graph: {what} differed from the verified graph {failure}; the graph's own forward "
+               f"runs instead (slower, correct). Please report this as a recopt bug"
+               + ("; backend='eager' avoids Inductor" if backend == "inductor" else "") + ".")
+    if settings["strict"]:
+        raise VerificationError(f"{message} (strict=True raises instead of falling back; "
+                                "verify=recopt.VerifyConfig(lowering=False) skips this check)")
+    report.notes.append(message)
+    warnings.warn(f"recopt: {message}", stacklevel=4)
     return gm
 
 
@@ -468,6 +486,8 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
                              training=None if not dependent else False,
                              input_filter=cap_eval.guards_hold if cap_eval.guards else None)
     cap_eval = _with_pass_guards(cap_eval, manager.guards, report)
+    sets = {"eval": _lowering_sets(manager, args, settings["verify"])}
+    sets["train"] = sets["eval"]
     graphs["eval"], captured["eval"], runners["eval"] = gm, cap_eval, lower(gm, backend, plan.eval)
     train_report = None
     shown = ", ".join(dependent[:3]) + (" ..." if len(dependent) > 3 else "")
@@ -486,6 +506,7 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
                                                     cap_train.flops_incomplete), training=True,
                                          input_filter=cap_train.guards_hold if cap_train.guards else None)
         graphs["train"], captured["train"] = gm_t, _with_pass_guards(cap_train, manager.guards, train_report)
+        sets["train"] = _lowering_sets(manager, args, settings["verify"])
         runners["train"] = lower(gm_t, backend, plan.train)
         applied = [p.name for p in train_report.passes if p.status == "applied"]
         report.modes = ["eval", "train"]
@@ -496,13 +517,18 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
         report.modes_note = (f"eval only; train mode runs the original model eagerly (mode-dependent: {shown}), "
                              f"because the train-mode capture failed: {train_failure}")
         report.notes.append(report.modes_note)
-    if backend == "eager" and settings["verify"].enabled:
+    verify = settings["verify"]
+    if verify.enabled and verify.lowering:
+        # Each mode that runs is checked in that mode (a shared graph twice: the eval check
+        # compiles the inference call, the train check the training call with its backward).
+        lowered = dict(runners)
         for mode in ("eval", "train"):
-            if mode in runners and (mode == "eval" or runners[mode] is not runners["eval"]):
-                runners[mode] = _check_lean(graphs[mode], runners[mode], args, mode == "train", mode,
-                                            report if mode == "eval" or train_report is None else train_report)
-        if "train" in runners and graphs.get("train") is graphs.get("eval"):
-            runners["train"] = runners["eval"]
+            if mode in runners:
+                runners[mode] = _check_lowered(graphs[mode], lowered[mode], sets[mode], mode == "train", mode,
+                                               report if mode == "eval" or train_report is None else train_report,
+                                               settings)
+    elif verify.enabled:
+        report.notes.append("the lowering was not checked against the verified graph (VerifyConfig(lowering=False))")
     if plan.note:
         report.notes.append(plan.report_note(train_compiled="train" in runners))
     report.total_s = time.perf_counter() - t_start
