@@ -46,6 +46,18 @@ def _tensor_bindings(model: nn.Module, graphs) -> list:
     return out
 
 
+def _model_slots(model: nn.Module) -> list:
+    """``(owner's _parameters/_buffers dict, local name, tensor)`` of every parameter and buffer of
+    ``model``: a slot whose dict holds another tensor now was rebound since."""
+    out = []
+    for m in model.modules():
+        for table in (m._parameters, m._buffers):
+            for local, t in table.items():
+                if t is not None:
+                    out.append((table, local, t))
+    return out
+
+
 class OptimizedModel(nn.Module):
     """The result of :func:`optimize`: callable like the model it came from.
 
@@ -94,6 +106,7 @@ class OptimizedModel(nn.Module):
         object.__setattr__(self, "_specialisations", [])
         object.__setattr__(self, "_warned_eager", set())
         object.__setattr__(self, "_bindings", _tensor_bindings(original, graphs.values()))
+        object.__setattr__(self, "_model_slots", _model_slots(original))
         self.train(training)
 
     def _apply(self, fn, recurse=True):
@@ -102,9 +115,27 @@ class OptimizedModel(nn.Module):
         parameters and buffers (BatchNorm statistics updated in train mode are those eval reads)."""
         self._original._apply(fn, recurse)
         self._rebind(fn)
+        object.__setattr__(self, "_model_slots", _model_slots(self._original))
         for spec in self._specialisations:
             spec._rebind(fn)
         return self
+
+    def apply(self, fn) -> "OptimizedModel":
+        """``fn`` on every module of the model (as ``model.apply(fn)``), then the graphs follow:
+        an initialiser that assigns new tensors (``m.weight = nn.Parameter(...)``) is seen by
+        every mode's graph, not only by one graph's copy of the module."""
+        self._original.apply(fn)
+        self._resync()
+        return self
+
+    def _resync(self) -> None:
+        """Rebind the graphs to the model's tensors where the model's modules hold new ones
+        (``model.apply(init)`` assigning new parameters, ``model.lin.weight = ...``)."""
+        if any(table.get(local) is not t for table, local, t in self._model_slots):
+            self._rebind(None)   # the model's tensors only; those passes made stay as they are
+            object.__setattr__(self, "_model_slots", _model_slots(self._original))
+        for spec in self._specialisations:
+            spec._resync()
 
     def _rebind(self, fn) -> None:
         model_tensors = dict(self._original.named_parameters(remove_duplicate=False))
@@ -117,7 +148,7 @@ class OptimizedModel(nn.Module):
                 continue
             if model_name is not None:
                 table[local] = model_tensors[model_name]
-            else:  # made by a pass or by tracing: convert it once, even if two graphs hold it
+            elif fn is not None:  # made by a pass or by tracing: convert it once, even if two graphs hold it
                 if id(t) not in converted:
                     with torch.no_grad():
                         new = fn(t)
@@ -174,6 +205,10 @@ class OptimizedModel(nn.Module):
 
     # -- calls ----------------------------------------------------------
     def forward(self, *args, **kwargs):
+        for table, local, t in self._model_slots:   # one identity test per tensor: the model's
+            if table.get(local) is not t:             # modules were given new tensors since
+                self._resync()
+                break
         mode = self._mode()
         runner = self._runners.get(mode)
         cap = self._captured.get(mode)
