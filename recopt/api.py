@@ -423,16 +423,20 @@ def _with_pass_guards(cap: CapturedModel, guards: list, report: OptimizationRepo
     return dataclasses.replace(cap, guards=list(cap.guards) + [g.code for g in guards])
 
 
-def _lowering_sets(manager: PassManager, args: tuple, verify) -> list:
+def _lowering_sets(manager: PassManager, args: tuple, verify, cap: CapturedModel) -> list:
     """The ``(name, args)`` sets the lowering is checked on: the example, then up to
-    ``verify.lowering_inputs`` verification sets of other shapes (see :mod:`recopt.lowering_check`)."""
+    ``verify.lowering_inputs`` verification sets of other shapes that satisfy the optimized
+    graph's shape guards (``cap``'s, passes' included; see :mod:`recopt.lowering_check`)."""
     from .lowering_check import differently_shaped_sets
 
     verifier = manager.verifier
     if verifier is None or not verifier.sets:
         return [("the example inputs", args)]
-    return [("the example inputs", args)] + differently_shaped_sets(verifier.set_names, verifier.sets,
-                                                                    verify.lowering_inputs)
+    pairs = [(n, a) for n, a in zip(verifier.set_names[1:], verifier.sets[1:])
+             if not cap.guards or cap.guards_hold(a)]
+    names = [verifier.set_names[0]] + [n for n, _ in pairs]
+    sets = [verifier.sets[0]] + [a for _, a in pairs]
+    return [("the example inputs", args)] + differently_shaped_sets(names, sets, verify.lowering_inputs)
 
 
 def _check_lowered(gm: fx.GraphModule, runner: Any, sets: list, training: bool, mode: str,
@@ -521,7 +525,7 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
                              training=None if not dependent else False,
                              input_filter=cap_eval.guards_hold if cap_eval.guards else None)
     cap_eval = _with_pass_guards(cap_eval, manager.guards, report)
-    sets = {"eval": _lowering_sets(manager, args, settings["verify"])}
+    sets = {"eval": _lowering_sets(manager, args, settings["verify"], cap_eval)}
     sets["train"] = sets["eval"]
     graphs["eval"], captured["eval"], runners["eval"] = gm, cap_eval, lower(gm, backend, plan.eval)
     train_report = None
@@ -541,7 +545,7 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
                                                     cap_train.flops_incomplete), training=True,
                                          input_filter=cap_train.guards_hold if cap_train.guards else None)
         graphs["train"], captured["train"] = gm_t, _with_pass_guards(cap_train, manager.guards, train_report)
-        sets["train"] = _lowering_sets(manager, args, settings["verify"])
+        sets["train"] = _lowering_sets(manager, args, settings["verify"], captured["train"])
         runners["train"] = lower(gm_t, backend, plan.train)
         applied = [p.name for p in train_report.passes if p.status == "applied"]
         report.modes = ["eval", "train"]
