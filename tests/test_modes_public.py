@@ -70,11 +70,12 @@ def test_eager_matches_the_model_across_modes_and_grad_contexts(name, handed_tra
     assert opt.report.capture_method == "symbolic_trace"
 
 
-@pytest.mark.parametrize("name,handed_train", [("random_ops", True), ("ema_buffer", False)])
-def test_inductor_matches_the_model_across_modes(name, handed_train):
+@pytest.mark.parametrize("name,handed_train,calls", [("random_ops", True, ("grad", "no_grad")),
+                                                     ("ema_buffer", False, CALLS)])
+def test_inductor_matches_the_model_across_modes(name, handed_train, calls):
     torch._dynamo.reset()
     try:
-        _same_as_model(name, "inductor", handed_train, calls=("grad", "no_grad"))
+        _same_as_model(name, "inductor", handed_train, calls=calls)
     finally:
         torch._dynamo.reset()
 
