@@ -35,6 +35,10 @@ import json
 import zipfile
 from typing import Any, Dict, Iterable, Optional, Tuple
 
+# Size limits of what is read from an artifact (integrity and onnx_checks use them too).
+MAX_MANIFEST_BYTES = 16 << 20   # a manifest (sidecar JSON, .pt2 entry, integrity-checked bytes)
+MAX_ONNX_BYTES = 8 << 30        # an ONNX file, unless load(max_bytes=) says otherwise
+
 MANIFEST_VERSION = 1
 ONNX_METADATA_KEY = "recopt.manifest"
 ONNX_INTEGRITY_KEY = "recopt.integrity"
@@ -143,12 +147,6 @@ def write_onnx_manifest(model, manifest: dict) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
-def _manifest_limit() -> int:
-    from .integrity import MAX_MANIFEST_BYTES
-
-    return MAX_MANIFEST_BYTES
-
-
 def read_archive_manifest(path: str) -> Optional[dict]:
     """The manifest stored inside a .pt2 archive (None if there is none). Not verified: use :func:`load`.
 
@@ -157,7 +155,7 @@ def read_archive_manifest(path: str) -> Optional[dict]:
     the memory it asks for)."""
     from .errors import ArtifactError
 
-    limit = _manifest_limit()
+    limit = MAX_MANIFEST_BYTES
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
             if info.filename.endswith("/extra/" + PT2_MANIFEST_NAME):
@@ -185,7 +183,7 @@ def read_sidecar(path: str) -> Optional[dict]:
     p = sidecar_path(path)
     if not os.path.exists(p):
         return None
-    limit = _manifest_limit()
+    limit = MAX_MANIFEST_BYTES
     if os.path.getsize(p) > limit:
         raise ArtifactError(f"refusing to read {p}: {os.path.getsize(p)} bytes, larger than a manifest can be "
                             f"(limit {limit})")
@@ -218,11 +216,9 @@ def read_manifest(path: str) -> dict:
 
             import onnx
 
-            from .onnx_checks import MAX_BYTES
-
-            if os.path.getsize(path) > MAX_BYTES:
+            if os.path.getsize(path) > MAX_ONNX_BYTES:
                 raise ArtifactError(f"refusing to read the manifest of {path}: {os.path.getsize(path)} bytes "
-                                    f"(limit {MAX_BYTES})")
+                                    f"(limit {MAX_ONNX_BYTES})")
             model = onnx.load(path, load_external_data=False)
             m = read_onnx_manifest(model)
     except ArtifactError:
