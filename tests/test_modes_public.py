@@ -12,7 +12,7 @@ import torch.nn as nn
 import recopt
 from recopt.capture import _grad_differs, _grad_signature
 from recopt.state import ModuleState
-from modes_public_models import MODELS, EMANorm, Plain, RandomOps
+from modes_public_models import MODELS, EMANorm, RandomOps
 
 CALLS = ("grad", "no_grad", "inference_mode")
 
