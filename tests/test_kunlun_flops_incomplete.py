@@ -56,3 +56,29 @@ def test_hsp_sites_say_their_flops_are_incomplete(monkeypatch):
     assert ("[FLOP figures incomplete: the FLOP formula of aten.bmm: RuntimeError: formula exploded (node "
             in site.reason) and site.reason.endswith("failed and was counted as 0]")
     assert "FLOP figures incomplete" in opt.report.to_text()
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+                                    for _ in range(2))
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x).sum(1)
+
+
+def test_compskip_sites_say_their_flops_are_incomplete(monkeypatch):
+    torch.backends.mha.set_fastpath_enabled(False)   # the fused fast path has no FLOP formula at all
+    try:
+        monkeypatch.setitem(flop_registry, torch.ops.aten.addmm, _broken_formula)
+        x = torch.randn(2, 12, 16)
+        opt = recopt.optimize(Encoder().eval(), (x,), target="cpu", passes=["compskip"], backend="eager")
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    sites = [s for s in opt.report.sites if s.status == "rewritten"]
+    assert sites and all(s.details["flops_incomplete"] == ["aten.addmm"] for s in sites if s.flops_before is not None)
+    assert any("[FLOP figures incomplete: the FLOP formula of aten.addmm" in s.reason for s in sites)

@@ -146,6 +146,13 @@ def test_strict_raises_and_the_switch_skips_the_check(monkeypatch):
     assert not torch.equal(opt(x), model(x))    # unchecked, as asked: the (wrong) lowering runs
 
 
+def test_the_lowering_is_checked_in_the_verified_modes_only(monkeypatch):
+    monkeypatch.setattr(L.torch, "compile", fake_compile(wrong_gradient))
+    opt, _ = _optimize(Plain().train(), torch.randn(6, 8), verify=recopt.VerifyConfig(modes=("eval",)))
+    assert "train graph: the lowering was not checked in train mode (VerifyConfig.modes=('eval',))" in opt.report.notes
+    assert not any("differed" in n for n in opt.report.notes)
+
+
 def test_the_lowering_is_checked_on_differently_shaped_sets(monkeypatch):
     """A lowering right on the example's shape only (a stale static kernel) is caught on a new batch size."""
     def shape_bug(gm):
