@@ -46,6 +46,18 @@ def _tensor_bindings(model: nn.Module, graphs) -> list:
     return out
 
 
+def _model_slots(model: nn.Module) -> list:
+    """``(owner's _parameters/_buffers dict, local name, tensor)`` of every parameter and buffer of
+    ``model``: a slot whose dict holds another tensor now was rebound since."""
+    out = []
+    for m in model.modules():
+        for table in (m._parameters, m._buffers):
+            for local, t in table.items():
+                if t is not None:
+                    out.append((table, local, t))
+    return out
+
+
 class OptimizedModel(nn.Module):
     """The result of :func:`optimize`: callable like the model it came from.
 
@@ -94,6 +106,7 @@ class OptimizedModel(nn.Module):
         object.__setattr__(self, "_specialisations", [])
         object.__setattr__(self, "_warned_eager", set())
         object.__setattr__(self, "_bindings", _tensor_bindings(original, graphs.values()))
+        object.__setattr__(self, "_model_slots", _model_slots(original))
         self.train(training)
 
     def _apply(self, fn, recurse=True):
@@ -102,9 +115,27 @@ class OptimizedModel(nn.Module):
         parameters and buffers (BatchNorm statistics updated in train mode are those eval reads)."""
         self._original._apply(fn, recurse)
         self._rebind(fn)
+        object.__setattr__(self, "_model_slots", _model_slots(self._original))
         for spec in self._specialisations:
             spec._rebind(fn)
         return self
+
+    def apply(self, fn) -> "OptimizedModel":
+        """``fn`` on every module of the model (as ``model.apply(fn)``), then the graphs follow:
+        an initialiser that assigns new tensors (``m.weight = nn.Parameter(...)``) is seen by
+        every mode's graph, not only by one graph's copy of the module."""
+        self._original.apply(fn)
+        self._resync()
+        return self
+
+    def _resync(self) -> None:
+        """Rebind the graphs to the model's tensors where the model's modules hold new ones
+        (``model.apply(init)`` assigning new parameters, ``model.lin.weight = ...``)."""
+        if any(table.get(local) is not t for table, local, t in self._model_slots):
+            self._rebind(None)   # the model's tensors only; those passes made stay as they are
+            object.__setattr__(self, "_model_slots", _model_slots(self._original))
+        for spec in self._specialisations:
+            spec._resync()
 
     def _rebind(self, fn) -> None:
         model_tensors = dict(self._original.named_parameters(remove_duplicate=False))
@@ -117,7 +148,7 @@ class OptimizedModel(nn.Module):
                 continue
             if model_name is not None:
                 table[local] = model_tensors[model_name]
-            else:  # made by a pass or by tracing: convert it once, even if two graphs hold it
+            elif fn is not None:  # made by a pass or by tracing: convert it once, even if two graphs hold it
                 if id(t) not in converted:
                     with torch.no_grad():
                         new = fn(t)
@@ -174,6 +205,10 @@ class OptimizedModel(nn.Module):
 
     # -- calls ----------------------------------------------------------
     def forward(self, *args, **kwargs):
+        for table, local, t in self._model_slots:   # one identity test per tensor: the model's
+            if table.get(local) is not t:             # modules were given new tensors since
+                self._resync()
+                break
         mode = self._mode()
         runner = self._runners.get(mode)
         cap = self._captured.get(mode)
@@ -388,35 +423,57 @@ def _with_pass_guards(cap: CapturedModel, guards: list, report: OptimizationRepo
     return dataclasses.replace(cap, guards=list(cap.guards) + [g.code for g in guards])
 
 
-def _check_lean(gm: fx.GraphModule, runner: Any, args: tuple, training: bool, mode: str,
-                report: OptimizationReport) -> Any:
-    """``runner`` if the eager lean forward computes what the verified graph computes on the
-    example (same seed, ``gm`` in ``training`` mode), else ``gm`` itself, with a report note.
+def _lowering_sets(manager: PassManager, args: tuple, verify, cap: CapturedModel) -> list:
+    """The ``(name, args)`` sets the lowering is checked on: the example, then up to
+    ``verify.lowering_inputs`` verification sets of other shapes that satisfy the optimized
+    graph's shape guards (``cap``'s, passes' included; see :mod:`recopt.lowering_check`)."""
+    from .lowering_check import differently_shaped_sets
+
+    verifier = manager.verifier
+    if verifier is None or not verifier.sets:
+        return [("the example inputs", args)]
+    pairs = [(n, a) for n, a in zip(verifier.set_names[1:], verifier.sets[1:])
+             if not cap.guards or cap.guards_hold(a)]
+    names = [verifier.set_names[0]] + [n for n, _ in pairs]
+    sets = [verifier.sets[0]] + [a for _, a in pairs]
+    return [("the example inputs", args)] + differently_shaped_sets(names, sets, verify.lowering_inputs)
+
+
+def _check_lowered(gm: fx.GraphModule, runner: Any, sets: list, training: bool, mode: str,
+                   report: OptimizationReport, settings: dict) -> Any:
+    """``runner`` if the lowered callable computes what the verified graph computes on ``sets``
+    (same seed, ``gm`` in ``training`` mode; gradients and buffers too in train mode), else
+    ``gm`` itself, with a report note and a ``UserWarning`` (a :class:`VerificationError` under
+    ``strict``).
 
     Verification checks the graph; the lean forward replaces each GDPA call by a per-site
-    function (:mod:`recopt.ops.gdpa_site`), so a difference between the two would otherwise
-    reach the user unseen. The caller's model state and RNG are restored by ``optimize``.
+    function (:mod:`recopt.ops.gdpa_site`) and Inductor compiles the graph anew, so a difference
+    between them and the graph would otherwise reach the user unseen. The caller's model state
+    and RNG are restored by ``optimize``.
     """
-    from .state import clone_inputs
-    from .verify import compare_outputs
+    from .errors import VerificationError
+    from .lower import draws_random_numbers, keeps_inductor_random
+    from .lowering_check import check_lowering
 
-    was = gm.training
-    try:
-        gm.train(training)
-        outs = []
-        for fn in (gm, runner):
-            with torch.no_grad(), torch.random.fork_rng(devices=rng_devices(args)):
-                torch.manual_seed(0)
-                outs.append(fn(*clone_inputs(args)))
-    finally:
-        gm.train(was)
-    mismatch = compare_outputs(outs[0], outs[1])
-    if mismatch is None:
+    backend = settings["backend"]
+    what = "the lean eager forward" if backend == "eager" else "the Inductor-compiled graph"
+    if backend == "inductor" and keeps_inductor_random(settings["compile_options"]) and draws_random_numbers(gm):
+        report.notes.append(f"{mode} graph: {what} was not checked against the verified graph: it draws random "
+                            "numbers and compile_options set fallback_random=False (Inductor's own generator), "
+                            "so its outputs differ from the graph's for any seed")
         return runner
-    report.notes.append(f"{mode} graph: the lean eager forward differed from the verified graph on the "
-                        f"example ({mismatch.message}); the graph's own forward runs instead. "
-                        "Please report this as a recopt bug.")
-    warnings.warn(f"recopt: {report.notes[-1]}", stacklevel=3)
+    verify = settings["verify"]
+    failure = check_lowering(gm, runner, sets, training, gradients=verify.gradients, seed=verify.seed)
+    if failure is None:
+        return runner
+    message = (f"{mode} graph: {what} differed from the verified graph {failure}; the graph's own forward "
+               f"runs instead (slower, correct). Please report this as a recopt bug"
+               + ("; backend='eager' avoids Inductor" if backend == "inductor" else "") + ".")
+    if settings["strict"]:
+        raise VerificationError(f"{message} (strict=True raises instead of falling back; "
+                                "verify=recopt.VerifyConfig(lowering=False) skips this check)")
+    report.notes.append(message)
+    warnings.warn(f"recopt: {message}", stacklevel=4)
     return gm
 
 
@@ -468,6 +525,8 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
                              training=None if not dependent else False,
                              input_filter=cap_eval.guards_hold if cap_eval.guards else None)
     cap_eval = _with_pass_guards(cap_eval, manager.guards, report)
+    sets = {"eval": _lowering_sets(manager, args, settings["verify"], cap_eval)}
+    sets["train"] = sets["eval"]
     graphs["eval"], captured["eval"], runners["eval"] = gm, cap_eval, lower(gm, backend, plan.eval)
     train_report = None
     shown = ", ".join(dependent[:3]) + (" ..." if len(dependent) > 3 else "")
@@ -486,6 +545,7 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
                                                     cap_train.flops_incomplete), training=True,
                                          input_filter=cap_train.guards_hold if cap_train.guards else None)
         graphs["train"], captured["train"] = gm_t, _with_pass_guards(cap_train, manager.guards, train_report)
+        sets["train"] = _lowering_sets(manager, args, settings["verify"], captured["train"])
         runners["train"] = lower(gm_t, backend, plan.train)
         applied = [p.name for p in train_report.passes if p.status == "applied"]
         report.modes = ["eval", "train"]
@@ -496,13 +556,21 @@ def _optimize_modes(model: nn.Module, args: tuple, manager: PassManager, report:
         report.modes_note = (f"eval only; train mode runs the original model eagerly (mode-dependent: {shown}), "
                              f"because the train-mode capture failed: {train_failure}")
         report.notes.append(report.modes_note)
-    if backend == "eager" and settings["verify"].enabled:
+    verify = settings["verify"]
+    if verify.enabled and verify.lowering:
+        # Each mode that runs is checked in that mode (a shared graph twice: the eval check
+        # compiles the inference call, the train check the training call with its backward).
+        lowered = dict(runners)
         for mode in ("eval", "train"):
-            if mode in runners and (mode == "eval" or runners[mode] is not runners["eval"]):
-                runners[mode] = _check_lean(graphs[mode], runners[mode], args, mode == "train", mode,
-                                            report if mode == "eval" or train_report is None else train_report)
-        if "train" in runners and graphs.get("train") is graphs.get("eval"):
-            runners["train"] = runners["eval"]
+            if mode in runners and mode not in verify.modes:
+                (report if mode == "eval" or train_report is None else train_report).notes.append(
+                    f"{mode} graph: the lowering was not checked in {mode} mode (VerifyConfig.modes={verify.modes})")
+            elif mode in runners:
+                runners[mode] = _check_lowered(graphs[mode], lowered[mode], sets[mode], mode == "train", mode,
+                                               report if mode == "eval" or train_report is None else train_report,
+                                               settings)
+    elif verify.enabled:
+        report.notes.append("the lowering was not checked against the verified graph (VerifyConfig(lowering=False))")
     if plan.note:
         report.notes.append(plan.report_note(train_compiled="train" in runners))
     report.total_s = time.perf_counter() - t_start

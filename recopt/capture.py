@@ -76,14 +76,23 @@ class RecTracer(fx.Tracer):
     def __init__(self, leaf_modules: Sequence[type] = ()):
         super().__init__()
         self.extra_leaf_types = tuple(leaf_modules)
+        # Buffers read as attributes become graph nodes, as parameters do. fx's default reads
+        # them as plain tensors, so work done on buffers alone (``clamp(self.step / 10)``)
+        # ran once at trace time and was frozen into a ``_tensor_constant``: the graph then
+        # never saw later updates (a train step, an EMA, load_state_dict).
+        self.proxy_buffer_attributes = True
 
     def trace(self, root, concrete_args=None):
-        """Trace with the random factories patched, so random draws stay graph nodes.
+        """Trace with the random factories and grad-mode switches patched, so they stay graph nodes.
 
         ``torch.randn(4, 8)`` has no traced argument, so plain symbolic
         tracing would call it once and freeze the draw as a constant. While
         tracing, the functions in :data:`RANDOM_FUNCTIONS` record a node
-        whatever their arguments.
+        whatever their arguments. ``with torch.no_grad():`` in a forward
+        switches grad mode through ``torch._C._set_grad_enabled``, which fx
+        does not see: it is recorded as a node too (tracing runs with grad
+        mode on), and :func:`runtime_grad_regions` then makes each region
+        restore the caller's mode.
         """
         saved = {}
         for owner, name in RANDOM_FUNCTIONS:
@@ -92,8 +101,19 @@ class RecTracer(fx.Tracer):
                 continue
             saved[(owner, name)] = orig
             setattr(owner, name, self._recording(orig))
+        set_grad = torch._C._set_grad_enabled
+        tracer = self
+
+        def recording_set_grad(mode):
+            tracer.create_proxy("call_function", set_grad, (bool(mode),), {})
+
         try:
-            return super().trace(root, concrete_args)
+            with torch.enable_grad():
+                torch._C._set_grad_enabled = recording_set_grad
+                try:
+                    return super().trace(root, concrete_args)
+                finally:
+                    torch._C._set_grad_enabled = set_grad
         finally:
             for (owner, name), orig in saved.items():
                 setattr(owner, name, orig)
@@ -228,7 +248,57 @@ def _symbolic_trace(model: nn.Module, leaf_modules: Sequence[type]) -> fx.GraphM
     tracer = RecTracer(leaf_modules)
     graph = tracer.trace(model)
     name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, name)
+    runtime_grad_regions(gm, traced_with_grad=True)
+    return gm
+
+
+def runtime_grad_regions(gm: fx.GraphModule, traced_with_grad: bool) -> int:
+    """Rewrite ``torch._C._set_grad_enabled(mode)`` pairs into regions that restore the caller's mode.
+
+    A ``with torch.no_grad():`` block traces as ``_set_grad_enabled(False)`` ...
+    ``_set_grad_enabled(<the mode at trace time>)``; run under the caller's
+    ``torch.no_grad()`` the second call would switch gradients *on*. Calls are
+    paired like brackets (a call setting the mode that was current before the
+    innermost open region closes it): the opening call becomes
+    ``prev = enter_grad_mode(mode)``, the closing one ``exit_grad_mode(prev)``
+    (:mod:`recopt.ops.grad_mode`). An unpaired call (a bare
+    ``torch.set_grad_enabled(False)`` never undone) stays a plain switch, as in
+    the model. Returns the number of regions rewritten.
+    """
+    from .ops.grad_mode import enter_grad_mode, exit_grad_mode
+
+    graph = gm.graph
+    stack: list = []          # (enter node, the mode before it)
+    current = traced_with_grad
+    regions = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch._C._set_grad_enabled:
+            continue
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], bool):
+            continue
+        mode = node.args[0]
+        if stack and mode == stack[-1][1]:
+            enter, _ = stack.pop()
+            with graph.inserting_before(node):
+                new = graph.call_function(exit_grad_mode, (enter,))
+        else:
+            with graph.inserting_before(node):
+                new = graph.call_function(enter_grad_mode, (mode,))
+            stack.append((new, current))
+            regions += 1
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        current = mode
+    # An opened region never closed in the graph: a plain switch, as the model does it.
+    for enter, _ in stack:
+        enter.target = torch._C._set_grad_enabled
+        regions -= 1
+    if regions or stack:
+        graph.lint()
+        gm.recompile()
+    return regions
 
 
 _GUARD_INPUT_RE = re.compile(r"L\['([A-Za-z_][A-Za-z0-9_]*)'\]")
@@ -240,7 +310,9 @@ def _dynamo_capture(model: nn.Module, args: tuple, input_names: list) -> tuple:
     import torch._dynamo as dynamo
 
     dynamo.reset()
-    result = dynamo.export(model)(*args)
+    with torch.enable_grad():  # grad-mode regions are traced from grad mode on (see runtime_grad_regions)
+        result = dynamo.export(model)(*args)
+    runtime_grad_regions(result.graph_module, traced_with_grad=True)
     guards = []
     for g in result.guards:
         for code in getattr(g, "code_list", None) or []:
@@ -396,6 +468,42 @@ def _graph_differs(model: nn.Module, gm: fx.GraphModule, refs: list, training: b
     return None
 
 
+def _grad_signature(fn, module: nn.Module, args: tuple, training: bool, snapshot) -> tuple:
+    """Which output leaves and which buffers (after the call) require grad, when ``fn`` runs on
+    ``args`` with grad mode on: a graph that lost a ``torch.no_grad()`` block (an EMA buffer
+    updated from activations) or a ``.detach()`` differs here while its values agree."""
+    from .state import clone_inputs, rng_devices
+
+    work = clone_inputs(args)
+    try:
+        module.train(training)
+        with torch.enable_grad(), torch.random.fork_rng(devices=rng_devices(args)):
+            torch.manual_seed(_CHECK_SEED)
+            out = fn(*work)
+        outs = tuple(bool(t.requires_grad) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+        bufs = tuple(sorted(name for name, b in snapshot.module.named_buffers() if b is not None and b.requires_grad))
+        return outs, bufs
+    finally:
+        snapshot.restore()
+
+
+def _grad_differs(model: nn.Module, gm: fx.GraphModule, args: tuple, training: bool, snapshot,
+                  model_signature: tuple) -> Optional[str]:
+    """Why ``gm``'s outputs or buffers take part in autograd where the model's do not (or the
+    reverse), or None."""
+    try:
+        got = _grad_signature(gm, model, args, training, snapshot)
+    except Exception as e:
+        return f"the graph fails with grad mode on: {type(e).__name__}: {_first_line(e)}"
+    if got[0] != model_signature[0]:
+        return (f"output leaves requiring grad {list(got[0])} differ from the model's {list(model_signature[0])} "
+                "(a torch.no_grad()/inference_mode block or a detach the graph did not keep)")
+    if got[1] != model_signature[1]:
+        return (f"after the call, buffers requiring grad {list(got[1])} differ from the model's "
+                f"{list(model_signature[1])} (a buffer updated under torch.no_grad() in forward joined autograd)")
+    return None
+
+
 def _propagate(gm: fx.GraphModule, args: tuple, training: bool) -> tuple:
     """propagate_shapes in the capture's mode with a fixed seed, counting FLOPs.
 
@@ -452,6 +560,7 @@ def capture(
     with torch.random.fork_rng(devices=rng_devices(args, list(model.parameters()))):
         try:
             refs = _model_references(model, args, training, snapshot)
+            signature = _grad_signature(model, model, args, training, snapshot)
             methods = ("symbolic_trace", "dynamo") if method == "auto" else (method,)
             for m in methods:
                 try:
@@ -469,6 +578,8 @@ def capture(
                     snapshot.restore()  # tracing ran forward's Python once
                 gm.train(training)
                 why = _graph_differs(model, gm, refs, training, snapshot)
+                if why is None:
+                    why = _grad_differs(model, gm, args, training, snapshot, signature)
                 if why is not None:
                     diagnostics.append(f"{m} produced a graph that differs from the model in {mode} mode: {why}")
                     continue

@@ -44,7 +44,9 @@ def lower(gm: fx.GraphModule, backend: str, compile_options: dict = None) -> Cal
 
     Eager runs ``gm``'s graph through :class:`recopt.lean.LeanForward`
     (submodules bound once; parameters still read from their modules).
-    Inductor is ``torch.compile(gm, backend="inductor", **compile_options)``.
+    Inductor is ``torch.compile(gm, backend="inductor", **compile_options)``,
+    with Inductor's ``fallback_random=True`` where ``gm`` draws random numbers
+    (see :func:`same_random_stream`).
     """
     if backend == "eager":
         if compile_options:
@@ -54,8 +56,67 @@ def lower(gm: fx.GraphModule, backend: str, compile_options: dict = None) -> Cal
 
         return lean_forward(gm)
     if backend == "inductor":
-        return torch.compile(gm, backend="inductor", **(compile_options or {}))
+        return torch.compile(gm, backend="inductor", **same_random_stream(gm, compile_options))
     raise InputError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+
+
+def draws_random_numbers(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` has a node that may draw from torch's random generator:
+    a dropout module in train mode with ``p > 0`` (a graph made for one mode keeps its
+    modules in that mode; a graph serving both has no dropout module), or a random function/method/op (``rand_like``,
+    ``bernoulli``, ``F.dropout`` with a ``training`` that is not the constant False...)."""
+    from .graph.nodes import _RANDOM_NAMES, _inactive_dropout
+
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, torch.nn.modules.dropout._DropoutNd) and mod.training and mod.p != 0:
+                return True
+        elif node.op in ("call_function", "call_method"):
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload):
+                name = target._schema.name.split("::")[-1]
+            elif isinstance(target, torch._ops.OpOverloadPacket):
+                name = target._qualified_op_name.split("::")[-1]
+            else:
+                name = target if isinstance(target, str) else getattr(target, "__name__", "")
+            if name in _RANDOM_NAMES and not _inactive_dropout(node, name):
+                return True
+    return False
+
+
+def same_random_stream(gm: fx.GraphModule, compile_options: Optional[dict]) -> dict:
+    """``compile_options`` for ``torch.compile(gm)``, with Inductor's ``fallback_random=True``
+    added where ``gm`` draws random numbers and the options do not set it.
+
+    Inductor generates random numbers with its own generator by default, so
+    a compiled dropout draws other masks than the model for the same seed:
+    with ``fallback_random`` the compiled graph draws through torch's
+    generator like the model does (same seed, same masks), which the
+    lowering check (:mod:`recopt.lowering_check`) and users' seeded runs rely
+    on. ``compile_options={"options": {"fallback_random": False}}`` keeps
+    Inductor's own generator (faster fused dropout; train-mode outputs then
+    differ from the model's for a seed, and the lowering check skips the
+    modes that draw). torch.compile takes ``mode`` or ``options``, not both:
+    a ``mode`` is turned into its options (``torch._inductor.list_mode_options``).
+    """
+    opts = dict(compile_options or {})
+    inductor_options = dict(opts.get("options") or {})
+    if "fallback_random" in inductor_options or not draws_random_numbers(gm):
+        return opts
+    mode = opts.pop("mode", None)
+    if mode is not None and mode != "default":
+        from torch._inductor import list_mode_options
+
+        inductor_options = dict(list_mode_options(mode), **inductor_options)
+    inductor_options["fallback_random"] = True
+    opts["options"] = inductor_options
+    return opts
+
+
+def keeps_inductor_random(compile_options: Optional[dict]) -> bool:
+    """Whether the user chose Inductor's own random generator (``fallback_random=False``)."""
+    return (dict((compile_options or {}).get("options") or {})).get("fallback_random") is False
 
 
 # -- the lowering of each mode -------------------------------------------------
@@ -217,7 +278,8 @@ class RecoptBackend:
         self.target = get_target(target)
         self.passes, self.configs, self.verify, self.strict = passes, configs, verify, strict
         # Built once here so a bad pass name or config fails at compile_backend(), not mid-compile.
-        PassManager(passes, self.target, configs=configs, verify=verify, strict=strict)
+        refuse_output_changing_passes(PassManager(passes, self.target, configs=configs, verify=verify,
+                                                  strict=strict))
         self.reports: list = []
         self.errors: list = []
 
@@ -260,6 +322,7 @@ class RecoptBackend:
         # Outside the try: a bad pass name or config is the caller's error, raised, never skipped.
         manager = PassManager(settings["passes"], settings["target"], configs=settings["configs"],
                               verify=verify, strict=settings["strict"])
+        refuse_output_changing_passes(manager)
         try:
             new_gm = _run_passes(manager, gm, example_inputs, report, training)
         except Exception as e:
@@ -278,11 +341,50 @@ class RecoptBackend:
             return compile_fx(gm, example_inputs, config_patches=config_patches or None)
         report.total_s = time.perf_counter() - t0
         self._keep(report)
+        check_same_outputs(gm, new_gm, report)
         return compile_fx(new_gm, example_inputs, config_patches=config_patches or None)
 
     def _keep(self, report) -> None:
         self.reports.append(report)
         del self.reports[:-16]
+
+
+def refuse_output_changing_passes(manager) -> None:
+    """Raise :class:`InputError` for a pass that changes the graph's outputs (``output_contract``
+    other than ``"same"``, such as ExFM's ``aux_head``, which appends distillation outputs).
+
+    A torch.compile backend must return exactly the outputs Dynamo captured: Dynamo's own code
+    (and the caller's) unpacks them, so an appended output would be dropped or misplaced.
+    """
+    bad = [p for p in manager.passes if getattr(p, "output_contract", "same") != "same"]
+    if bad:
+        p = bad[0]
+        raise InputError(
+            f"pass {p.name!r} changes the graph's outputs (output_contract={p.output_contract!r}: it appends "
+            "outputs), and a torch.compile backend must return exactly the outputs Dynamo captured. Drop "
+            f"{p.name!r} from the backend's passes, and run it with recopt.optimize(model, example_inputs, "
+            f"passes=['default', {p.name!r}]) (or recopt.passes.exfm.apply_aux_head for aux_head), which "
+            "returns the model's outputs first and the added ones after them")
+
+
+def _output_arity(gm: fx.GraphModule) -> tuple:
+    """How the graph's output node returns: (kind, number of values)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    value = out.args[0]
+    return (type(value).__name__, len(value)) if isinstance(value, (tuple, list)) else ("value", 1)
+
+
+def check_same_outputs(before: fx.GraphModule, after: fx.GraphModule, report) -> None:
+    """Raise :class:`InputError` if the passes changed how many values Dynamo's graph returns
+    (a pass that appends outputs without declaring it; verification with ``verify=False`` would
+    not see it), naming the applied passes."""
+    if _output_arity(before) != _output_arity(after):
+        applied = [p.name for p in report.passes if p.status == "applied"]
+        raise InputError(
+            f"the passes {applied} changed the outputs of Dynamo's graph ({_output_arity(before)[1]} -> "
+            f"{_output_arity(after)[1]} values); a torch.compile backend must return exactly the outputs "
+            "Dynamo captured: drop the pass that adds outputs from the backend's passes and run it with "
+            "recopt.optimize instead")
 
 
 def is_training_graph(gm: fx.GraphModule, example_inputs: Sequence) -> bool:

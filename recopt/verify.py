@@ -322,6 +322,17 @@ class VerifyConfig:
       dropout masks match) the example's outputs and gradients are checked,
       for graphs with mode-dependent parts (dropout, BatchNorm, MHA).
     - ``seed``: the RNG seed of every verification run.
+    - ``lowering``: ``optimize`` also runs what it hands over (the lean
+      eager forward, or the Inductor-compiled graph: compiled at optimize
+      time, not on the first call) beside the verified graph, in each mode
+      that runs, and runs the graph's own forward where they differ
+      (:mod:`recopt.lowering_check`). ``False`` skips that check (and the
+      compile it costs); ``enabled=False`` skips it too.
+    - ``lowering_inputs``: how many verification sets whose shapes differ
+      from the example's the lowering is also checked on (0: the example
+      only). Under Inductor each is one more compile per mode: the first
+      new shape compiles the dynamic-shape graph that serves every later
+      size.
     """
 
     enabled: bool = True
@@ -331,6 +342,8 @@ class VerifyConfig:
     gradients: bool = True
     modes: tuple = MODES
     seed: int = 0
+    lowering: bool = True
+    lowering_inputs: int = 2
 
     def __post_init__(self):
         self.inputs = tuple(tuple(v) if isinstance(v, (tuple, list)) else (v,) for v in self.inputs)
@@ -344,6 +357,11 @@ class VerifyConfig:
             from .errors import InputError
 
             raise InputError(f"VerifyConfig.n_random_inputs must be >= 0, got {self.n_random_inputs}")
+        if not isinstance(self.lowering_inputs, int) or isinstance(self.lowering_inputs, bool) \
+                or self.lowering_inputs < 0:
+            from .errors import InputError
+
+            raise InputError(f"VerifyConfig.lowering_inputs must be an int >= 0, got {self.lowering_inputs!r}")
 
     @classmethod
     def coerce(cls, verify: Any) -> "VerifyConfig":

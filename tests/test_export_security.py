@@ -597,3 +597,27 @@ def test_export_with_external_data_roundtrips_and_hashes_the_data_file(tmp_path,
     data[len(data) // 2] ^= 4
     open(path + ".data", "wb").write(bytes(data))
     assert "external/ext.onnx.data" in refused(path, rx.TamperedArtifactError)
+
+
+def test_read_manifest_refuses_oversize_manifests_before_reading_them(tmp_path):
+    """read_manifest (public, unverified reading) caps what it reads: a deflate bomb in the .pt2
+    manifest entry and an oversize sidecar are refused, never inflated or read in full."""
+
+    from recopt.export.integrity import MAX_MANIFEST_BYTES
+    from recopt.export.manifest import PT2_MANIFEST_NAME, SIDECAR_SUFFIX
+
+    bomb = tmp_path / "bomb.pt2"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open(f"m/extra/{PT2_MANIFEST_NAME}", "w", force_zip64=True) as f:
+            chunk = b" " * (1 << 20)
+            for _ in range((MAX_MANIFEST_BYTES >> 20) + 2):
+                f.write(chunk)
+    assert bomb.stat().st_size < 200_000          # ~17 MiB of spaces deflate to a few KiB
+    with pytest.raises(rx.ArtifactError, match="declares .* bytes \\(limit"):
+        rx.read_manifest(str(bomb))
+    big = tmp_path / "model.onnx"
+    big.write_bytes(b"")
+    with open(str(big) + SIDECAR_SUFFIX, "wb") as f:
+        f.truncate(MAX_MANIFEST_BYTES + 1)         # sparse: no disk used
+    with pytest.raises(rx.ArtifactError, match="larger than a manifest can be"):
+        rx.read_manifest(str(big))

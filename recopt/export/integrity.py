@@ -35,10 +35,10 @@ import json
 from typing import Any, Mapping, Optional
 
 from .errors import ArtifactError, SignatureError, TamperedArtifactError
+from .manifest import MAX_MANIFEST_BYTES
 
 INTEGRITY_VERSION = 1
 SIGNED_PREFIX = b"recopt-artifact\x00v1\x00"
-MAX_MANIFEST_BYTES = 16 << 20
 HMAC_MIN_KEY = 16
 
 

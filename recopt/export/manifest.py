@@ -35,6 +35,10 @@ import json
 import zipfile
 from typing import Any, Dict, Iterable, Optional, Tuple
 
+# Size limits of what is read from an artifact (integrity and onnx_checks use them too).
+MAX_MANIFEST_BYTES = 16 << 20   # a manifest (sidecar JSON, .pt2 entry, integrity-checked bytes)
+MAX_ONNX_BYTES = 8 << 30        # an ONNX file, unless load(max_bytes=) says otherwise
+
 MANIFEST_VERSION = 1
 ONNX_METADATA_KEY = "recopt.manifest"
 ONNX_INTEGRITY_KEY = "recopt.integrity"
@@ -144,11 +148,26 @@ def write_onnx_manifest(model, manifest: dict) -> None:
 
 
 def read_archive_manifest(path: str) -> Optional[dict]:
-    """The manifest stored inside a .pt2 archive (None if there is none). Not verified: use :func:`load`."""
+    """The manifest stored inside a .pt2 archive (None if there is none). Not verified: use :func:`load`.
+
+    An entry declaring more than the manifest limit (16 MiB), or inflating to more than it
+    declares, is refused before it is decompressed in full (a zip bomb would otherwise take
+    the memory it asks for)."""
+    from .errors import ArtifactError
+
+    limit = MAX_MANIFEST_BYTES
     with zipfile.ZipFile(path) as zf:
-        for name in zf.namelist():
-            if name.endswith("/extra/" + PT2_MANIFEST_NAME):
-                return json.loads(zf.read(name).decode())
+        for info in zf.infolist():
+            if info.filename.endswith("/extra/" + PT2_MANIFEST_NAME):
+                if info.file_size > limit:
+                    raise ArtifactError(f"refusing to read the manifest of {path}: {info.filename} declares "
+                                        f"{info.file_size} bytes (limit {limit})")
+                with zf.open(info) as f:
+                    data = f.read(limit + 1)
+                if len(data) > limit:
+                    raise ArtifactError(f"refusing to read the manifest of {path}: {info.filename} inflates past "
+                                        f"{limit} bytes")
+                return json.loads(data.decode())
     return None
 
 
@@ -159,11 +178,17 @@ def sidecar_path(path: str) -> str:
 def read_sidecar(path: str) -> Optional[dict]:
     import os
 
+    from .errors import ArtifactError
+
     p = sidecar_path(path)
     if not os.path.exists(p):
         return None
-    with open(p) as f:
-        return json.load(f)
+    limit = MAX_MANIFEST_BYTES
+    if os.path.getsize(p) > limit:
+        raise ArtifactError(f"refusing to read {p}: {os.path.getsize(p)} bytes, larger than a manifest can be "
+                            f"(limit {limit})")
+    with open(p, "rb") as f:
+        return json.loads(f.read(limit + 1).decode("utf-8"))
 
 
 def write_sidecar(path: str, manifest: dict) -> str:
@@ -187,8 +212,13 @@ def read_manifest(path: str) -> dict:
         if m is None and zipfile.is_zipfile(path):
             m = read_archive_manifest(path)
         elif m is None:
+            import os
+
             import onnx
 
+            if os.path.getsize(path) > MAX_ONNX_BYTES:
+                raise ArtifactError(f"refusing to read the manifest of {path}: {os.path.getsize(path)} bytes "
+                                    f"(limit {MAX_ONNX_BYTES})")
             model = onnx.load(path, load_external_data=False)
             m = read_onnx_manifest(model)
     except ArtifactError:

@@ -30,9 +30,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from . import integrity
 from .archive import check_name
 from .errors import ArtifactError
-from .manifest import ONNX_INTEGRITY_KEY, ONNX_METADATA_KEY
+from .manifest import MAX_ONNX_BYTES, ONNX_INTEGRITY_KEY, ONNX_METADATA_KEY
 
-MAX_BYTES = 8 << 30
+MAX_BYTES = MAX_ONNX_BYTES
 STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000   # bytes; models above it keep weights in an external file
 EXTERNAL_TENSOR_MIN_BYTES = 1024           # ... for tensors of at least this size

@@ -56,13 +56,25 @@ class _PerNodeFlops(fx.Interpreter):
     def __init__(self, gm):
         super().__init__(gm)
         self.flops: dict = {}
+        self.failed: dict = {}   # op name -> "ExcType: message (node name)" of a formula that raised
 
     def run_node(self, n):
         with FlopCounter() as c:
             out = super().run_node(n)
         if c.total:
             self.flops[n.name] = float(c.total)
+        for op, why in c.failed.items():
+            self.failed.setdefault(op, f"{why} (node {n.name})")
         return out
+
+
+def node_flops_and_failures(gm: fx.GraphModule, args: tuple) -> tuple:
+    """``(node_flops(gm, args), {op name: why})``: the second names each op whose FLOP formula
+    raised (counted as 0, so the per-node figures are too low where it ran)."""
+    interp = _PerNodeFlops(gm)
+    with torch.no_grad():
+        interp.run(*args)
+    return interp.flops, interp.failed
 
 
 def node_flops(gm: fx.GraphModule, args: tuple) -> dict:

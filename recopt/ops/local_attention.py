@@ -112,7 +112,6 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
         raise ValueError(f"empty_rows={empty_rows!r}; expected one of {EMPTY_ROWS}")
     softmax = activation == "softmax"
     B, H, T, d = q.shape
-    dv = v.shape[-1]
     g = max(0, min(int(n_global), T))
     kk = _key_keep_2d(key_keep, B, T, q.device)
     out_parts = []

@@ -129,6 +129,7 @@ class CompSkip(Pass):
                     site.flops_after = _scoped_gm(gm, scopes, flops1)
         for site, _ in layer_scopes:
             site.details.pop("_names0", None)
+        S.mark_flops_incomplete(sites, flops0, *([flops1] if changed and args else []))
         return PassResult(gm, sites)
 
     # ------------------------------------------------------------------ inlined layers (graph level)

@@ -89,6 +89,7 @@ class PMAToHSP(Pass):
                 flops1 = S.node_flops(gm, args)
                 for site in done:
                     site.flops_after = float(sum(f for n, f in flops1.items() if n == site.details["hsp_node"]))
+        S.mark_flops_incomplete(sites, flops0, *([flops1] if done and args else []))
         return PassResult(gm, sites)
 
     def _replace(self, gm, summ: S.Summarizer, flops0: dict):

@@ -32,8 +32,44 @@ import torch.nn.functional as F
 
 from recopt.graph import canon as C
 from recopt.graph.nodes import depends_on_inputs, get_attr_value, get_module, node_shape
-from recopt.graph.scopes import (flops_by_prefix, in_scope, node_flops, nodes_in_scope,  # noqa: F401
+from recopt.graph.scopes import (flops_by_prefix, in_scope, node_flops_and_failures, nodes_in_scope,  # noqa: F401
                                  normalize_path, scope_of)
+
+
+class FlopTable(dict):
+    """``{node name: forward FLOPs}`` of one run, with ``failed``: ``{op name: why}`` for each op
+    whose FLOP formula raised (counted as 0). A non-empty ``failed`` means figures built from
+    this table are too low; :func:`mark_flops_incomplete` says so on the sites that carry them."""
+
+    def __init__(self, flops: dict, failed: dict):
+        super().__init__(flops)
+        self.failed = dict(failed)
+
+
+def node_flops(gm: fx.GraphModule, args: tuple) -> FlopTable:
+    """Per-node forward FLOPs of ``gm`` on ``args`` (no grad), with the ops whose formula failed."""
+    return FlopTable(*node_flops_and_failures(gm, args))
+
+
+def mark_flops_incomplete(sites: Iterable, *tables: dict) -> None:
+    """Say on every site that carries FLOP figures when a table they came from is incomplete.
+
+    The site keeps its figures (a lower bound where the failing op ran) and gets
+    ``details["flops_incomplete"]`` (the failing ops and why) and a sentence at the end of its
+    ``reason``, so the report never shows a FLOP saving as if it were fully counted.
+    """
+    failed: dict = {}
+    for t in tables:
+        failed.update(getattr(t, "failed", {}) or {})
+    if not failed:
+        return
+    shown = "; ".join(f"{op}: {why}" for op, why in sorted(failed.items()))
+    for site in sites:
+        if site.flops_before is None and site.flops_after is None:
+            continue
+        site.details["flops_incomplete"] = sorted(failed)
+        site.reason = (f"{site.reason} [FLOP figures incomplete: the FLOP formula of {shown} failed and "
+                       "was counted as 0]").strip()
 
 
 def external_outputs(nodes: Iterable[fx.Node]) -> list:
