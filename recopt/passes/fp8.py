@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from ..fp8 import dispatch as D
 from ..graph.nodes import set_submodule, tidy_graph
@@ -210,6 +211,7 @@ class FP8Pass(Pass):
             else:
                 eligible.append(s)
 
+        out_sites += self._opaque_linears(gm)
         if cfg.load_decisions:
             decisions = self._load(eligible, cfg.load_decisions, ctx)
             calib_note = f"decisions loaded from {cfg.load_decisions} (not re-probed)"
@@ -272,6 +274,31 @@ class FP8Pass(Pass):
             return "target_no_fp8", (f"target {target.name} has no FP8 tensor cores; kept in high precision "
                                      f"(use target='h100'/'b200', or ignore_speed=True to study numerics)")
         return None
+
+    def _opaque_linears(self, gm: fx.GraphModule) -> list:
+        """One rejected site per captured leaf module (not a linear) that holds linear layers.
+
+        Capture keeps ``torch.nn`` containers such as ``nn.TransformerEncoder`` or
+        ``nn.MultiheadAttention`` as one node, so their feed-forward and projection
+        linears are not sites; the report says so instead of leaving them out silently.
+        """
+        out = []
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, (nn.Linear, FP8Linear)):
+                continue
+            inner = [n for n, m in mod.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, FP8Linear)]
+            if not inner:
+                continue
+            shown = ", ".join(inner[:4]) + (f" and {len(inner) - 4} more" if len(inner) > 4 else "")
+            why = (f"{type(mod).__name__} at {node.target} is one opaque node of the captured graph (a torch.nn "
+                   f"container or a leaf module): its {len(inner)} linear layer(s) ({shown}) are not FP8 sites "
+                   f"and stay as they are (write the block with its own nn.Linear layers to let the pass see them)")
+            out.append(self.rejected(node, "inside_opaque_module", why, module_path=str(node.target),
+                                     details={"fqn": str(node.target), "linears": inner, "eligible": False}))
+        return out
 
     @staticmethod
     def _device(ctx) -> torch.device:
