@@ -147,3 +147,35 @@ def test_linears_inside_an_opaque_transformer_encoder_are_reported():
     sites = {s.reason_code: s for s in opt.report.sites_for("fp8")}
     s = sites["inside_opaque_module"]
     assert s.module_path == "enc" and "linear1" in s.reason and "TransformerEncoder" in s.reason
+
+
+def test_probe_leaves_non_finite_calibration_rows_out_and_says_so():
+    # Bug: one NaN value in one calibration batch made every site's statistics NaN, every recipe's error
+    # inf, and the sites were rejected as "error_above_threshold" (FP8 was not the cause).
+    from recopt.fp8.probe import ActivationStats
+
+    st = ActivationStats(8)
+    x = torch.randn(10, 8)
+    x[3, 1] = float("nan")
+    x[7, 0] = float("inf")
+    st.update(x)
+    keep = x[[0, 1, 2, 4, 5, 6, 8, 9]].double()
+    assert st.n == 8 and st.non_finite_rows == 2
+    torch.testing.assert_close(st.mean, keep.mean(0))
+
+    class Tower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(32, 1)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    g = torch.Generator().manual_seed(0)
+    cal = [(torch.randn(32, 64, generator=g),) for _ in range(3)]
+    cal[1][0][5, 3] = float("nan")
+    opt = recopt.optimize(Tower().eval(), (torch.randn(16, 64, generator=g),), target="h100", passes=["fp8"],
+                          backend="eager", calibration_data=cal, configs=CFG)
+    a = {s.module_path: s for s in opt.report.sites_for("fp8")}["a"]
+    assert a.status == "rewritten", a.reason
+    assert "1 calibration row(s) at this site held inf/NaN" in a.reason

@@ -355,8 +355,11 @@ class FP8Pass(Pass):
             consumer, producer = consumer_of(gm, s.node), op_label(gm, s.input)
             d = D.SiteDecision(fqn_of(s), m, s.k, s.n, consumer, producer,
                                basis="measured" if measured else "predicted")
+            skipped = (f" [{st.non_finite_rows} calibration row(s) at this site held inf/NaN and were left "
+                       f"out of the statistics]") if st.non_finite_rows else ""
             if st.n < 2:
-                d.reason_code, d.reason = "no_statistics", "the probe saw fewer than 2 rows at this site"
+                d.reason_code = "no_statistics"
+                d.reason = "the probe saw fewer than 2 finite rows at this site" + skipped
                 decisions[s.node.name] = d
                 continue
             w = s.weight.detach().float()
@@ -404,6 +407,7 @@ class FP8Pass(Pass):
                 d.reason = f"forward: {d.roles['forward'].reason}"
             if not measured and not cfg.ignore_speed:
                 d.reason += f" [{PREDICTED}]"
+            d.reason += skipped
             decisions[s.node.name] = d
         return decisions, calib_note
 
