@@ -140,3 +140,23 @@ def test_training_with_rowwise_adagrad_matches_the_plain_model_at_unseen_batches
     new = dict(opt.named_parameters())
     w_u = next(v for k, v in new.items() if k.endswith("embedding_bags.u.weight"))
     assert torch.equal(w_u, ref.u.weight)
+
+
+def test_weight_tied_by_assignment_to_an_output_layer_is_rejected():
+    # Bug: `out.weight = emb.weight` (tied input/output embeddings) was rewritten: the tie is a
+    # call_module use, which the get_attr scan missed, so the documented shared_weight rejection
+    # never fired and shard_2d would have split the tied pair.
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(30, 8)
+            self.out = nn.Linear(8, 30)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(self.emb(x).mean(1))
+
+    torch.manual_seed(0)
+    opt = recopt.optimize(Tied(), (torch.randint(0, 30, (4, 3)),), target="cpu", passes=["sparse2d"],
+                          backend="eager")
+    assert [s.reason_code for s in opt.report.sites_for("sparse2d")] == ["shared_weight"]

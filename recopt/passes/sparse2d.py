@@ -285,6 +285,13 @@ class Sparse2DPass(Pass):
             for ref, ss in by_table.items():
                 if node.target == ss[0].weight_key or node.target.startswith(ref + "."):
                     other_uses.add(ref)
+        # A weight tied by assignment (``out.weight = emb.weight``) is used by a call_module node
+        # (an nn.Linear), not by a get_attr: find it by identity under another state-dict key.
+        keys_of = {id(ss[0].weight): (ref, {s.weight_key for s in ss}) for ref, ss in by_table.items()}
+        for key, p in gm.named_parameters(remove_duplicate=False):
+            hit = keys_of.get(id(p))
+            if hit is not None and key not in hit[1]:
+                other_uses.add(hit[0])
         for ref, ss in by_table.items():
             if len({s.kind for s in ss}) > 1:
                 other_uses.add(ref)
