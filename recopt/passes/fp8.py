@@ -306,11 +306,17 @@ class FP8Pass(Pass):
 
     def _load(self, eligible: list, path: str, ctx=None) -> dict:
         saved, meta = D.load_decisions(path)
-        stale = ""
-        if meta.get("basis") == "measured":
+        stale, stale_code = "", "stale_environment"
+        target = ctx.target.name if ctx is not None else None
+        if meta["target"] != target:
+            # Speed-ups (measured or predicted) hold for the target they were made for only; FP8 sites
+            # loaded onto a target without FP8 tensor cores would fail in _scaled_mm at run time.
+            stale, stale_code = (f"decisions were made for target {meta['target']}, this run targets {target}; "
+                                 f"not re-used: re-run the fp8 pass without load_decisions for {target}"), "stale_target"
+        elif meta.get("basis") == "measured":
             from ..fp8.timing import environment, environment_mismatch
 
-            saved_env = meta.get("environment") or {}
+            saved_env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
             diff = environment_mismatch(saved_env, environment(self._device(ctx)))
             if diff:
                 stale = ("decisions were measured on " + ", ".join(f"{k}={saved_env.get(k)}" for k in diff)
@@ -321,7 +327,7 @@ class FP8Pass(Pass):
             d = saved.get(fqn_of(s))
             if stale:
                 out[s.node.name] = D.SiteDecision(fqn_of(s), 0, s.k, s.n, decision="bf16",
-                                                  reason_code="stale_environment", reason=stale)
+                                                  reason_code=stale_code, reason=stale)
             elif d is None:
                 out[s.node.name] = D.SiteDecision(fqn_of(s), 0, s.k, s.n, decision="bf16", reason_code="not_in_decisions",
                                                   reason=f"no decision for {fqn_of(s)} in {path}; kept")
