@@ -179,3 +179,23 @@ def test_probe_leaves_non_finite_calibration_rows_out_and_says_so():
     a = {s.module_path: s for s in opt.report.sites_for("fp8")}["a"]
     assert a.status == "rewritten", a.reason
     assert "1 calibration row(s) at this site held inf/NaN" in a.reason
+
+
+@pytest.mark.parametrize("recipe,wgrad", [("tensorwise", "tensorwise"), ("rowwise", "rowwise"),
+                                          ("rowwise_gw_hp", "bf16")])
+def test_gpu_shape_rules_hold_at_any_batch_on_meta_tensors(recipe, wgrad):
+    # Without a GPU: torch's meta kernel of _scaled_mm states CUDA's rules (K and N multiples of 16,
+    # row-major A); the op's bodies run on meta tensors, so every GEMM the op would issue on a GPU at
+    # M = 0, 1, 7, 33 is checked. M is free in the forward and dgrad; the wgrad reduces over M, which
+    # the op zero-pads to 16 on every device but the CPU (unpadded, M = 7 fails these rules).
+    from recopt.fp8.linear import linear_backward, linear_forward
+
+    for m in (0, 1, 7, 33):
+        x = torch.empty(m, 32, dtype=torch.bfloat16, device="meta")
+        w = torch.empty(48, 32, dtype=torch.bfloat16, device="meta")
+        b = torch.empty(48, dtype=torch.bfloat16, device="meta")
+        g = torch.empty(m, 48, dtype=torch.bfloat16, device="meta")
+        y = linear_forward(x, w, b, recipe)
+        dx, dw = linear_backward(g, x, w, recipe, wgrad, True, True)
+        assert (y.shape, dx.shape, dw.shape) == ((m, 48), (m, 32), (48, 32))
+        assert (y.dtype, dx.dtype, dw.dtype) == (torch.bfloat16,) * 3
