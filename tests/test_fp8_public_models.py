@@ -199,3 +199,20 @@ def test_gpu_shape_rules_hold_at_any_batch_on_meta_tensors(recipe, wgrad):
         dx, dw = linear_backward(g, x, w, recipe, wgrad, True, True)
         assert (y.shape, dx.shape, dw.shape) == ((m, 48), (m, 32), (48, 32))
         assert (y.dtype, dx.dtype, dw.dtype) == (torch.bfloat16,) * 3
+
+
+def test_speed_reason_names_the_m_it_was_decided_at():
+    # The speed side of a decision is taken at the example's rows when no calibration_data is given;
+    # the reason says so, since a batch of 16 and a batch of 16384 decide differently.
+    class Tower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.out = nn.Linear(64, 64), nn.Linear(64, 1)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.a(x)))
+
+    opt = recopt.optimize(Tower().eval(), (torch.randn(16, 64),), target="h100", passes=["fp8"], backend="eager",
+                          configs={"fp8": {"samples": 2, "max_eval_rows": 64}})
+    a = {s.module_path: s for s in opt.report.sites_for("fp8")}["a"]
+    assert "speed at M=16 rows: the example's batch" in a.reason

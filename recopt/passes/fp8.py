@@ -413,6 +413,11 @@ class FP8Pass(Pass):
                 d.reason = f"forward: {d.roles['forward'].reason}"
             if not measured and not cfg.ignore_speed:
                 d.reason += f" [{PREDICTED}]"
+            if not cfg.ignore_speed:
+                # The speed side of the decision holds at this M only (the numerics do not depend on it).
+                d.reason += (f" [speed at M={m} rows: " + ("the example's batch; pass calibration_data shaped "
+                             "like real batches to decide at their size]" if data is None
+                             else "the median batch of calibration_data]"))
             d.reason += skipped
             decisions[s.node.name] = d
         return decisions, calib_note
