@@ -105,3 +105,47 @@ def test_timing_caches_are_checked(tmp_path, content, match):
         D.MeasurementCache(str(path))
     path.write_text(json.dumps({"k": {"bf16_s": 1.0, "fp8_s": 0.5, "speedup": 2.0, "candidate": "x"}}))
     assert D.MeasurementCache(str(path)).data["k"]["speedup"] == 2.0
+
+
+class TiedTower(nn.Module):  # one nn.Linear called three times (shared weights)
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(64, 64), nn.Linear(64, 1)
+
+    def forward(self, x, z):
+        h = torch.relu(self.a(x))
+        return self.head(self.a(h) + self.a(z))
+
+
+def test_a_layer_called_several_times_saves_one_decision_per_call_and_loads_back(tmp_path):
+    # Before: the three calls of `a` were saved under the same fqn and, read back, the last one's
+    # decision silently stood for all three.
+    path = str(tmp_path / "tied.json")
+    g = torch.Generator().manual_seed(0)
+    ex = (torch.randn(32, 64, generator=g), torch.randn(32, 64, generator=g))
+    recopt.optimize(TiedTower().eval(), ex, target="h100", passes=["fp8"], backend="eager",
+                    configs={"fp8": {"ignore_speed": True, "samples": 2, "max_eval_rows": 64, "decisions_path": path}})
+    doc = json.load(open(path))
+    assert sorted((s["fqn"], s["call"]) for s in doc["sites"]) == [("a", 0), ("a", 1), ("a", 2)]
+    again = recopt.optimize(TiedTower().eval(), ex, target="h100", passes=["fp8"], backend="eager", strict=True,
+                            configs={"fp8": {"load_decisions": path}})
+    assert len(again.report.sites_for("fp8", "rewritten")) == 3
+    assert isinstance(again.graph_module.a, FP8Linear)
+
+
+def test_calls_of_one_module_with_different_decisions_all_stay_high_precision(tmp_path):
+    # One module is swapped for every call or none: a report saying "bf16" for a call that would run
+    # the FP8 module would be wrong.
+    doc = _good_doc()
+    doc["sites"] = [D.SiteDecision("a", 32, 64, 64, decision="fp8", call=c,
+                                   roles={"forward": D.RoleDecision("rowwise" if c < 2 else "tensorwise", "torch")}
+                                   ).to_dict() for c in range(3)]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(doc))
+    g = torch.Generator().manual_seed(0)
+    opt = recopt.optimize(TiedTower().eval(), (torch.randn(32, 64, generator=g), torch.randn(32, 64, generator=g)),
+                          target="h100", passes=["fp8"], backend="eager", configs={"fp8": {"load_decisions": str(path)}})
+    a = [s for s in opt.report.sites_for("fp8") if s.module_path == "a"]
+    assert len(a) == 3 and {s.reason_code for s in a} == {"shared_module_mixed"}
+    assert "call 2: fp8 tensorwise" in a[0].reason
+    assert not isinstance(opt.graph_module.a, FP8Linear)

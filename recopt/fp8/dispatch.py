@@ -254,6 +254,12 @@ class SiteDecision:
     reason_code: str = ""
     backend: str = "recopt"  # what runs a chosen site: "recopt" (its FP8 op) or "torchao" (Float8Linear)
     timings: dict = field(default_factory=dict)  # candidate label -> measured SiteTiming dict
+    call: int = 0  # which call of the module / weight ``fqn`` this is, in graph order (tied layers)
+
+    @property
+    def key(self) -> str:
+        """``fqn``, or ``fqn#i`` for the i-th (i ≥ 1) call of a layer used more than once."""
+        return self.fqn if not self.call else f"{self.fqn}#{self.call}"
 
     def role(self, name: str) -> RoleDecision:
         r = self.roles.get(name)
@@ -284,7 +290,7 @@ class SiteDecision:
 MAX_FILE_BYTES = 64 * 2 ** 20
 _SITE_TYPES = {"fqn": str, "m": int, "k": int, "n": int, "consumer": str, "producer": str, "eligible": bool,
                "basis": str, "errors": dict, "speedups": dict, "roles": dict, "decision": str, "reason": str,
-               "reason_code": str, "backend": str, "timings": dict}
+               "reason_code": str, "backend": str, "timings": dict, "call": int}
 _ROLE_TYPES = {"recipe": str, "lib": str, "error": (int, float, type(None)), "speedup": (int, float, type(None)),
                "reason": str}
 
@@ -323,8 +329,8 @@ def _check_site_dict(d) -> None:
     for name, typ in _SITE_TYPES.items():
         if name in d and (not isinstance(d[name], typ) or (typ is int and isinstance(d[name], bool))):
             raise _bad(name, d[name], typ.__name__)
-    for name in ("m", "k", "n"):
-        if d[name] < 0:
+    for name in ("m", "k", "n", "call"):
+        if d.get(name, 0) < 0:
             raise _bad(name, d[name], "a size >= 0")
     if d.get("decision", "bf16") not in ("fp8", "bf16"):
         raise _bad("decision", d["decision"], "'fp8' or 'bf16'")
@@ -386,7 +392,8 @@ def save_decisions(path: str, decisions: list, meta: dict) -> None:
 
 
 def load_decisions(path: str) -> tuple:
-    """Read a decisions file; returns ``({fqn: SiteDecision}, meta)``."""
+    """Read a decisions file; returns ``({key: SiteDecision}, meta)`` with ``key`` = ``fqn`` (``fqn#i`` for
+    the i-th further call of a layer used more than once, :attr:`SiteDecision.key`)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"FP8 decisions file {path!r} does not exist; run the fp8 pass with "
                                 f"configs={{'fp8': {{'decisions_path': {path!r}}}}} first to create it")
@@ -407,9 +414,9 @@ def load_decisions(path: str) -> tuple:
             d = SiteDecision.from_dict(s)
         except ValueError as e:
             raise ValueError(f"{path}: site {i}: {e}; re-run the fp8 pass to write a new decisions file") from None
-        if d.fqn in sites:
-            raise ValueError(f"{path}: two decisions for the site {d.fqn!r}; re-run the fp8 pass")
-        sites[d.fqn] = d
+        if d.key in sites:
+            raise ValueError(f"{path}: two decisions for the site {d.key!r}; re-run the fp8 pass")
+        sites[d.key] = d
     meta = {k: v for k, v in doc.items() if k != "sites"}
     return sites, meta
 

@@ -199,6 +199,10 @@ class FP8Pass(Pass):
         basis = "measured" if measured else PREDICTED
         self._cache = D.MeasurementCache(cfg.timings_path or None) if cfg.timings_path else D.CACHE
         sites = find_sites(gm)
+        call_of, seen = {}, {}
+        for st in sites:  # a layer used more than once (tied weights) has one site per call
+            call_of[st.node.name] = seen.get(fqn_of(st), 0)
+            seen[fqn_of(st)] = call_of[st.node.name] + 1
         heads = head_sites(gm, sites)
         out_sites: list = []
         eligible = []
@@ -207,17 +211,21 @@ class FP8Pass(Pass):
             if why:
                 out_sites.append(self._site(gm, s, REJECTED, why[0], why[1], D.SiteDecision(
                     fqn_of(s), site_rows(s.input, s.k) or 0, s.k, s.n, consumer_of(gm, s.node),
-                    op_label(gm, s.input), eligible=False, basis="none", reason=why[1], reason_code=why[0])))
+                    op_label(gm, s.input), eligible=False, basis="none", reason=why[1], reason_code=why[0],
+                    call=call_of[s.node.name])))
             else:
                 eligible.append(s)
 
         out_sites += self._opaque_linears(gm)
         if cfg.load_decisions:
-            decisions = self._load(eligible, cfg.load_decisions, ctx)
+            decisions = self._load(eligible, cfg.load_decisions, ctx, call_of)
             calib_note = f"decisions loaded from {cfg.load_decisions} (not re-probed)"
         else:
             decisions, calib_note = self._probe_and_decide(gm, ctx, eligible, cfg, roles, mode, threshold,
                                                            measured, basis)
+        for s in eligible:
+            decisions[s.node.name].call = call_of[s.node.name]
+        _agree_on_shared_modules(eligible, decisions)
         changed = False
         for s in eligible:
             d = decisions[s.node.name]
@@ -304,7 +312,7 @@ class FP8Pass(Pass):
     def _device(ctx) -> torch.device:
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
-    def _load(self, eligible: list, path: str, ctx=None) -> dict:
+    def _load(self, eligible: list, path: str, ctx=None, call_of: Optional[dict] = None) -> dict:
         saved, meta = D.load_decisions(path)
         stale, stale_code = "", "stale_environment"
         target = ctx.target.name if ctx is not None else None
@@ -324,7 +332,8 @@ class FP8Pass(Pass):
                            "load_decisions to measure here")
         out = {}
         for s in eligible:
-            d = saved.get(fqn_of(s))
+            call = (call_of or {}).get(s.node.name, 0)
+            d = saved.get(fqn_of(s) if not call else f"{fqn_of(s)}#{call}")
             if stale:
                 out[s.node.name] = D.SiteDecision(fqn_of(s), 0, s.k, s.n, decision="bf16",
                                                   reason_code=stale_code, reason=stale)
@@ -498,6 +507,31 @@ class FP8Pass(Pass):
         if status == "rewritten":
             return self.rewritten(s.node, reason, module_path=d.fqn, details=details)
         return self.rejected(s.node, code, reason, module_path=d.fqn, details=details)
+
+
+def _agree_on_shared_modules(eligible: list, decisions: dict) -> None:
+    """One ``nn.Linear`` called at several sites is one module: it is swapped for an ``FP8Linear`` for
+    every call or for none. Where its calls' decisions differ (one FP8, one not, or other recipes),
+    every call stays in high precision (``shared_module_mixed``), rather than the report saying bf16
+    for a call that would run the FP8 module."""
+    by_fqn: dict = {}
+    for s in eligible:
+        if s.kind == "module":
+            by_fqn.setdefault(s.fqn, []).append(s)
+    for fqn, ss in by_fqn.items():
+        ds = [decisions[s.node.name] for s in ss]
+        if len(ds) < 2:
+            continue
+        plans = {(d.decision, d.backend, tuple(sorted(d.recipes().items())) if d.decision == "fp8" else ())
+                 for d in ds}
+        if len(plans) == 1:
+            continue
+        why = (f"{fqn} is one module called at {len(ds)} sites whose decisions differ ("
+               + "; ".join(f"call {d.call}: {d.decision}"
+                           + (f" {'/'.join(d.recipes().values())}" if d.decision == "fp8" else "") for d in ds)
+               + "); the module runs one way for every call, so all calls stay in high precision")
+        for d in ds:
+            d.decision, d.reason_code, d.reason = "bf16", "shared_module_mixed", why
 
 
 def _fallback_roles(recipes: dict, target, site) -> dict:
