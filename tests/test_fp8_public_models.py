@@ -216,3 +216,21 @@ def test_speed_reason_names_the_m_it_was_decided_at():
                           configs={"fp8": {"samples": 2, "max_eval_rows": 64}})
     a = {s.module_path: s for s in opt.report.sites_for("fp8")}["a"]
     assert "speed at M=16 rows: the example's batch" in a.reason
+
+
+@pytest.mark.parametrize("m", [0, 1, 7])
+def test_fused_blocknorm_linear_at_empty_and_odd_batches(m):
+    # Bug: M = 0 failed in the reference norm ("cannot reshape tensor of 0 elements into shape
+    # [0, -1, 256]"), the path every CPU run and every non-row-wise recipe takes.
+    from recopt.fp8.fused_quant import block_rms_norm
+
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 512, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(64, 512, generator=g) * 0.05).bfloat16().requires_grad_()
+    y = torch.ops.recopt.blocknorm_fp8_linear(x, w, None, 256, 1e-6, "rowwise", "rowwise", "rowwise")
+    ref = F.linear(block_rms_norm(x.detach().float(), 256, 1e-6), w.detach().float())
+    assert y.shape == (m, 64)
+    if m:  # FP8's normwise error is a few percent
+        assert float((y.float() - ref).norm() / ref.norm()) < 0.1
+    y.float().sum().backward()
+    assert x.grad.shape == x.shape and torch.isfinite(w.grad).all()
