@@ -234,3 +234,34 @@ def test_fused_blocknorm_linear_at_empty_and_odd_batches(m):
         assert float((y.float() - ref).norm() / ref.norm()) < 0.1
     y.float().sum().backward()
     assert x.grad.shape == x.shape and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.slow
+def test_torchrec_dlrm_mlps_at_unseen_batches():
+    # TorchRec's own DLRM (dense and over arch MLPs; the interaction's K=35 is not a multiple of 16).
+    torchrec = pytest.importorskip("torchrec")
+    from torchrec.models.dlrm import DLRM
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    torch.manual_seed(0)
+    ebc = torchrec.EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=32, num_embeddings=100, feature_names=[f"f{i}"])
+        for i in range(2)])
+    m = DLRM(embedding_bag_collection=ebc, dense_in_features=16, dense_arch_layer_sizes=[64, 32],
+             over_arch_layer_sizes=[64, 32, 1]).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def batch(b):
+        lengths = torch.randint(0, 4, (2 * b,), generator=g)
+        ids = torch.randint(0, 100, (int(lengths.sum()),), generator=g)
+        return torch.randn(b, 16, generator=g), KeyedJaggedTensor.from_lengths_sync(
+            keys=["f0", "f1"], values=ids, lengths=lengths)
+
+    opt = recopt.optimize(m, batch(16), target="h100", passes=["fp8"], backend="eager", configs=CFG)
+    codes = {s.module_path: (s.status.value, s.reason_code) for s in opt.report.sites_for("fp8")}
+    assert codes["over_arch.model.0._mlp.0._linear"] == ("rejected", "shape_not_multiple_of_16")
+    assert sum(v[0] == "rewritten" for v in codes.values()) == 3
+    for b in (1, 7, 33):
+        x = batch(b)
+        torch.testing.assert_close(opt(*x), m(*x), rtol=0.1, atol=0.1)
