@@ -268,7 +268,9 @@ def compare_gradients(reference: dict, candidate: dict, names: dict, rtol: Optio
     dtypes = {k: reference[k].dtype for k in shared}
     ref, cand = {}, {}
     for k in shared:
-        r, c = reference[k].detach().double(), candidate[k].detach().double()
+        # nn.Embedding(sparse=True) gives sparse gradients: compare their dense values.
+        r, c = (t.detach().to_dense() if t.is_sparse else t.detach() for t in (reference[k], candidate[k]))
+        r, c = r.double(), c.double()
         if r.shape != c.shape:
             return Mismatch(f"grad[{names.get(k, '?')}]", f"has shape {tuple(c.shape)}, expected {tuple(r.shape)}")
         # NaN/inf gradients in the same places with the same values are equal

@@ -201,3 +201,28 @@ def test_bad_inputs_have_clear_errors(tmp_path):
         das.process_chunk(0, streams_for(np.arange(10)))
     with pytest.raises(InputError, match="not committed"):
         das.read(0, "a")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda e: e["parts"].append("../../victim.txt"),
+    lambda e: e["parts"].append("/etc/hostname"),
+    lambda e: e["students"].update(a="chunk-000009/student-a.parquet"),   # another chunk's file
+    lambda e: e["students"].update(b="chunk-000000/student-a.parquet"),   # name and file disagree
+    lambda e: e.update(parts="chunk-000000/pred-00000.parquet"),
+])
+def test_a_crafted_manifest_cannot_reach_files_outside_the_store(tmp_path, edit):
+    # Before: discard_chunk and read opened/deleted whatever paths manifest.json listed, so an edited
+    # manifest could delete or read files outside the store's root.
+    root = tmp_path / "das"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    das = DataAugmentationSystem(root, featurize, batch_size=32, part_rows=64)
+    das.set_teacher(CountingTeacher(), "v1")
+    ids = np.arange(20)
+    das.process_chunk(0, [StreamChunk("a", ids, np.zeros(20))])
+    doc = json.loads((root / "manifest.json").read_text())
+    edit(doc["chunks"]["0"])
+    (root / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="manifest.json"):
+        DataAugmentationSystem(root, featurize)
+    assert victim.read_text() == "keep me"

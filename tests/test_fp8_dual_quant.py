@@ -106,3 +106,35 @@ def test_errors_name_the_problem():
         rowcol_quant(torch.randn(2, 3), E4M3, "blockwise")
     with pytest.raises(ValueError, match="unsupported FP8 dtype"):
         rowcol_quant(torch.randn(2, 3), torch.float16, "rowwise")
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("gran", ["rowwise", "tensorwise"])
+def test_kernel_keeps_non_finite_slices_nan(interpreted, dtype, gran):
+    # Bug: tl.minimum/tl.maximum drop NaN, so an inf row (scale inf: inf/inf = NaN) or a NaN value was
+    # written as a finite FP8 value; on a GPU the GEMM then returned a finite row where eager's is inf/NaN.
+    if not interpreted:
+        return
+    x = _x(37, 48, 7)
+    x[3, 5], x[10, 7], x[20, 1] = float("inf"), float("nan"), -float("inf")
+    got = rowcol_quant(x, dtype, gran, pad_cols_to=16, use_triton=True)
+    ref = rowcol_quant_reference(x, dtype, gran, pad_cols_to=16)
+    for g, r, bad in ((got[0], ref[0], [3, 10, 20]), (got[1], ref[1], [1, 5, 7])):
+        nan_g = g[0].float().isnan().any(1).nonzero().flatten().tolist()
+        nan_r = r[0].float().isnan().any(1).nonzero().flatten().tolist()
+        assert nan_g == nan_r == bad
+        ok = [i for i in range(g[0].shape[0]) if i not in bad]
+        assert torch.equal(g[0][ok].float(), r[0][ok].float())
+
+
+def test_fused_row_quantizer_keeps_non_finite_rows_nan(interpreted, monkeypatch):
+    if not interpreted:
+        return
+    from recopt.fp8 import fused_quant as fq
+
+    monkeypatch.setattr(fq, "_use_triton", lambda t: True)
+    x = _x(9, 48, 3)
+    x[2, 4], x[6, 0] = float("inf"), float("nan")
+    q, s, _ = fq.blocknorm_quant(x, block=48, norm=False, write_y=False)
+    assert q.float().isnan().any(1).nonzero().flatten().tolist() == [2, 6]
+    assert torch.isfinite(q.float()[[0, 1, 3, 4, 5, 7, 8]]).all()

@@ -143,7 +143,8 @@ def test_functional_linear_spelling_training_roles_and_save_load(tmp_path):
 def test_load_decisions_rejects_stale_shapes(tmp_path):
     path = str(tmp_path / "d.json")
     D.save_decisions(path, [D.SiteDecision("a", 16, 32, 48, decision="fp8",
-                                           roles={"forward": D.RoleDecision("rowwise", "torch")})], {})
+                                           roles={"forward": D.RoleDecision("rowwise", "torch")})],
+                     {"target": "h100", "basis": "predicted, not measured"})
     opt = recopt.optimize(Tower().eval(), (torch.randn(4, 32),), target="h100", passes=["fp8"], backend="eager",
                           configs={"fp8": {"load_decisions": path}})
     sites = _sites(opt)

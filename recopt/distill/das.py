@@ -60,6 +60,38 @@ def _pq():
     return pq
 
 
+# The only file names the store writes: chunk-NNNNNN/pred-NNNNN.parquet and chunk-NNNNNN/student-<name>.parquet.
+_FILE_NAME = re.compile(r"chunk-(\d{6,})/(pred-\d{5,}|student-[A-Za-z0-9_.-]+)\.parquet")
+
+
+def _check_manifest(path: Path, data: dict) -> None:
+    """Refuse a manifest that names files the store never writes (``../`` paths, absolute paths, other
+    chunks' directories) or has fields of the wrong shape: start-up, ``read`` and ``discard_chunk``
+    open and delete the files it lists, so a crafted manifest could otherwise make them read or
+    delete files outside the store's root."""
+    def bad(why: str) -> InputError:
+        return InputError(f"{path}: {why}; it is written atomically by recopt, so this store was edited by "
+                          "hand or by another tool. Restore it or start a new root.")
+
+    chunks = data.get("chunks")
+    if not isinstance(chunks, dict):
+        raise bad("'chunks' is not an object")
+    for key, entry in chunks.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise bad(f"chunk key {key!r} is not a chunk number")
+        if not (isinstance(entry, dict) and isinstance(entry.get("parts"), list)
+                and isinstance(entry.get("students"), dict) and isinstance(entry.get("complete"), bool)
+                and isinstance(entry.get("teacher_version"), str)):
+            raise bad(f"chunk {key} is not {{complete, teacher_version, parts: [...], students: {{...}}}}")
+        for rel in list(entry["parts"]) + list(entry["students"].values()):
+            m = _FILE_NAME.fullmatch(rel) if isinstance(rel, str) else None
+            if m is None or int(m.group(1)) != int(key):
+                raise bad(f"chunk {key} lists the file {rel!r}, which is not a file of that chunk")
+        for name, rel in entry["students"].items():
+            if not (isinstance(name, str) and _STUDENT_NAME.match(name) and rel.endswith(f"/student-{name}.parquet")):
+                raise bad(f"chunk {key}: student {name!r} does not match its file {rel!r}")
+
+
 @dataclass
 class StreamChunk:
     """One student's rows in one chunk: ``example_ids`` int64 [N] (unique), ``labels`` float [N]."""
@@ -195,8 +227,10 @@ class DataAugmentationSystem:
         except json.JSONDecodeError as e:
             raise InputError(f"{path} is not valid JSON ({e}); it is written atomically, so this store was "
                              "edited by hand or by another tool. Restore it or start a new root.") from None
-        if data.get("format") != FORMAT:
-            raise InputError(f"{path} has format {data.get('format')!r}, expected {FORMAT!r}")
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            got = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise InputError(f"{path} has format {got!r}, expected {FORMAT!r}")
+        _check_manifest(path, data)
         return data
 
     def _write_manifest(self) -> None:

@@ -37,7 +37,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .recipes import ROLES, fp8_dtype, get_recipe, reference_gemm
+from .recipes import RECIPES, ROLES, fp8_dtype, get_recipe, reference_gemm
 
 MIN_SPEEDUP = 1.05
 
@@ -177,8 +177,7 @@ class MeasurementCache:
         self.path = path
         self.data: dict = {}
         if path and os.path.exists(path):
-            with open(path) as f:
-                self.data = json.load(f)
+            self.data = _validated_timings(path, read_json_file(path, "FP8 timings cache"))
 
     @staticmethod
     def key(target: str, p: int, r: int, q: int, what: str) -> str:
@@ -255,6 +254,12 @@ class SiteDecision:
     reason_code: str = ""
     backend: str = "recopt"  # what runs a chosen site: "recopt" (its FP8 op) or "torchao" (Float8Linear)
     timings: dict = field(default_factory=dict)  # candidate label -> measured SiteTiming dict
+    call: int = 0  # which call of the module / weight ``fqn`` this is, in graph order (tied layers)
+
+    @property
+    def key(self) -> str:
+        """``fqn``, or ``fqn#i`` for the i-th (i ≥ 1) call of a layer used more than once."""
+        return self.fqn if not self.call else f"{self.fqn}#{self.call}"
 
     def role(self, name: str) -> RoleDecision:
         r = self.roles.get(name)
@@ -273,9 +278,97 @@ class SiteDecision:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SiteDecision":
+        """From :meth:`to_dict`'s form; a field of the wrong type or value is a ``ValueError`` naming it
+        (a file read back must not be half trusted: see :func:`load_decisions`)."""
+        _check_site_dict(d)
         d = dict(d)
         d["roles"] = {k: RoleDecision(**v) for k, v in d.get("roles", {}).items()}
         return cls(**d)
+
+
+#: Largest decisions / timings file read (bytes): real ones are a few KB per site.
+MAX_FILE_BYTES = 64 * 2 ** 20
+_SITE_TYPES = {"fqn": str, "m": int, "k": int, "n": int, "consumer": str, "producer": str, "eligible": bool,
+               "basis": str, "errors": dict, "speedups": dict, "roles": dict, "decision": str, "reason": str,
+               "reason_code": str, "backend": str, "timings": dict, "call": int}
+_ROLE_TYPES = {"recipe": str, "lib": str, "error": (int, float, type(None)), "speedup": (int, float, type(None)),
+               "reason": str}
+
+
+def read_json_file(path: str, what: str):
+    """``json.load`` of ``path`` with a size limit; a file that is not JSON is a ValueError naming it.
+
+    JSON only (never pickle): a crafted file can carry data, not code.
+    """
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"{what} {path!r} is {size} bytes, over the {MAX_FILE_BYTES}-byte limit; it is not a file "
+                         f"recopt wrote (delete it, or re-run the fp8 pass to write a new one)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} {path!r} is not valid JSON ({e}); delete it or re-run the fp8 pass") from None
+
+
+def _bad(field_name: str, value, want: str) -> ValueError:
+    return ValueError(f"FP8 decision field {field_name!r} is {value!r}; expected {want}")
+
+
+def _check_site_dict(d) -> None:
+    from .linear import HP
+
+    if not isinstance(d, dict):
+        raise _bad("site", type(d).__name__, "an object")
+    unknown = set(d) - set(_SITE_TYPES)
+    if unknown:
+        raise _bad("site", sorted(unknown), f"only the fields {sorted(_SITE_TYPES)}")
+    for name in ("fqn", "m", "k", "n"):
+        if name not in d:
+            raise _bad(name, None, "a value (the field is missing)")
+    for name, typ in _SITE_TYPES.items():
+        if name in d and (not isinstance(d[name], typ) or (typ is int and isinstance(d[name], bool))):
+            raise _bad(name, d[name], typ.__name__)
+    for name in ("m", "k", "n", "call"):
+        if d.get(name, 0) < 0:
+            raise _bad(name, d[name], "a size >= 0")
+    if d.get("decision", "bf16") not in ("fp8", "bf16"):
+        raise _bad("decision", d["decision"], "'fp8' or 'bf16'")
+    if d.get("backend", "recopt") not in ("recopt", "torchao"):
+        raise _bad("backend", d["backend"], "'recopt' or 'torchao'")
+    for role, r in d.get("roles", {}).items():
+        if role not in ROLES:
+            raise _bad("roles", role, f"a role in {ROLES}")
+        if not isinstance(r, dict) or set(r) - set(_ROLE_TYPES):
+            raise _bad(f"roles.{role}", r, f"an object with the fields {sorted(_ROLE_TYPES)}")
+        for name, typ in _ROLE_TYPES.items():
+            if name in r and not isinstance(r[name], typ):
+                raise _bad(f"roles.{role}.{name}", r[name], str(typ))
+        recipe = r.get("recipe", HP)
+        if recipe != HP and (recipe not in RECIPES or not RECIPES[recipe].is_fp8(role)):
+            raise _bad(f"roles.{role}.recipe", recipe, f"{HP!r} or a recipe with an FP8 {role} in {sorted(RECIPES)}")
+
+
+def _validated_timings(path: str, data) -> dict:
+    """The timings cache's entries, checked: seconds (a positive finite number) or a site timing
+    ``{"bf16_s", "fp8_s", "speedup" = bf16_s / fp8_s, all positive and finite, "candidate", ...}``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"FP8 timings cache {path!r} holds a {type(data).__name__}, not an object; delete it")
+    for key, t in data.items():
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            if math.isfinite(t) and t > 0:
+                continue
+            raise ValueError(f"FP8 timings cache {path!r}: entry {key!r} = {t!r} is not a positive finite time; "
+                             f"delete the file")
+        ok = isinstance(t, dict) and all(
+            isinstance(t.get(f), (int, float)) and not isinstance(t.get(f), bool) and math.isfinite(t[f])
+            and t[f] > 0 for f in ("bf16_s", "fp8_s", "speedup")) and isinstance(t.get("candidate"), str)
+        if ok:
+            ok = math.isclose(t["speedup"], t["bf16_s"] / t["fp8_s"], rel_tol=1e-6)
+        if not ok:
+            raise ValueError(f"FP8 timings cache {path!r}: entry {key!r} is not a timing recopt wrote "
+                             f"(positive finite bf16_s, fp8_s, speedup = bf16_s / fp8_s, candidate); delete the file")
+    return data
 
 
 def _finite(x):
@@ -299,15 +392,31 @@ def save_decisions(path: str, decisions: list, meta: dict) -> None:
 
 
 def load_decisions(path: str) -> tuple:
-    """Read a decisions file; returns ``({fqn: SiteDecision}, meta)``."""
+    """Read a decisions file; returns ``({key: SiteDecision}, meta)`` with ``key`` = ``fqn`` (``fqn#i`` for
+    the i-th further call of a layer used more than once, :attr:`SiteDecision.key`)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"FP8 decisions file {path!r} does not exist; run the fp8 pass with "
                                 f"configs={{'fp8': {{'decisions_path': {path!r}}}}} first to create it")
-    with open(path) as f:
-        doc = json.load(f)
+    doc = read_json_file(path, "FP8 decisions file")
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: an FP8 decisions file is a JSON object, this one holds a {type(doc).__name__}")
     if doc.get("version") != DECISIONS_VERSION:
         raise ValueError(f"{path}: decisions version {doc.get('version')} is not {DECISIONS_VERSION}; re-probe")
-    sites = {s["fqn"]: SiteDecision.from_dict(s) for s in doc.get("sites", [])}
+    for name in ("target", "basis"):
+        if not isinstance(doc.get(name), str):
+            raise ValueError(f"{path}: the decisions file has no {name!r} (got {doc.get(name)!r}), so what it was "
+                             f"decided for is unknown; re-run the fp8 pass with decisions_path to write a new one")
+    if not isinstance(doc.get("sites"), list):
+        raise ValueError(f"{path}: 'sites' must be a list of site decisions, got {type(doc.get('sites')).__name__}")
+    sites = {}
+    for i, s in enumerate(doc["sites"]):
+        try:
+            d = SiteDecision.from_dict(s)
+        except ValueError as e:
+            raise ValueError(f"{path}: site {i}: {e}; re-run the fp8 pass to write a new decisions file") from None
+        if d.key in sites:
+            raise ValueError(f"{path}: two decisions for the site {d.key!r}; re-run the fp8 pass")
+        sites[d.key] = d
     meta = {k: v for k, v in doc.items() if k != "sites"}
     return sites, meta
 

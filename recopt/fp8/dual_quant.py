@@ -52,14 +52,46 @@ def _pad(q: torch.Tensor, multiple: int) -> torch.Tensor:
     return out
 
 
+def finite_amax(slice_amax: torch.Tensor) -> torch.Tensor:
+    """The tensor-wise amax from per-slice amaxes, over the finite slices only (0 when there are none).
+
+    One sample with an inf or NaN must not set the scale of the others: with
+    the plain amax, an inf makes the scale inf and every other row quantizes
+    to 0 (or NaN), so one bad sample changed every output of the batch.
+    """
+    if slice_amax.numel() == 0:
+        return slice_amax.new_zeros(())
+    return torch.where(torch.isfinite(slice_amax), slice_amax, torch.zeros_like(slice_amax)).amax()
+
+
+def poisoned(scale: torch.Tensor, slice_amax: torch.Tensor) -> torch.Tensor:
+    """Per-slice divisors for a tensor-wise ``scale``: ``scale``, or inf where a slice holds an inf/NaN.
+
+    Dividing by inf sends the slice's finite values to 0 and its inf/NaN
+    values to NaN, so that slice's GEMM outputs are NaN (as eager's are
+    inf/NaN) instead of silently finite: the saturating cast would clamp an
+    inf to the format's max.
+    """
+    return torch.where(torch.isfinite(slice_amax), scale.expand_as(slice_amax),
+                       torch.full_like(slice_amax, float("inf")))
+
+
 def rowcol_quant_reference(x: torch.Tensor, dtype, granularity: str, rows: bool = True, cols: bool = True,
                            pad_cols_to: int = 1) -> tuple:
     """PyTorch reference of :func:`rowcol_quant` (same values: both round to nearest even)."""
     _check(x, dtype, granularity)
     xf = x.float()
     if granularity == "tensorwise":
-        amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
-        s_row = s_col = _amax_to_scale(amax, dtype)
+        row_amax = xf.abs().amax(1) if x.shape[1] else xf.new_zeros(x.shape[0])
+        col_amax = xf.abs().amax(0) if x.shape[0] else xf.new_zeros(x.shape[1])
+        s = _amax_to_scale(finite_amax(row_amax), dtype)
+        row, col = None, None
+        if rows:
+            row = (saturating_cast(xf / poisoned(s, row_amax).unsqueeze(1), dtype), s)
+        if cols:
+            qc = saturating_cast(xf.t() / poisoned(s, col_amax).unsqueeze(1), dtype).contiguous()
+            col = (_pad(qc, pad_cols_to), s)
+        return row, col
     else:
         s_row = _amax_to_scale(xf.abs().amax(1, keepdim=True) if x.shape[1] else xf.new_zeros(x.shape[0], 1),
                                dtype) if rows else None
@@ -96,9 +128,8 @@ def rowcol_quant(x: torch.Tensor, dtype, granularity: str = "rowwise", rows: boo
     if r and c:
         dual_amax_kernel[grid](x, row_amax, col_amax, r, c, x.stride(0), BM=bm, BC=bc)
     if granularity == "tensorwise":
-        amax = row_amax.amax() if r else torch.zeros((), device=x.device)
-        s = (amax.clamp_min(1e-12) / fmax).float()
-        row_s, col_s = s.expand(r).contiguous(), s.expand(c).contiguous()
+        s = (finite_amax(row_amax).clamp_min(1e-12) / fmax).float()
+        row_s, col_s = poisoned(s, row_amax).contiguous(), poisoned(s, col_amax).contiguous()
         row_out_s, col_out_s = s, s
     else:
         row_s = (row_amax.clamp_min(1e-12) / fmax)

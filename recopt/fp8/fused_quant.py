@@ -36,7 +36,7 @@ def blocknorm_quant_reference(x: torch.Tensor, block: int = 256, norm: bool = Tr
     """PyTorch reference of the fused kernel (same outputs, up to fp32 rsqrt rounding)."""
     x2 = x.reshape(-1, x.shape[-1])
     if norm:
-        xf = x2.float().reshape(x2.shape[0], -1, block)
+        xf = x2.float().reshape(x2.shape[0], x2.shape[1] // block, block)  # no -1: M may be 0
         yf = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).reshape(x2.shape)
     else:
         if x2.shape[-1] % block:

@@ -79,6 +79,11 @@ def fp8_mm(qa: Tensor, sa: Tensor, qb_rows: Tensor, sb_rows: Tensor, out_dtype: 
         raise ValueError(f"fp8_mm: reduction dims differ: A has {qa.shape[1]}, B has {qb_rows.shape[1]}")
     # _scaled_mm wants A row-major and B column-major (= its rows form row-major); both are
     # produced that way by the quantizers, so these are no-ops on the op's own paths.
+    if qa.shape[0] == 0 or qb_rows.shape[0] == 0 or qa.shape[1] == 0:
+        # An empty batch (M = 0), or an empty reduction: _scaled_mm refuses the empty scale tensors
+        # (CPU and CUDA), while the product is well defined: zeros, plus the bias.
+        y = torch.zeros(qa.shape[0], qb_rows.shape[0], dtype=out_dtype, device=qa.device)
+        return y if bias is None else y + bias.to(out_dtype)
     qa, qb_rows = qa.contiguous(), qb_rows.contiguous()
     scale_b = sb_rows if sb_rows.dim() == 0 else sb_rows.reshape(1, -1)
     if qa.is_cuda:

@@ -39,6 +39,7 @@ class ActivationStats:
         self.full = self.k <= full_cov_max_k
         self.rank = int(rank)
         self.n = 0
+        self.non_finite_rows = 0  # rows holding an inf/NaN, left out of the moments
         self.mean = torch.zeros(self.k, dtype=torch.float64)
         self.amax = torch.zeros(self.k, dtype=torch.float64)
         self.rows_seen: list = []
@@ -54,6 +55,15 @@ class ActivationStats:
         if x.shape[0] == 0:
             return
         self.rows_seen.append(x.shape[0])
+        finite = torch.isfinite(x).all(1)
+        if not bool(finite.all()):
+            # One inf/NaN row would make the mean and covariance inf/NaN, every drawn X' NaN and
+            # every recipe's error inf: the site would be rejected as "error above threshold"
+            # though FP8 is not the cause. Such rows are counted (the report names them) and left out.
+            self.non_finite_rows += int((~finite).sum())
+            x = x[finite]
+            if x.shape[0] == 0:
+                return
         if x.shape[0] > self.max_rows_per_update:
             # An evenly strided subset: samples are independent, so the moments stay unbiased.
             step = -(-x.shape[0] // self.max_rows_per_update)
@@ -149,7 +159,8 @@ class ActivationStats:
 
     def state_dict(self) -> dict:
         d = {"k": self.k, "n": self.n, "mean": self.mean.tolist(), "amax": self.amax.tolist(),
-             "rows_seen": self.rows_seen, "full": self.full, "rank": self.rank}
+             "rows_seen": self.rows_seen, "full": self.full, "rank": self.rank,
+             "non_finite_rows": self.non_finite_rows}
         if self.full:
             d["m2"] = self.m2.tolist()
         else:

@@ -115,8 +115,15 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, granularity: str, reduce_dim: 
         raise ValueError(f"quantize expects a 2-D operand, got shape {tuple(x.shape)}")
     xf = x.float()
     if granularity == "tensorwise":
-        scale = _amax_to_scale(xf.abs().amax(), dtype)
-        return saturating_cast(xf / scale, dtype), scale
+        # The scale comes from the finite slices only, and a slice (a row of A, a column of B) holding
+        # an inf/NaN quantizes to 0s and NaNs, so its outputs are NaN and no one else's move
+        # (see recopt.fp8.dual_quant.finite_amax).
+        slice_amax = xf.abs().amax(dim=reduce_dim) if xf.shape[reduce_dim] else xf.new_zeros(xf.shape[1 - reduce_dim])
+        finite = torch.isfinite(slice_amax)
+        amax = torch.where(finite, slice_amax, 0.0).amax() if slice_amax.numel() else xf.new_zeros(())
+        scale = _amax_to_scale(amax, dtype)  # no boolean indexing: no host sync on a GPU
+        div = torch.where(torch.isfinite(slice_amax), scale, torch.full_like(slice_amax, float("inf")))
+        return saturating_cast(xf / div.unsqueeze(reduce_dim), dtype), scale
     if granularity == "rowwise":
         scale = _amax_to_scale(xf.abs().amax(dim=reduce_dim, keepdim=True), dtype)
         return saturating_cast(xf / scale, dtype), scale

@@ -44,6 +44,16 @@ def _round_to_fp8_grid(v, MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_STE
 
 
 @triton.jit
+def _fp8_with_nan(v, raw, out_ty: tl.constexpr):
+    # ``v`` (already on the FP8 grid) cast to ``out_ty``, with 0x7F (NaN in e4m3fn and e5m2) wherever
+    # ``raw`` is NaN: min/max and the interpreter's fp8 conversion drop NaN, and an inf/NaN slice must
+    # give NaN GEMM outputs (as eager's are inf/NaN), never silently finite ones.
+    bits = v.to(out_ty).to(tl.uint8, bitcast=True)
+    bits = tl.where(raw != raw, 0x7F, bits).to(tl.uint8)
+    return bits.to(out_ty, bitcast=True)
+
+
+@triton.jit
 def dual_amax_kernel(x_ptr, row_amax_ptr, col_amax_ptr, R, C, stride_xr,
                      BM: tl.constexpr, BC: tl.constexpr):
     pid_r = tl.program_id(0)
@@ -71,14 +81,16 @@ def dual_quant_kernel(x_ptr, row_scale_ptr, col_scale_ptr, q_row_ptr, q_col_ptr,
     x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if WRITE_ROW:
         rs = tl.load(row_scale_ptr + rows, mask=rows < R, other=1.0)
-        v = tl.minimum(tl.maximum(x / rs[:, None], -FMAX), FMAX)
+        raw = x / rs[:, None]
+        v = tl.minimum(tl.maximum(raw, -FMAX), FMAX)
         v = _round_to_fp8_grid(v, MBITS, MIN_NORMAL, SUB_STEP_INV)
-        tl.store(q_row_ptr + rows[:, None] * stride_qr + cols[None, :], v.to(q_row_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(q_row_ptr + rows[:, None] * stride_qr + cols[None, :],
+                 _fp8_with_nan(v, raw, q_row_ptr.dtype.element_ty), mask=mask)
     if WRITE_COL:
         cs = tl.load(col_scale_ptr + cols, mask=cols < C, other=1.0)
-        w = tl.minimum(tl.maximum(x / cs[None, :], -FMAX), FMAX)
+        raw_c = x / cs[None, :]
+        w = tl.minimum(tl.maximum(raw_c, -FMAX), FMAX)
         w = _round_to_fp8_grid(w, MBITS, MIN_NORMAL, SUB_STEP_INV)
         # q_col is xᵀ row-major: element (r, c) of the tile goes to q_col[c, r].
-        tl.store(q_col_ptr + cols[None, :] * stride_qc + rows[:, None], w.to(q_col_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(q_col_ptr + cols[None, :] * stride_qc + rows[:, None],
+                 _fp8_with_nan(w, raw_c, q_col_ptr.dtype.element_ty), mask=mask)

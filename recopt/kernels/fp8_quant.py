@@ -56,7 +56,13 @@ def blocknorm_quant_rowwise_kernel(
         tl.store(y_ptr + row * stride_ym + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
     scale = tl.maximum(amax, 1e-12) / E4M3_MAX
-    v = tl.minimum(tl.maximum(y / scale, -E4M3_MAX), E4M3_MAX)
+    raw = y / scale
+    v = tl.minimum(tl.maximum(raw, -E4M3_MAX), E4M3_MAX)
     v = _round_to_e4m3_grid(v)
-    tl.store(q_ptr + row * stride_qm + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
+    # min/max and the interpreter's fp8 conversion drop NaN: write 0x7F (e4m3fn NaN) where the value is
+    # NaN, so a row holding an inf (scale inf, inf/inf) or a NaN gives NaN outputs as eager's are
+    # inf/NaN, not a silently finite row.
+    bits = v.to(q_ptr.dtype.element_ty).to(tl.uint8, bitcast=True)
+    bits = tl.where(raw != raw, 0x7F, bits).to(tl.uint8)
+    tl.store(q_ptr + row * stride_qm + offs, bits.to(q_ptr.dtype.element_ty, bitcast=True), mask=mask)
     tl.store(scale_ptr + row, scale)

@@ -27,6 +27,17 @@ def build_bag_kjt(keys: List[str], inputs: List[torch.Tensor], offsets: List[Opt
     """
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+    bags = [_bag_count(x, off, last) for x, off, last in zip(inputs, offsets, include_last_offset)]
+    if len(set(bags)) > 1:
+        # One KJT has one stride: keys with different bag counts would be split at the wrong places
+        # (each key reading some of the next key's bags) and pooled silently wrong.
+        raise ValueError(
+            "sparse2d: the lookups " + ", ".join(f"{k!r} ({b} bags)" for k, b in zip(keys, bags))
+            + " were gathered into one TorchRec collection because the example gave them the same number "
+            "of bags, but this batch does not: one KeyedJaggedTensor needs the same batch size for every "
+            "key. Optimize with an example where these lookups have different batch sizes (the pass then "
+            "puts them in separate collections), or leave the sparse2d pass out.")
+    _check_offsets(keys, inputs, offsets, include_last_offset)
     values, lengths, ws = [], [], []
     for x, off, last, w in zip(inputs, offsets, include_last_offset, weights):
         if x.dim() == 2:
@@ -46,9 +57,42 @@ def build_bag_kjt(keys: List[str], inputs: List[torch.Tensor], offsets: List[Opt
         lengths.append(lens.long())
         if w is not None:
             ws.append(w)
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=keys, values=torch.cat(values), lengths=torch.cat(lengths),
-        weights=torch.cat(ws) if ws else None)
+    values, lengths = torch.cat(values), torch.cat(lengths)
+    w = torch.cat(ws) if ws else None
+    if bags and bags[0] == 0:
+        # An empty batch: a stride-0 KJT breaks TorchRec's to_dict (IndexError); stated per key,
+        # the collection returns [0, D] per feature, as nn.EmbeddingBag does.
+        return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=w,
+                                 stride_per_key_per_rank=[[0] for _ in keys])
+    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths, weights=w)
+
+
+def _bag_count(x: torch.Tensor, off: Optional[torch.Tensor], last: bool) -> int:
+    if x.dim() == 2:
+        return int(x.shape[0])
+    return int(off.shape[0]) - (1 if last else 0)
+
+
+def _check_offsets(keys: List[str], inputs: List[torch.Tensor], offsets: List[Optional[torch.Tensor]],
+                   include_last_offset: List[bool]) -> None:
+    """Raise where ``nn.EmbeddingBag`` raises on these offsets (one host sync for all keys).
+
+    Lengths from bad offsets (not starting at 0, decreasing, past the end) would otherwise be
+    negative or misplaced; eager refuses such offsets, so the rewritten graph must too.
+    """
+    checks, names = [], []
+    for k, x, off, last in zip(keys, inputs, offsets, include_last_offset):
+        if x.dim() == 2 or off is None or off.numel() == 0:
+            continue
+        checks += [off[0] != 0, (off[1:] < off[:-1]).any(), off[-1] > x.numel()]
+        names += [f"{k!r}: offsets[0] has to be 0", f"{k!r}: offsets must not decrease",
+                  f"{k!r}: offsets[-1] can not be greater than the input's length {x.numel()}"]
+    if not checks:
+        return
+    bad = torch.stack([c.reshape(()) for c in checks])
+    if bool(bad.any()):
+        raise RuntimeError("sparse2d lookup: " + "; ".join(n for n, b in zip(names, bad.tolist()) if b)
+                           + " (nn.EmbeddingBag refuses these offsets too)")
 
 
 @torch.fx.wrap

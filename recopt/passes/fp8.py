@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from ..fp8 import dispatch as D
 from ..graph.nodes import set_submodule, tidy_graph
@@ -198,6 +199,10 @@ class FP8Pass(Pass):
         basis = "measured" if measured else PREDICTED
         self._cache = D.MeasurementCache(cfg.timings_path or None) if cfg.timings_path else D.CACHE
         sites = find_sites(gm)
+        call_of, seen = {}, {}
+        for st in sites:  # a layer used more than once (tied weights) has one site per call
+            call_of[st.node.name] = seen.get(fqn_of(st), 0)
+            seen[fqn_of(st)] = call_of[st.node.name] + 1
         heads = head_sites(gm, sites)
         out_sites: list = []
         eligible = []
@@ -206,16 +211,21 @@ class FP8Pass(Pass):
             if why:
                 out_sites.append(self._site(gm, s, REJECTED, why[0], why[1], D.SiteDecision(
                     fqn_of(s), site_rows(s.input, s.k) or 0, s.k, s.n, consumer_of(gm, s.node),
-                    op_label(gm, s.input), eligible=False, basis="none", reason=why[1], reason_code=why[0])))
+                    op_label(gm, s.input), eligible=False, basis="none", reason=why[1], reason_code=why[0],
+                    call=call_of[s.node.name])))
             else:
                 eligible.append(s)
 
+        out_sites += self._opaque_linears(gm)
         if cfg.load_decisions:
-            decisions = self._load(eligible, cfg.load_decisions, ctx)
+            decisions = self._load(eligible, cfg.load_decisions, ctx, call_of)
             calib_note = f"decisions loaded from {cfg.load_decisions} (not re-probed)"
         else:
             decisions, calib_note = self._probe_and_decide(gm, ctx, eligible, cfg, roles, mode, threshold,
                                                            measured, basis)
+        for s in eligible:
+            decisions[s.node.name].call = call_of[s.node.name]
+        _agree_on_shared_modules(eligible, decisions)
         changed = False
         for s in eligible:
             d = decisions[s.node.name]
@@ -273,17 +283,48 @@ class FP8Pass(Pass):
                                      f"(use target='h100'/'b200', or ignore_speed=True to study numerics)")
         return None
 
+    def _opaque_linears(self, gm: fx.GraphModule) -> list:
+        """One rejected site per captured leaf module (not a linear) that holds linear layers.
+
+        Capture keeps ``torch.nn`` containers such as ``nn.TransformerEncoder`` or
+        ``nn.MultiheadAttention`` as one node, so their feed-forward and projection
+        linears are not sites; the report says so instead of leaving them out silently.
+        """
+        out = []
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, (nn.Linear, FP8Linear)):
+                continue
+            inner = [n for n, m in mod.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, FP8Linear)]
+            if not inner:
+                continue
+            shown = ", ".join(inner[:4]) + (f" and {len(inner) - 4} more" if len(inner) > 4 else "")
+            why = (f"{type(mod).__name__} at {node.target} is one opaque node of the captured graph (a torch.nn "
+                   f"container or a leaf module): its {len(inner)} linear layer(s) ({shown}) are not FP8 sites "
+                   f"and stay as they are (write the block with its own nn.Linear layers to let the pass see them)")
+            out.append(self.rejected(node, "inside_opaque_module", why, module_path=str(node.target),
+                                     details={"fqn": str(node.target), "linears": inner, "eligible": False}))
+        return out
+
     @staticmethod
     def _device(ctx) -> torch.device:
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
-    def _load(self, eligible: list, path: str, ctx=None) -> dict:
+    def _load(self, eligible: list, path: str, ctx=None, call_of: Optional[dict] = None) -> dict:
         saved, meta = D.load_decisions(path)
-        stale = ""
-        if meta.get("basis") == "measured":
+        stale, stale_code = "", "stale_environment"
+        target = ctx.target.name if ctx is not None else None
+        if meta["target"] != target:
+            # Speed-ups (measured or predicted) hold for the target they were made for only; FP8 sites
+            # loaded onto a target without FP8 tensor cores would fail in _scaled_mm at run time.
+            stale, stale_code = (f"decisions were made for target {meta['target']}, this run targets {target}; "
+                                 f"not re-used: re-run the fp8 pass without load_decisions for {target}"), "stale_target"
+        elif meta.get("basis") == "measured":
             from ..fp8.timing import environment, environment_mismatch
 
-            saved_env = meta.get("environment") or {}
+            saved_env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
             diff = environment_mismatch(saved_env, environment(self._device(ctx)))
             if diff:
                 stale = ("decisions were measured on " + ", ".join(f"{k}={saved_env.get(k)}" for k in diff)
@@ -291,10 +332,11 @@ class FP8Pass(Pass):
                            "load_decisions to measure here")
         out = {}
         for s in eligible:
-            d = saved.get(fqn_of(s))
+            call = (call_of or {}).get(s.node.name, 0)
+            d = saved.get(fqn_of(s) if not call else f"{fqn_of(s)}#{call}")
             if stale:
                 out[s.node.name] = D.SiteDecision(fqn_of(s), 0, s.k, s.n, decision="bf16",
-                                                  reason_code="stale_environment", reason=stale)
+                                                  reason_code=stale_code, reason=stale)
             elif d is None:
                 out[s.node.name] = D.SiteDecision(fqn_of(s), 0, s.k, s.n, decision="bf16", reason_code="not_in_decisions",
                                                   reason=f"no decision for {fqn_of(s)} in {path}; kept")
@@ -328,8 +370,11 @@ class FP8Pass(Pass):
             consumer, producer = consumer_of(gm, s.node), op_label(gm, s.input)
             d = D.SiteDecision(fqn_of(s), m, s.k, s.n, consumer, producer,
                                basis="measured" if measured else "predicted")
+            skipped = (f" [{st.non_finite_rows} calibration row(s) at this site held inf/NaN and were left "
+                       f"out of the statistics]") if st.non_finite_rows else ""
             if st.n < 2:
-                d.reason_code, d.reason = "no_statistics", "the probe saw fewer than 2 rows at this site"
+                d.reason_code = "no_statistics"
+                d.reason = "the probe saw fewer than 2 finite rows at this site" + skipped
                 decisions[s.node.name] = d
                 continue
             w = s.weight.detach().float()
@@ -377,6 +422,12 @@ class FP8Pass(Pass):
                 d.reason = f"forward: {d.roles['forward'].reason}"
             if not measured and not cfg.ignore_speed:
                 d.reason += f" [{PREDICTED}]"
+            if not cfg.ignore_speed:
+                # The speed side of the decision holds at this M only (the numerics do not depend on it).
+                d.reason += (f" [speed at M={m} rows: " + ("the example's batch; pass calibration_data shaped "
+                             "like real batches to decide at their size]" if data is None
+                             else "the median batch of calibration_data]"))
+            d.reason += skipped
             decisions[s.node.name] = d
         return decisions, calib_note
 
@@ -456,6 +507,31 @@ class FP8Pass(Pass):
         if status == "rewritten":
             return self.rewritten(s.node, reason, module_path=d.fqn, details=details)
         return self.rejected(s.node, code, reason, module_path=d.fqn, details=details)
+
+
+def _agree_on_shared_modules(eligible: list, decisions: dict) -> None:
+    """One ``nn.Linear`` called at several sites is one module: it is swapped for an ``FP8Linear`` for
+    every call or for none. Where its calls' decisions differ (one FP8, one not, or other recipes),
+    every call stays in high precision (``shared_module_mixed``), rather than the report saying bf16
+    for a call that would run the FP8 module."""
+    by_fqn: dict = {}
+    for s in eligible:
+        if s.kind == "module":
+            by_fqn.setdefault(s.fqn, []).append(s)
+    for fqn, ss in by_fqn.items():
+        ds = [decisions[s.node.name] for s in ss]
+        if len(ds) < 2:
+            continue
+        plans = {(d.decision, d.backend, tuple(sorted(d.recipes().items())) if d.decision == "fp8" else ())
+                 for d in ds}
+        if len(plans) == 1:
+            continue
+        why = (f"{fqn} is one module called at {len(ds)} sites whose decisions differ ("
+               + "; ".join(f"call {d.call}: {d.decision}"
+                           + (f" {'/'.join(d.recipes().values())}" if d.decision == "fp8" else "") for d in ds)
+               + "); the module runs one way for every call, so all calls stay in high precision")
+        for d in ds:
+            d.decision, d.reason_code, d.reason = "bf16", "shared_module_mixed", why
 
 
 def _fallback_roles(recipes: dict, target, site) -> dict:

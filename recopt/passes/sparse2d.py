@@ -29,7 +29,8 @@ copied and the old modules are removed.
 
 **Rejects**, with a reason code: ``max_pooling`` (TorchRec pools SUM/MEAN),
 ``padding_idx``, ``max_norm`` (renormalises weights in place),
-``scale_grad_by_freq``, ``dtype`` (only float32 tables), ``offsets_dynamic``
+``scale_grad_by_freq``, ``sparse_gradients`` (``sparse=True``: its sparse weight gradient would
+become a dense one), ``dtype`` (only float32 tables), ``offsets_dynamic``
 (the lookup's ids are computed after another table's output is used, so one
 collection call cannot serve both), ``shared_weight`` (the weight is also used
 outside embedding lookups, e.g. tied to an output layer), ``shared_table``
@@ -75,6 +76,7 @@ class EmbeddingSite:
     max_norm: Optional[float] = None
     scale_grad_by_freq: bool = False
     include_last_offset: bool = False
+    sparse: bool = False
     problems: list = field(default_factory=list)   # [(reason_code, sentence)]
 
     @property
@@ -104,12 +106,12 @@ def _site_from_node(gm: fx.GraphModule, node: fx.Node) -> Optional[EmbeddingSite
             a = _bind(node, ("input", "offsets", "per_sample_weights"))
             return EmbeddingSite(node, "bag", str(node.target), f"{node.target}.weight", mod.weight, a["input"],
                                  a.get("offsets"), a.get("per_sample_weights"), mod.mode, mod.padding_idx,
-                                 mod.max_norm, mod.scale_grad_by_freq, mod.include_last_offset)
+                                 mod.max_norm, mod.scale_grad_by_freq, mod.include_last_offset, mod.sparse)
         if type(mod) is nn.Embedding:
             a = _bind(node, ("input",))
             return EmbeddingSite(node, "embedding", str(node.target), f"{node.target}.weight", mod.weight,
                                  a["input"], padding_idx=mod.padding_idx, max_norm=mod.max_norm,
-                                 scale_grad_by_freq=mod.scale_grad_by_freq)
+                                 scale_grad_by_freq=mod.scale_grad_by_freq, sparse=mod.sparse)
         return None
     if node.op == "call_function" and node.target in (F.embedding_bag, torch.embedding_bag, F.embedding):
         is_bag = node.target is not F.embedding
@@ -121,7 +123,8 @@ def _site_from_node(gm: fx.GraphModule, node: fx.Node) -> Optional[EmbeddingSite
         ref = w.target[: -len(".weight")] if w.target.endswith(".weight") else w.target
         site = EmbeddingSite(node, "bag" if is_bag else "embedding", ref, w.target, weight, a["input"],
                              padding_idx=a.get("padding_idx"), max_norm=a.get("max_norm"),
-                             scale_grad_by_freq=bool(a.get("scale_grad_by_freq", False)))
+                             scale_grad_by_freq=bool(a.get("scale_grad_by_freq", False)),
+                             sparse=bool(a.get("sparse", False)))
         if is_bag:
             site.offsets, site.per_sample_weights = a.get("offsets"), a.get("per_sample_weights")
             site.mode = a.get("mode", "mean")
@@ -175,6 +178,10 @@ def _check_options(site: EmbeddingSite) -> None:
     if site.scale_grad_by_freq:
         p.append(("scale_grad_by_freq", "scale_grad_by_freq changes gradients in a way the fused "
                                         "TorchRec/FBGEMM optimizers do not reproduce"))
+    if site.sparse:
+        p.append(("sparse_gradients", "sparse=True: the lookup's weight gradient is a sparse tensor (for "
+                                      "SparseAdam / sparse SGD), a TorchRec collection's is dense (as large as "
+                                      "the table); remove sparse=True to gather this table, or keep it plain"))
     if site.per_sample_weights is not None and site.mode != "sum":
         p.append(("per_sample_weights", "per_sample_weights need sum pooling (a weighted collection pools by sum)"))
     if site.kind == "bag" and site.input.meta.get("tensor_meta") is not None:
@@ -278,6 +285,13 @@ class Sparse2DPass(Pass):
             for ref, ss in by_table.items():
                 if node.target == ss[0].weight_key or node.target.startswith(ref + "."):
                     other_uses.add(ref)
+        # A weight tied by assignment (``out.weight = emb.weight``) is used by a call_module node
+        # (an nn.Linear), not by a get_attr: find it by identity under another state-dict key.
+        keys_of = {id(ss[0].weight): (ref, {s.weight_key for s in ss}) for ref, ss in by_table.items()}
+        for key, p in gm.named_parameters(remove_duplicate=False):
+            hit = keys_of.get(id(p))
+            if hit is not None and key not in hit[1]:
+                other_uses.add(hit[0])
         for ref, ss in by_table.items():
             if len({s.kind for s in ss}) > 1:
                 other_uses.add(ref)
