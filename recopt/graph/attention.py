@@ -75,6 +75,7 @@ class _Bias:
     pre_scale_at: float    # pre_scale accumulated when the bias was added
     pre_nodes_at: int      # shape-derived pre-scale factors seen by then
     masks_before: int      # masks applied to the scores before the bias
+    pre_tensors_at: int = 0  # tensor pre-scale factors (constant along the keys) seen by then
 
 
 @dataclass
@@ -286,7 +287,7 @@ def _analyze(gm, m1: C.MatmulView, m2: C.MatmulView, path: list, convert_nan_mas
                 raise Mismatch("unsupported_op", f"{_label(n)} adds to the activated scores")
             _require_canonical(n, cur_perm, reshaped)
             plan.biases.append(_Bias(other, 1.0 if kind == "add" else -1.0, plan.pre_scale,
-                                     len(plan.pre_nodes), len(plan.masks)))
+                                     len(plan.pre_nodes), len(plan.masks), len(plan.pre_tensors)))
         elif kind in ("where", "masked_fill"):
             _require_canonical(n, cur_perm, reshaped)
             plan.masks.append(_mask_of(gm, n, act_seen, plan.pre_scale))
