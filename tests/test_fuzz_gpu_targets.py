@@ -163,3 +163,32 @@ def test_bias_scaled_by_a_tensor_after_it(act):
     params = list(model.parameters())
     for B, T in ((3, 5), (1, 1), (4, 7)):
         _assert_same(model, opt, (torch.randn(B, T, 8),), False, params, f"B={B} T={T}")
+
+
+class SeqFirstWhereFullLike(nn.Module):
+    """``[T, B, D]`` input, ``bmm`` scores, padding by ``where(pad, full_like(s, -inf), s)``.
+
+    The fill ``full_like(s, -inf)`` has the scores' shape, and the matcher walked into it
+    instead of the scores: the attention was not even listed as a candidate."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x, lengths):
+        T, B, D = x.shape
+        q, k, v = (t.permute(1, 0, 2) for t in self.qkv(x).chunk(3, -1))
+        s = torch.bmm(q, k.permute(0, 2, 1)) / D ** 0.5
+        pad = torch.arange(T)[None, :] >= lengths[:, None]
+        s = torch.where(pad.unsqueeze(1), torch.full_like(s, float("-inf")), s)
+        return torch.bmm(s.softmax(-1), v).permute(1, 0, 2)
+
+
+def test_where_with_a_full_like_fill_is_fused():
+    torch.manual_seed(0)
+    model = SeqFirstWhereFullLike().eval()
+    opt = optimize_unverified(model, (torch.randn(3, 3, 8), torch.tensor([3, 1, 2])), "h100")
+    assert [s.status for s in opt.report.sites_for("gdpa")] == ["rewritten"]
+    params = list(model.parameters())
+    for B, T, lens in ((3, 3, [0, 3, 1]), (1, 1, [1]), (2, 6, [6, 4])):
+        _assert_same(model, opt, (torch.randn(T, B, 8), torch.tensor(lens)), False, params, f"B={B} T={T}")

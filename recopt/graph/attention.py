@@ -149,6 +149,8 @@ def _main_input(gm, node) -> Optional[fx.Node]:
     tensors = [a for a in node.args if isinstance(a, fx.Node)]
     if kind in ("where",):
         cands = [a for a in node.args[1:3] if isinstance(a, fx.Node)]
+        # where(pad, full_like(s, -inf), s): the fill has the scores' shape too, but is a constant
+        cands = [a for a in cands if _constant_fill(gm, a) is None] or cands
         full = [a for a in cands if node_shape(a) == shape]
         return (full or cands or [None])[0]
     if kind in ("mul", "div", "add", "sub"):
