@@ -192,3 +192,104 @@ def test_where_with_a_full_like_fill_is_fused():
     params = list(model.parameters())
     for B, T, lens in ((3, 3, [0, 3, 1]), (1, 1, [1]), (2, 6, [6, 4])):
         _assert_same(model, opt, (torch.randn(T, B, 8), torch.tensor(lens)), False, params, f"B={B} T={T}")
+
+
+class BandedLearnedQueries(nn.Module):
+    """Learned queries (``nq`` of them, expanded to the batch) attend with a band to a sequence.
+
+    ``same_sequence`` compared the example's sizes (``x.shape[1] == Tq``): with ``nq == T`` in the
+    example, this cross-attention was taken for self-attention (``x`` feeds the query through
+    ``expand(x.size(0), ...)``), ``band_attention`` rewrote it into ``local_attention``, and the
+    optimized model raised at any other length."""
+
+    def __init__(self, nq=4, d=8, w=1):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(nq, d))
+        self.k, self.v, self.w = nn.Linear(d, d), nn.Linear(d, d), w
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q = self.queries.unsqueeze(0).expand(B, -1, -1)[:, None]     # [B, 1, nq, D]
+        k, v = self.k(x)[:, None], self.v(x)[:, None]
+        s = q @ k.transpose(-1, -2) / math.sqrt(D)
+        band = (torch.arange(q.shape[-2])[:, None] - torch.arange(T)[None, :]).abs() <= self.w
+        s = s.masked_fill(~band, -1e9)
+        return (torch.softmax(s, -1) @ v).sum(-2)
+
+
+class BandedSelfAttention(BandedLearnedQueries):
+    def forward(self, x):
+        T, D = x.shape[1], x.shape[2]
+        q, k, v = self.k(x)[:, None], self.k(x)[:, None] * 0.5, self.v(x)[:, None]
+        s = q @ k.transpose(-1, -2) / math.sqrt(D)
+        band = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).abs() <= self.w
+        return (torch.softmax(s.masked_fill(~band, -1e9), -1) @ v).sum(-2)
+
+
+@pytest.mark.parametrize("passes", [["band_attention"], ["sliding_window"]])
+def test_cross_attention_with_Tq_equal_T_in_the_example_is_not_self_attention(passes):
+    torch.manual_seed(0)
+    model = BandedLearnedQueries().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = recopt.optimize(model, (torch.randn(2, 4, 8),), target="h100", backend="eager", verify=False,
+                              passes=passes)
+    assert [s.reason_code for s in opt.report.sites_for(passes[0])] == ["not_self_attention"]
+    for T in (4, 7, 2):
+        x = torch.randn(3, T, 8)
+        assert compare_outputs(model(x), opt(x)) is None
+    # the same band on self-attention is still recognised
+    selfm = BandedSelfAttention().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = recopt.optimize(selfm, (torch.randn(2, 6, 8),), target="h100", backend="eager", verify=False,
+                              passes=["band_attention"])
+    assert [s.status for s in opt.report.sites_for("band_attention")] == ["rewritten"]
+    for T in (6, 9, 1):
+        x = torch.randn(3, T, 8)
+        assert compare_outputs(selfm(x), opt(x)) is None
+
+
+def _first_scores(fn, *args):
+    import torch.fx as fx
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from recopt.graph import canon as C
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.q = nn.Linear(8, 24), nn.Parameter(torch.randn(1, 8))
+
+        def forward(self, x):
+            return fn(self, x)
+
+    gm = fx.symbolic_trace(M())
+    ShapeProp(gm).propagate(*args)
+    m1 = next(C.as_matmul(n, gm) for n in gm.graph.nodes if C.as_matmul(n, gm) is not None)
+    return gm, m1
+
+
+def _heads(t, B, T):
+    return t.view(B, T, 2, 4).transpose(1, 2)
+
+
+@pytest.mark.parametrize("fn,self_attention", [
+    # self-attention: qkv chunk, heads by view + transpose, scores q @ kᵀ
+    (lambda m, x: _heads(m.qkv(x).chunk(3, -1)[0], x.size(0), x.size(1))
+     @ _heads(m.qkv(x).chunk(3, -1)[1], x.size(0), x.size(1)).transpose(-1, -2), True),
+    # the last item as the query (DIN's candidate): not the sequence, also when T == 1 in the example
+    (lambda m, x: m.qkv(x)[:, -1:, :8] @ m.qkv(x)[..., 8:16].transpose(1, 2), False),
+    # one learned query expanded to the batch by x.size(0)
+    (lambda m, x: m.q.expand(x.size(0), -1, -1) @ x.transpose(1, 2), False),
+    # queries from a pooled sequence (mean over T): not positions of the sequence
+    (lambda m, x: x.mean(1, keepdim=True) @ x.transpose(1, 2), False),
+])
+@pytest.mark.parametrize("T", [1, 5])
+def test_same_sequence_reads_how_q_and_k_are_built(fn, self_attention, T):
+    from recopt.graph import attention as A
+
+    gm, m1 = _first_scores(fn, torch.randn(2, T, 8))
+    q_axis = m1.lhs_perm[-2] if m1.lhs_perm is not None else -2
+    k_axis = m1.rhs_perm[-1] if m1.rhs_perm is not None else -1
+    assert A.same_sequence(m1.lhs, m1.rhs, q_axis=q_axis, k_axis=k_axis, gm=gm) is self_attention
