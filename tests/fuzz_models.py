@@ -94,6 +94,151 @@ class Attn(nn.Module):
         return x + self.out(o)
 
 
+XQUERY = ("self", "param", "last")
+XLAYOUTS = ("bhtd_view", "bhtd_unflatten", "bthd_einsum", "tbd_bmm", "bhtd_reshape_cat")
+XMASKS = ("none", "key", "causal")
+XFILLS = ("fill_inf", "finfo", "where_inf", "where_1e9", "additive", "fill_1e9_eq0")
+XSCALES = ("none", "pow", "sqrt", "temperature", "after_mask")
+XGQA = ("none", "repeat_interleave", "expand")
+
+
+class XAttn(nn.Module):
+    """Attention written the ways public recsys code writes it (self or target/cross).
+
+    - ``query``: ``self`` (q from the sequence), ``param`` (``nq`` learned queries,
+      expanded to the batch: target attention with Tq = nq, possibly equal to T in the
+      example), ``last`` (the last position, DIN-style candidate, Tq = 1);
+    - ``layout``: heads by ``view(B,T,H,d).transpose(1,2)``, ``unflatten``, keys-first
+      ``[B, T, H, d]`` with ``einsum('bqhd,bkhd->bhqk')``, sequence-first ``[T, B, D]``
+      folded to ``[B*H, T, d]`` with ``bmm`` (torch MHA's own spelling), or
+      ``reshape`` + heads concatenated back with ``cat(split)``;
+    - ``gqa``: one k/v head shared by all query heads through ``repeat_interleave`` or
+      ``expand`` (MQA);
+    - ``mask``: key lengths (``arange < lengths[:, None]``) or causal (``torch.triu``);
+      ``fill``: ``masked_fill(~m, -inf)``, ``finfo.min``, ``torch.where(m, s, -inf)``,
+      ``torch.where`` with -1e9, an additive ``(1 - m) * -1e9``, ``masked_fill(m == 0, -1e9)``;
+    - ``scale``: ``* d ** -0.5``, ``/ math.sqrt(d)``, a learned ``temperature``, or applied
+      after the mask (``-inf`` stays ``-inf``).
+    """
+
+    def __init__(self, d: int, cfg: dict):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg["heads"]
+        self.hd = d // H
+        kvh = 1 if cfg["gqa"] != "none" else H
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, kvh * self.hd)
+        self.v = nn.Linear(d, kvh * self.hd)
+        self.out = nn.Linear(d, d)
+        if cfg["query"] == "param":
+            self.queries = nn.Parameter(torch.randn(cfg["nq"], d))
+        if cfg["scale"] == "temperature":
+            self.temperature = nn.Parameter(torch.tensor(float(self.hd) ** 0.5))
+
+    def _heads(self, t, B, T, h):
+        lay = self.cfg["layout"]
+        if lay == "bhtd_unflatten":
+            return t.unflatten(-1, (h, self.hd)).transpose(1, 2)
+        if lay == "bhtd_reshape_cat":
+            return t.reshape(B, T, h, self.hd).permute(0, 2, 1, 3)
+        if lay == "bthd_einsum":
+            return t.view(B, T, h, self.hd)
+        return t.view(B, T, h, self.hd).transpose(1, 2)
+
+    def _expand_kv(self, t, H):
+        g = self.cfg["gqa"]
+        if g == "none" or H == 1:
+            return t
+        hdim = 2 if self.cfg["layout"] == "bthd_einsum" else 1
+        if g == "repeat_interleave":
+            return t.repeat_interleave(H, dim=hdim)
+        shape = list(t.shape)
+        shape[hdim] = H
+        return t.expand(*shape)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, D = x.shape
+        H = cfg["heads"]
+        kvh = 1 if cfg["gqa"] != "none" else H
+        if cfg["query"] == "self":
+            xq = x
+        elif cfg["query"] == "param":
+            xq = self.queries.unsqueeze(0).expand(B, -1, -1)
+        else:
+            xq = x[:, -1:, :]
+        Tq = xq.shape[1]
+        lay = cfg["layout"]
+        if lay == "tbd_bmm":
+            # sequence-first, as torch's MHA code: [T, B, D] -> [B*H, T, d]
+            xs, xqs = x.transpose(0, 1), xq.transpose(0, 1)
+            q = self.q(xqs).contiguous().view(Tq, B * H, self.hd).transpose(0, 1)
+            k = self.k(xs)
+            v = self.v(xs)
+            if kvh != H:
+                k = k.unsqueeze(2).expand(T, B, H, self.hd).reshape(T, B * H, self.hd)
+                v = v.unsqueeze(2).expand(T, B, H, self.hd).reshape(T, B * H, self.hd)
+            k = k.contiguous().view(T, B * H, self.hd).transpose(0, 1)
+            v = v.contiguous().view(T, B * H, self.hd).transpose(0, 1)
+            s = torch.bmm(q, k.transpose(1, 2))
+        else:
+            q = self._heads(self.q(xq), B, Tq, H)
+            k = self._expand_kv(self._heads(self.k(x), B, T, kvh), H)
+            v = self._expand_kv(self._heads(self.v(x), B, T, kvh), H)
+            if lay == "bthd_einsum":
+                s = torch.einsum("bqhd,bkhd->bhqk", q, k)
+            else:
+                s = q @ k.transpose(-2, -1)
+        scale = cfg["scale"]
+        if scale == "pow":
+            s = s * self.hd ** -0.5
+        elif scale == "sqrt":
+            s = s / math.sqrt(self.hd)
+        elif scale == "temperature":
+            s = s / self.temperature
+        keep = None
+        if cfg["mask"] == "key":
+            keep = torch.arange(T, device=x.device)[None, :] < lengths[:, None]     # [B, T]
+            keep = keep[:, None, None, :]                                           # [B, 1, 1, T]
+        elif cfg["mask"] == "causal" and cfg["query"] == "self":
+            keep = ~torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=1)
+        if keep is not None and lay == "tbd_bmm":
+            keep = keep.expand(-1, H, -1, -1).reshape(B * H, 1, T) if keep.dim() == 4 else keep
+        if keep is not None:
+            fill = cfg["fill"]
+            if fill == "fill_inf":
+                s = s.masked_fill(~keep, float("-inf"))
+            elif fill == "finfo":
+                s = s.masked_fill(~keep, torch.finfo(s.dtype).min)
+            elif fill == "where_inf":
+                s = torch.where(keep, s, torch.tensor(float("-inf")))
+            elif fill == "where_1e9":
+                s = torch.where(keep, s, -1e9)
+            elif fill == "additive":
+                s = s + (1.0 - keep.float()) * -1e9
+            else:
+                s = s.masked_fill(keep == 0, -1e9)
+        if scale == "after_mask":
+            s = s / math.sqrt(self.hd)
+        a = torch.softmax(s, dim=-1) if cfg["act"] == "softmax" else F.silu(s) / T
+        if cfg["act"] != "softmax" and keep is not None:
+            a = a * keep
+        if lay == "tbd_bmm":
+            o = torch.bmm(a, v).transpose(0, 1).contiguous().view(Tq, B, D).transpose(0, 1)
+        elif lay == "bthd_einsum":
+            o = torch.einsum("bhqk,bkhd->bqhd", a, v).reshape(B, Tq, D)
+        elif lay == "bhtd_reshape_cat":
+            o = a @ v
+            o = torch.cat(torch.split(o, 1, dim=1), dim=-1).squeeze(1)
+        else:
+            o = (a @ v).transpose(1, 2).reshape(B, Tq, D)
+        o = self.out(o)
+        if Tq != T or cfg["query"] != "self":
+            o = o.mean(1, keepdim=True)
+        return x + o
+
+
 class PFFN(nn.Module):
     def __init__(self, d: int, cfg: dict):
         super().__init__()
@@ -148,7 +293,7 @@ class BatchNorm(nn.Module):
         return self.bn(x.transpose(1, 2)).transpose(1, 2)
 
 
-BLOCKS = {"attn": Attn, "pffn": PFFN, "decoy": Decoy, "norm": Norm, "dropout": Dropout, "batchnorm": BatchNorm}
+BLOCKS = {"attn": Attn, "xattn": XAttn, "pffn": PFFN, "decoy": Decoy, "norm": Norm, "dropout": Dropout, "batchnorm": BatchNorm}
 
 
 class FuzzModel(nn.Module):
@@ -206,8 +351,8 @@ def edge_inputs(spec: dict):
     yield "full lengths", example_inputs(spec, lengths=torch.full((B,), T, dtype=torch.long), seed=7)
 
 
-def spec_strategy(train_blocks: bool = True):
-    """A hypothesis strategy of model specs."""
+def spec_strategy(train_blocks: bool = True, xattn: bool = False):
+    """A hypothesis strategy of model specs (``xattn``: include :class:`XAttn` blocks)."""
     from hypothesis import strategies as st
 
     heads = st.sampled_from([1, 2])
@@ -220,6 +365,8 @@ def spec_strategy(train_blocks: bool = True):
     decoy = st.fixed_dictionaries({"block": st.just("decoy"), "kind": st.sampled_from(DECOYS)})
     norm = st.fixed_dictionaries({"block": st.just("norm")})
     choices = [attn, attn, pffn, decoy, norm]
+    if xattn:
+        choices += [xattn_strategy(), xattn_strategy()]
     if train_blocks:
         choices += [st.fixed_dictionaries({"block": st.just("dropout"), "p": st.sampled_from([0.1, 0.5])}),
                     st.fixed_dictionaries({"block": st.just("batchnorm")})]
@@ -230,4 +377,16 @@ def spec_strategy(train_blocks: bool = True):
         "blocks": st.lists(st.one_of(*choices), min_size=1, max_size=3),
         "pool": st.sampled_from(["masked_mean", "first"]),
         "init_seed": st.integers(0, 2 ** 16),
+    })
+
+
+def xattn_strategy():
+    """A hypothesis strategy of :class:`XAttn` block configs."""
+    from hypothesis import strategies as st
+
+    return st.fixed_dictionaries({
+        "block": st.just("xattn"), "query": st.sampled_from(XQUERY), "nq": st.integers(1, 4),
+        "layout": st.sampled_from(XLAYOUTS), "heads": st.sampled_from([1, 2]), "gqa": st.sampled_from(XGQA),
+        "mask": st.sampled_from(XMASKS), "fill": st.sampled_from(XFILLS), "scale": st.sampled_from(XSCALES),
+        "act": st.sampled_from(["softmax", "softmax", "silu"]),
     })

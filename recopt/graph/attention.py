@@ -30,11 +30,13 @@ The region, walking back from ``P @ v`` to a first matmul ``S = q @ X``
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from recopt.ops import gdpa_ref as R
 
@@ -75,6 +77,7 @@ class _Bias:
     pre_scale_at: float    # pre_scale accumulated when the bias was added
     pre_nodes_at: int      # shape-derived pre-scale factors seen by then
     masks_before: int      # masks applied to the scores before the bias
+    pre_tensors_at: int = 0  # tensor pre-scale factors (constant along the keys) seen by then
 
 
 @dataclass
@@ -148,6 +151,8 @@ def _main_input(gm, node) -> Optional[fx.Node]:
     tensors = [a for a in node.args if isinstance(a, fx.Node)]
     if kind in ("where",):
         cands = [a for a in node.args[1:3] if isinstance(a, fx.Node)]
+        # where(pad, full_like(s, -inf), s): the fill has the scores' shape too, but is a constant
+        cands = [a for a in cands if _constant_fill(gm, a) is None] or cands
         full = [a for a in cands if node_shape(a) == shape]
         return (full or cands or [None])[0]
     if kind in ("mul", "div", "add", "sub"):
@@ -286,7 +291,7 @@ def _analyze(gm, m1: C.MatmulView, m2: C.MatmulView, path: list, convert_nan_mas
                 raise Mismatch("unsupported_op", f"{_label(n)} adds to the activated scores")
             _require_canonical(n, cur_perm, reshaped)
             plan.biases.append(_Bias(other, 1.0 if kind == "add" else -1.0, plan.pre_scale,
-                                     len(plan.pre_nodes), len(plan.masks)))
+                                     len(plan.pre_nodes), len(plan.masks), len(plan.pre_tensors)))
         elif kind in ("where", "masked_fill"):
             _require_canonical(n, cur_perm, reshaped)
             plan.masks.append(_mask_of(gm, n, act_seen, plan.pre_scale))
@@ -607,21 +612,123 @@ def bias_mask_factors(gm: fx.GraphModule, match: "AttentionMatch") -> list:
     return out
 
 
-def same_sequence(q, k, depth: int = 14) -> bool:
-    """Whether ``q`` and ``k`` are computed from one ``[B, T, *]`` sequence tensor with
-    ``T`` = q's query length (self-attention), following inputs up to ``depth`` steps."""
+_POSITIONWISE = {"identity", "cast", "dropout", "gelu", "silu", "relu", "leaky_relu", "hardswish", "sigmoid"}
+
+
+def _getitem_axis(index, axis: int) -> Optional[int]:
+    """The input dim that output dim ``axis`` of ``x[index]`` reads whole, or None."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(it is Ellipsis for it in items[:-1]) or any(isinstance(it, fx.Node) for it in items):
+        return None
+    out_dim, in_dim = 0, 0
+    for it in items:
+        if it is Ellipsis:
+            break
+        if it is None:
+            if out_dim == axis:
+                return None
+            out_dim += 1
+        elif isinstance(it, slice):
+            if out_dim == axis:
+                return in_dim if it == slice(None) else None
+            out_dim += 1
+            in_dim += 1
+        elif isinstance(it, int):
+            in_dim += 1
+        else:
+            return None
+    if items and items[-1] is Ellipsis:
+        return None
+    return in_dim + (axis - out_dim) if axis >= out_dim else None
+
+
+def _split_dim(n: fx.Node) -> Optional[int]:
+    """The dim of ``x.chunk(c, dim)`` / ``x.split(s, dim)`` (also ``torch.`` spellings), else None."""
+    name = getattr(n.target, "__name__", n.target) if n.op in ("call_method", "call_function") else None
+    if name not in ("chunk", "split") or not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
+    return dim if isinstance(dim, int) else None
+
+
+def _sequence_sources(gm, node, axis: int, depth: int) -> set:
+    """``(node', axis')`` pairs whose positions along ``axis'`` are ``node``'s positions along
+    ``axis``, found by following ops that keep that axis (projections, norms over other dims,
+    pointwise ops, permutes, reshapes that keep the leading dims, chunks along another dim).
+    Sizes read from a tensor (``x.size(0)`` in an ``expand``) are not followed: a query built
+    from a parameter is not the sequence, whatever its example length."""
+    out: set = set()
+    frontier = [(node, axis)]
+    for _ in range(depth):
+        nxt = []
+        for n, ax in frontier:
+            if not isinstance(n, fx.Node) or (n, ax) in out:
+                continue
+            out.add((n, ax))
+            shape = node_shape(n)
+            rank = len(shape) if shape is not None else None
+            if n.op in ("placeholder", "get_attr", "output") or rank is None or not 0 <= ax < rank:
+                continue
+            kind = C.op_kind(n, gm)
+            mod = get_module(gm, n)
+            src = n.args[0] if n.args else None
+            if isinstance(mod, torch.nn.LayerNorm):
+                if ax < rank - len(mod.normalized_shape):
+                    nxt.append((src, ax))
+            elif isinstance(mod, torch.nn.Embedding) or (n.op == "call_function" and n.target is F.embedding):
+                if ax < rank - 1:
+                    nxt.append((src, ax))
+            elif kind in ("linear", "addmm") or (kind == "matmul" and is_parameter(gm, n.args[1])):
+                if ax < rank - 1:
+                    nxt.append((n.args[1] if kind == "addmm" else src, ax))
+            elif kind in _POSITIONWISE:
+                nxt.append((src, ax))
+            elif kind in ("permute", "transpose", "t", "permute_attr"):
+                p = C.as_permute(n, gm)
+                if p is not None:
+                    nxt.append((p[0], p[1][ax]))
+            elif kind == "view":
+                ins = node_shape(src)
+                if ins is not None and len(ins) > ax and tuple(ins[:ax + 1]) == tuple(shape[:ax + 1]):
+                    nxt.append((src, ax))
+            elif kind in ("add", "sub", "mul", "div"):
+                for a in n.args[:2]:
+                    s_a = node_shape(a)
+                    if isinstance(a, fx.Node) and s_a is not None:
+                        a_ax = ax - (rank - len(s_a))
+                        if a_ax >= 0 and s_a[a_ax] == shape[ax]:
+                            nxt.append((a, a_ax))
+            elif n.op == "call_function" and n.target is operator.getitem and isinstance(src, fx.Node):
+                split_dim = _split_dim(src)
+                if isinstance(n.args[1], int) and split_dim is not None:
+                    bs = node_shape(src.args[0])     # q, k, v = x.chunk(3, -1): keeps other dims
+                    if bs is not None and split_dim % len(bs) != ax:
+                        nxt.append((src.args[0], ax))
+                else:
+                    a_in = _getitem_axis(n.args[1], ax)
+                    if a_in is not None:
+                        nxt.append((src, a_in))
+        frontier = nxt
+    return out
+
+
+def same_sequence(q, k, depth: int = 14, q_axis: int = -2, k_axis: int = -2, gm=None) -> bool:
+    """Whether the query positions of ``q`` (its dim ``q_axis``) and the key positions of ``k``
+    (its dim ``k_axis``) are the positions of one input-derived sequence (self-attention).
+
+    Read from how q and k are computed (:func:`_sequence_sources`), never by comparing the
+    example's sizes: learned queries expanded to the batch, or a last-item query, are not the
+    sequence even when their length equals T in the example."""
     if not isinstance(q, fx.Node) or not isinstance(k, fx.Node):
         return False
-    qs = node_shape(q)
-    if qs is None or len(qs) < 2:
+    qs, ks = node_shape(q), node_shape(k)
+    if qs is None or ks is None or len(qs) < 2 or len(ks) < 2:
         return False
-    common = (_side_inputs([q], depth) | {q}) & (_side_inputs([k], depth) | {k})
-    for n in common:
-        s = node_shape(n)
-        if n.op != "get_attr" and s is not None and len(s) == 3 and s[1] == qs[-2] and \
-                (n.op == "placeholder" or depends_on_inputs(n)):
-            return True
-    return False
+    gm = gm if gm is not None else q.graph.owning_module
+    qa = _sequence_sources(gm, q, q_axis % len(qs), depth)
+    ka = _sequence_sources(gm, k, k_axis % len(ks), depth)
+    return any(n.op == "placeholder" or (n.op != "get_attr" and depends_on_inputs(n))
+               for n, _ in qa & ka)
 
 
 @dataclass

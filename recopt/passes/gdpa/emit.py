@@ -8,7 +8,7 @@ import torch.fx as fx
 
 from recopt.graph import attention as A
 from recopt.graph import canon as C
-from recopt.graph.nodes import node_shape
+from recopt.graph.nodes import node_dtype, node_shape
 
 
 
@@ -133,6 +133,13 @@ def _scaled_bias(g, b, plan: A.AttentionPlan):
         node = g.call_function(operator.mul if op == "mul" else operator.truediv, (node, sc))
     if node is not b.node:
         _copy_meta(node, b.node)   # same shape: _combine_softmax_mask reads its rank
+    # ``(s + b) * t`` with a tensor t constant along the keys ([B, 1, 1], [B, Tq, 1]): t is
+    # folded into q (scaling q·k), so it must scale the bias too
+    for t, op in plan.pre_tensors[b.pre_tensors_at:]:
+        shape = _broadcast(node_shape(node), node_shape(t))
+        node = g.call_function(operator.mul if op == "mul" else operator.truediv, (node, t))
+        # shape metadata only (a meta tensor): _combine_softmax_mask reads the product's rank
+        node.meta["val"] = torch.empty(shape, device="meta", dtype=node_dtype(b.node) or torch.float32)
     return node
 
 

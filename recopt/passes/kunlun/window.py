@@ -143,7 +143,9 @@ class _WindowBase(Pass):
             return None
         m1, m2, path = region
         try:
-            if not A.same_sequence(m1.lhs, m1.rhs):
+            q_axis = m1.lhs_perm[-2] if m1.lhs_perm is not None else -2
+            k_axis = m1.rhs_perm[-1] if m1.rhs_perm is not None else -1    # scores = q @ X: keys on X's last dim
+            if not A.same_sequence(m1.lhs, m1.rhs, q_axis=q_axis, k_axis=k_axis, gm=gm):
                 raise _Reject("not_self_attention", f"{m1.node.name}: query and key do not come from one "
                               "sequence (cross-attention / pooling); a sliding window applies to "
                               "self-attention only")
@@ -272,7 +274,7 @@ class _WindowBase(Pass):
 
     def _try_gdpa(self, gm, node):
         q, k = node.args[0], node.args[1]
-        if not A.same_sequence(q, k):
+        if not A.same_sequence(q, k, gm=gm):
             return self.rejected(node, "not_self_attention", "gdpa call whose query and key do not come from one "
                                  "sequence")
         kw = node.kwargs
