@@ -2,7 +2,7 @@
 
 Imported only when triton is importable. Layouts, strides, masks and the
 flattened grid follow :mod:`recopt.ops._gdpa_triton` (whose helpers are
-reused); this module adds the row statistics (``M``, ``L``: fp32, dense
+reused); this module adds the row statistics (``M``, ``1/L``: fp32, dense
 ``[B, H, T_Q]`` or jagged ``[H, N]``), the softmax configs and the
 compile-check specs of the four kernels.
 """
@@ -129,7 +129,7 @@ def softmax_fwd(
     causal: bool = False, causal_offset: int = 0, bias: Optional[torch.Tensor] = None,
     dead_nan: bool = False, out: Optional[torch.Tensor] = None,
 ):
-    """Forward: ``(o, M, L)``. Dense when offsets are None (lengths optional), jagged otherwise.
+    """Forward: ``(o, M, 1/L)``. Dense when offsets are None (lengths optional), jagged otherwise.
 
     ``bias`` (additive; finite or -inf entries) broadcasts to ``[B, H, Tq, Tk]``.
     ``dead_nan``: rows with kept keys whose biased scores are all -inf give NaN (the
@@ -143,18 +143,18 @@ def softmax_fwd(
         out = torch.empty(shape, dtype=q.dtype, device=q.device)
     st_shape = (H, q.shape[0]) if jagged else (B, H, T_Q)
     m = torch.empty(st_shape, dtype=torch.float32, device=q.device)
-    lsum = torch.empty(st_shape, dtype=torch.float32, device=q.device)
+    l_inv = torch.empty(st_shape, dtype=torch.float32, device=q.device)
     if out.numel() == 0 or nb == 0 or T_Q == 0:
         if not jagged:
             out.zero_()
-        return out, m.fill_(float("inf")), lsum.fill_(1.0)
+        return out, m.fill_(float("inf")), l_inv.fill_(1.0)
     bias = _bias4d(bias)
     heavy = _heavy(causal, bias, window, jagged)
     BLOCK_M, BLOCK_N, warps, stages = fwd_config(T_Q, T_K, D, DV, q.dtype, G._arch(q.device), heavy)
     c = G._common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, "raw",
                   causal, causal_offset, bias, nb, H)
     wrap_triton(gdpa_softmax_fwd_kernel)[(triton.cdiv(T_Q, BLOCK_M) * nb * H,)](
-        q, k, v, out, m, lsum, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
+        q, k, v, out, m, l_inv, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
         *G._strides(q, jagged), *G._strides(k, jagged), *G._strides(v, jagged), *G._strides(out, jagged),
         *_stats_strides(m, jagged), *c["bias_strides"],
         H, H // Hkv, T_Q, T_K, D, DV,
@@ -165,18 +165,18 @@ def softmax_fwd(
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=G._pow2(D), BLOCK_DV=G._pow2(DV),
         num_warps=warps, num_stages=stages,
     )
-    return out, m, lsum
+    return out, m, l_inv
 
 
 def softmax_bwd(
-    grad_out, q, k, v, o, m, lsum, *, qk_scale: float, pre_scale: float, window: int = -1,
+    grad_out, q, k, v, o, m, l_inv, *, qk_scale: float, pre_scale: float, window: int = -1,
     q_lengths=None, kv_lengths=None, q_offsets=None, kv_offsets=None,
     max_seq_len_q: Optional[int] = None, max_seq_len_kv: Optional[int] = None,
     causal: bool = False, causal_offset: int = 0, bias: Optional[torch.Tensor] = None,
     out: Optional[tuple] = None,
 ):
     """Backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed, no atomics), from the
-    forward's ``o``, ``M`` and ``L``. The bias gets no gradient here."""
+    forward's ``o``, ``M`` and ``1/L``. The bias gets no gradient here."""
     jagged = q_offsets is not None
     B, H, Hkv, T_Q, T_K, D, DV = G._geometry(q, k, v, jagged, max_seq_len_q, max_seq_len_kv)
     nb = q_offsets.shape[0] - 1 if jagged else B
@@ -215,14 +215,14 @@ def softmax_bwd(
     if dk.numel() > 0:
         for out_dk, out_dv in dkdv_passes(D, DV):
             wrap_triton(gdpa_softmax_bwd_dkdv_kernel)[(triton.cdiv(T_K, cfg_dkdv[1]) * nb * Hkv,)](
-                q, k, v, go, dk, dv, m, lsum, delta, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
+                q, k, v, go, dk, dv, m, l_inv, delta, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
                 *G._strides(q, jagged), *G._strides(k, jagged), *G._strides(v, jagged),
                 *G._strides(go, jagged), *G._strides(dk, jagged), *G._strides(dv, jagged), *st,
                 *c["bias_strides"], *scal, OUT_DK=out_dk, OUT_DV=out_dv, **meta(cfg_dkdv),
             )
     if dq.numel() > 0:
         wrap_triton(gdpa_softmax_bwd_dq_kernel)[(triton.cdiv(T_Q, cfg_dq[0]) * nb * H,)](
-            q, k, v, go, dq, m, lsum, delta, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
+            q, k, v, go, dq, m, l_inv, delta, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
             *G._strides(q, jagged), *G._strides(k, jagged), *G._strides(v, jagged),
             *G._strides(go, jagged), *G._strides(dq, jagged), *st, *c["bias_strides"],
             *scal, **meta(cfg_dq),
