@@ -4,7 +4,11 @@ Kernels only; shapes, configs and dispatch live in ``recopt.ops``. The
 addressing, grids and masks are those of :mod:`recopt.kernels.gdpa` (dense
 ``[B, H, T, d]`` with optional lengths, or jagged ``values [sum T_b, H, d]`` +
 ``offsets``; arbitrary strides, 0 for broadcast; grid flattened to axis 0;
-GQA by ``GROUP`` query heads per K/V head), and so are the helpers.
+GQA by ``GROUP`` query heads per K/V head); the shared helpers live in
+:mod:`recopt.kernels._common`. Only tiles that hold a kept score run: key tiles
+past a sample's key length, query tiles past its query length and tiles outside
+the window/causal band are skipped, and tiles fully inside the lengths and the
+band run without masks (tests/test_gdpa_softmax_tiles.py traces them).
 
 Semantics, per sample b, head h, query row i (those of
 :func:`recopt.ops.gdpa_ref.softmax_attention` with ``masked_rows`` "zero" or,
@@ -38,7 +42,7 @@ key tiles), recomputing the scores from Q, K and the saved ``M``, ``1/L``.
 import triton
 import triton.language as tl
 
-from recopt.kernels.gdpa import _dot, _keep, _load_tile, _seq_bounds, _split_pid
+from recopt.kernels._common import _dot, _keep, _load_tile, _seq_bounds, _split_pid
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 

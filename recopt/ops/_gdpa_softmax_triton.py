@@ -58,7 +58,9 @@ def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     if elt == 4:  # exact fp32 path (FMA dots): small tiles (64 x 16 spilled 32 B)
         cands = [(32, 16, 4, 2)]
     if t_k <= 32:
-        cands = [(c[0], min(c[1], 32), c[2], c[3]) for c in cands]
+        # one key tile: nothing to pipeline (sm_100's masked 64 x 32 at d = 128 spilled 16 B
+        # with two stages)
+        cands = [(c[0], min(c[1], 32), c[2], 1) for c in cands]
     return G._prune(cands, bd, bdv, elt)
 
 
@@ -84,10 +86,12 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
         dkdv = [(16, 128, 8, 2)]
         dq = [(64, 32, 4, 2)]
     else:
-        dkdv = [(16 if arch >= 100 else 32, 128, 8, 2)]
+        # sm_100 at d = 16: three stages (two spilled 8 B under masks)
+        dkdv = [(16 if arch >= 100 else 32, 128, 8, 3 if (arch >= 100 and big <= 16) else 2)]
         dq = [(64, 32 if (heavy or arch >= 100) else 64, 4, 3), (64, 32, 4, 2)]
-    if elt == 4:  # exact fp32 path (FMA dots); 16 x 32 dK/dV spilled 32-40 B
-        dkdv = [(16, 16, 4, 1)]
+    if elt == 4:  # exact fp32 path (FMA dots); 16 x 32 dK/dV spilled 32-40 B; d = 64 needs two
+        # stages (one spilled 8 B under masks), d = 32 one (two spilled 16 B)
+        dkdv = [(16, 16, 4, 2 if big >= 64 else 1)]
         dq = [(32, 16, 4, 1)]
     return G._prune(dkdv, bd, bdv, elt), G._prune(dq, bd, bdv, elt)
 
@@ -261,6 +265,9 @@ VARIANTS = {
     "all": dict(JAGGED=True, HAS_WINDOW=True, CAUSAL=True, HAS_BIAS=True, DEAD_NAN=True, GQA=True),
 }
 HEAVY_VARIANTS = ("jagged", "causal", "window", "bias", "all")
+# fp32 (FMA dots) runs these kernels up to this head size; recopt.ops.gdpa_softmax's route
+# keeps the reference above it (the FMA tiles spill there)
+FP32_MAX_D = 64
 
 
 def _spec(kind: str, variant: str, d: int, dtype, cfg, outs=(True, True)):
@@ -360,12 +367,13 @@ def launch_configs(kind: str, dtype, arch: int = 90) -> list:
 def compile_specs(level: str = "ci") -> list:
     """Specs for recopt.kernels.compile_check.
 
-    ``ci`` (11 compiles, kept to about 30 s on 2 idle cores): bf16, the configs the
-    launcher picks for long sequences at d = 128 under masks (compiled with ``all``:
-    jagged, window, causal, bias, NaN rows, GQA) and at d = 64 without (``light``:
-    lengths + GQA; dK/dV with ``all``), on sm_90 and sm_100 (forward and dQ; sm_100's
-    dK/dV spills and is left to ``full``), and the row-term kernel on sm_90. ``full``: every config at every head size 16..256, every variant,
-    bf16 / fp16 / fp32, both archs (a ``slow`` test).
+    ``ci`` (13 compiles, about 30 s on 2 idle cores): bf16, the configs the launcher picks
+    for long sequences at d = 128 under masks (compiled with ``all``: jagged, window,
+    causal, bias, NaN rows, GQA) and at d = 64 without (``light``: lengths + GQA; dK/dV
+    with ``all``), forward, dK/dV and dQ on sm_90 and sm_100, and the row-term kernel on
+    sm_90; tests/test_kernel_compile.py fails on any spill. ``full``: every config at
+    every head size 16..256, every variant, bf16 / fp16 (and fp32 at d <= 64: the route
+    keeps the reference above), both archs (a ``slow`` test).
     """
     specs, seen = [], set()
 
@@ -382,6 +390,8 @@ def compile_specs(level: str = "ci") -> list:
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 for kind in _KERNELS:
                     for d, cfg, heavy in launch_configs(kind, dtype, arch):
+                        if dtype == torch.float32 and d > FP32_MAX_D:
+                            continue   # never launched: softmax_route keeps the reference
                         for variant in VARIANTS:
                             if heavy == (variant in HEAVY_VARIANTS):
                                 add(kind, variant, d, dtype, cfg, arch)
@@ -393,8 +403,6 @@ def compile_specs(level: str = "ci") -> list:
         # compiled with the heaviest variant it serves
         bf16 = torch.bfloat16
         for kind in _KERNELS:
-            if arch >= 100 and kind == "dkdv":
-                continue   # known sm_100 spills (docs/kernels.md): compiled at the full level only
             for d, heavy in ((128, True), (64, kind == "dkdv")):
                 if kind == "fwd":
                     cfg = _fwd_config_gpu(1024, 1024, d, d, bf16, arch, heavy)
