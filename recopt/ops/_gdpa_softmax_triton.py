@@ -81,13 +81,22 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
         # without spills on sm_90 (16 x 64 dK/dV spilled 88-424 B, 64 x 16 dQ 384 B)
         dkdv, dq = [(16, 16, 4, 1)], [(16, 32, 4, 1)]
     elif big >= 128:
-        # 128 keys over two warpgroups (64 rows each): K, V, dK, dV stay in registers unspilled
-        # on sm_90 (4 warps x 64 keys spills: the score, P, dP and dS tiles on top of them)
-        dkdv = [(16, 128, 8, 2)]
+        # sm_90: 128 keys over two warpgroups (64 rows each): K, V, dK, dV stay in registers
+        # unspilled (4 warps x 64 keys spills: the score, P, dP and dS tiles on top of them).
+        # sm_100 accumulates in tensor memory: 64-row query steps on the plain variant (16 x
+        # 128 costs ~3x the SASS per element), 16 x 64 under masks (16 x 128 spilled 8 B causal)
+        if arch >= 100:
+            dkdv = [(16, 64, 4, 2)] if heavy else [(64, 64, 4, 2)]
+        else:
+            dkdv = [(16, 128, 8, 2)]
         dq = [(64, 32, 4, 2)]
     else:
-        # sm_100 at d = 16: three stages (two spilled 8 B under masks)
-        dkdv = [(16 if arch >= 100 else 32, 128, 8, 3 if (arch >= 100 and big <= 16) else 2)]
+        # sm_100 plain: 64 x 64 (17 SASS instructions per element at d = 64, 16 x 128: 50);
+        # under masks 16 x 128 (three stages at d = 16: two spilled 8 B)
+        if arch >= 100:
+            dkdv = [(16, 128, 8, 3 if big <= 16 else 2)] if heavy else [(64, 64, 4, 2)]
+        else:
+            dkdv = [(32, 128, 8, 2)]
         dq = [(64, 32 if (heavy or arch >= 100) else 64, 4, 3), (64, 32, 4, 2)]
     if elt == 4:  # exact fp32 path (FMA dots); 16 x 32 dK/dV spilled 32-40 B; d = 64 needs two
         # stages (one spilled 8 B under masks), d = 32 one (two spilled 16 B)
