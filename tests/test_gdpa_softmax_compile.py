@@ -63,6 +63,9 @@ def _sweep_specs():
                         if (s.name, arch) not in seen:
                             seen.add((s.name, arch))
                             specs.append(s)
+            for d in S.G.HEAD_DIMS:     # the row-term kernel (64 x 256 spilled 40-56 B)
+                specs.append(dataclasses.replace(S._spec("pre", "jagged", d, dtype, S._pre_config_gpu(d)),
+                                                 archs=(arch,)))
     return specs
 
 

@@ -58,9 +58,10 @@ def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     if elt == 4:  # exact fp32 path (FMA dots): small tiles (64 x 16 spilled 32 B)
         cands = [(32, 16, 4, 2)]
     if t_k <= 32:
-        # one key tile: nothing to pipeline (sm_100's masked 64 x 32 at d = 128 spilled 16 B
-        # with two stages)
-        cands = [(c[0], min(c[1], 32), c[2], 1) for c in cands]
+        # one key tile: nothing to pipeline, one stage — except sm_100's masked 64 x 32 at
+        # d = 128, which spilled with one (48 B, jagged) and two (16 B) and not with three
+        keep3 = arch >= 100 and heavy and big == 128
+        cands = [(c[0], min(c[1], 32), c[2], 3 if (keep3 and c[0] == 64) else 1) for c in cands]
     return G._prune(cands, bd, bdv, elt)
 
 
@@ -78,8 +79,9 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     elt = 4 if dtype == torch.float32 else 2
     if big >= 256:
         # dK and dV in separate launches (dkdv_passes); 16 x 16 / 16 x 32 tiles compile
-        # without spills on sm_90 (16 x 64 dK/dV spilled 88-424 B, 64 x 16 dQ 384 B)
-        dkdv, dq = [(16, 16, 4, 1)], [(16, 32, 4, 1)]
+        # without spills (16 x 64 dK/dV spilled 88-424 B, 64 x 16 dQ 384 B); sm_90's dK pass
+        # needs three stages under a bias (one or two spilled 8 B)
+        dkdv, dq = [(16, 16, 4, 3 if arch < 100 else 1)], [(16, 32, 4, 1)]
     elif big >= 128:
         # sm_90: 128 keys over two warpgroups (64 rows each): K, V, dK, dV stay in registers
         # unspilled (4 warps x 64 keys spills: the score, P, dP and dS tiles on top of them).
@@ -103,6 +105,18 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
         dkdv = [(16, 16, 4, 2 if big >= 64 else 1)]
         dq = [(32, 16, 4, 1)]
     return G._prune(dkdv, bd, bdv, elt), G._prune(dq, bd, bdv, elt)
+
+
+def pre_config(dv: int):
+    """(BLOCK_M, num_warps) of the row-term kernel: 64 rows, 32 at d = 256 (64 x 256 of O and
+    dO spilled 40-56 B), 16 rows on one warp under the CPU interpreter."""
+    if G.interpreting():
+        return 16, 1
+    return _pre_config_gpu(dv)
+
+
+def _pre_config_gpu(dv: int):
+    return (32 if G._pow2(dv) >= 256 else 64), 4
 
 
 def dkdv_passes(d: int, dv: int) -> tuple:
@@ -213,11 +227,11 @@ def softmax_bwd(
                  DOT_FP32=c["DOT_FP32"], EVEN_D=D == G._pow2(D) and DV == G._pow2(DV))
     delta = torch.empty_like(m)
     st = _stats_strides(m, jagged)
-    pre_m = 16 if G.interpreting() else 64
+    pre_m, pre_warps = pre_config(DV)
     wrap_triton(gdpa_softmax_bwd_pre_kernel)[(triton.cdiv(T_Q, pre_m) * nb * H,)](
         o, go, delta, *G._strides(o, jagged), *G._strides(go, jagged), *st,
         H, T_Q, DV, c["QOFF"], JAGGED=c["JAGGED"], BLOCK_M=pre_m, BLOCK_DV=G._pow2(DV),
-        num_warps=1 if G.interpreting() else 4,
+        num_warps=pre_warps,
     )
 
     def meta(cfg):
@@ -406,7 +420,7 @@ def compile_specs(level: str = "ci") -> list:
                                 add(kind, variant, d, dtype, cfg, arch)
                 for d in G.HEAD_DIMS:
                     for variant in ("dense", "jagged"):
-                        add("pre", variant, d, dtype, (64, 4), arch)
+                        add("pre", variant, d, dtype, _pre_config_gpu(d), arch)
             continue
         # ci: the long-sequence configs at d = 128 under masks and d = 64 without, bf16, each
         # compiled with the heaviest variant it serves
@@ -421,5 +435,5 @@ def compile_specs(level: str = "ci") -> list:
                     cfg = _bwd_config_gpu(1024, 1024, d, d, bf16, arch, heavy)[0 if kind == "dkdv" else 1]
                 add(kind, "all" if heavy else "light", d, bf16, cfg, arch)
         if arch == 90:
-            add("pre", "jagged", 128, bf16, (64, 4), arch)
+            add("pre", "jagged", 128, bf16, _pre_config_gpu(128), arch)
     return specs
