@@ -55,8 +55,10 @@ def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
         cands = [(bm, bn, 8 if bm == 128 else 4, 2), (64, 64, 4, 2)]
     else:
         cands = [(bm, bn, 8 if bm == 128 else 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
-    if elt == 4:  # exact fp32 path (FMA dots): small tiles (64 x 16 spilled 32 B)
-        cands = [(32, 16, 4, 2)]
+    if elt == 4:  # exact fp32 path (FMA dots): small tiles (64 x 16 spilled 32 B); sm_90 at
+        # d <= 32 three stages (two spilled 16 B causal); one stage spilled 8 B, so also at T_k <= 32
+        cands = [(32, 16, 4, 3 if (arch < 100 and big <= 32) else 2)]
+        return G._prune(cands, bd, bdv, elt)
     if t_k <= 32:
         # one key tile: nothing to pipeline, one stage — except sm_100's masked 64 x 32 at
         # d = 128, which spilled with one (48 B, jagged) and two (16 B) and not with three
@@ -100,10 +102,13 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
         else:
             dkdv = [(32, 128, 8, 2)]
         dq = [(64, 32 if (heavy or arch >= 100) else 64, 4, 3), (64, 32, 4, 2)]
-    if elt == 4:  # exact fp32 path (FMA dots); 16 x 32 dK/dV spilled 32-40 B; d = 64 needs two
-        # stages (one spilled 8 B under masks), d = 32 one (two spilled 16 B)
-        dkdv = [(16, 16, 4, 2 if big >= 64 else 1)]
-        dq = [(32, 16, 4, 1)]
+    if elt == 4:  # exact fp32 path (FMA dots); 16 x 32 dK/dV spilled 32-40 B. Stages as ptxas
+        # allows: dK/dV two at d = 64 (one spilled 8 B under masks) and on sm_100 at d = 32 (one
+        # spilled 8-16 B jagged/bias; sm_90's plain d = 32 spilled 16 B with two); dQ two on
+        # sm_100 at d = 32 (one spilled 8 B jagged)
+        two = big >= 64 or (arch >= 100 and big == 32)
+        dkdv = [(16, 16, 4, 2 if two else 1)]
+        dq = [(32, 16, 4, 2 if (arch >= 100 and big == 32) else 1)]
     return G._prune(dkdv, bd, bdv, elt), G._prune(dq, bd, bdv, elt)
 
 
