@@ -103,12 +103,12 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
             dkdv = [(32, 128, 8, 2)]
         dq = [(64, 32 if (heavy or arch >= 100) else 64, 4, 3), (64, 32, 4, 2)]
     if elt == 4:  # exact fp32 path (FMA dots); 16 x 32 dK/dV spilled 32-40 B. Stages as ptxas
-        # allows: dK/dV two at d = 64 (one spilled 8 B under masks) and on sm_100 at d = 32 (one
-        # spilled 8-16 B jagged/bias; sm_90's plain d = 32 spilled 16 B with two); dQ two on
-        # sm_100 at d = 32 (one spilled 8 B jagged)
-        two = big >= 64 or (arch >= 100 and big == 32)
-        dkdv = [(16, 16, 4, 2 if two else 1)]
-        dq = [(32, 16, 4, 2 if (arch >= 100 and big == 32) else 1)]
+        # allows (each spilled 8-16 B in some variant otherwise): dK/dV two at d = 64, one at
+        # d <= 32 on sm_90 (two: 16 B plain); on sm_100 at d = 32 dK/dV and dQ three (one: 8-16 B
+        # jagged/bias, two: 8 B bias/causal)
+        sm100_32 = arch >= 100 and big == 32
+        dkdv = [(16, 16, 4, 3 if sm100_32 else (2 if big >= 64 else 1))]
+        dq = [(32, 16, 4, 3 if sm100_32 else 1)]
     return G._prune(dkdv, bd, bdv, elt), G._prune(dq, bd, bdv, elt)
 
 
