@@ -162,9 +162,9 @@ def test_launcher_writes_every_element_and_jagged(monkeypatch):
     qj, kj, vj = _rand((sum(lq), H, d), dtype, 21), _rand((sum(lk), 1, d), dtype, 22), _rand((sum(lk), 1, d), dtype, 23)
     kw = dict(q_offsets=qo, kv_offsets=ko, max_seq_len_q=max(lq), max_seq_len_kv=max(lk),
               qk_scale=0.9, pre_scale=0.3, causal=True)
-    o, m, lsum = S.softmax_fwd(qj, kj, vj, **kw)
+    o, m, l_inv = S.softmax_fwd(qj, kj, vj, **kw)
     go = _rand(o.shape, dtype, 24)
-    dq, dk, dv = S.softmax_bwd(go, qj, kj, vj, o, m, lsum, **kw)
+    dq, dk, dv = S.softmax_bwd(go, qj, kj, vj, o, m, l_inv, **kw)
     qq, kk, vv = (t.clone().requires_grad_() for t in (qj, kj, vj))
     pad = R.jagged_to_padded
     qp, kp, vp = (pad(t, off, n).transpose(1, 2) for t, off, n in

@@ -4,7 +4,11 @@ Kernels only; shapes, configs and dispatch live in ``recopt.ops``. The
 addressing, grids and masks are those of :mod:`recopt.kernels.gdpa` (dense
 ``[B, H, T, d]`` with optional lengths, or jagged ``values [sum T_b, H, d]`` +
 ``offsets``; arbitrary strides, 0 for broadcast; grid flattened to axis 0;
-GQA by ``GROUP`` query heads per K/V head), and so are the helpers.
+GQA by ``GROUP`` query heads per K/V head); the shared helpers live in
+:mod:`recopt.kernels._common`. Only tiles that hold a kept score run: key tiles
+past a sample's key length, query tiles past its query length and tiles outside
+the window/causal band are skipped, and tiles fully inside the lengths and the
+band run without masks (tests/test_gdpa_softmax_tiles.py traces them).
 
 Semantics, per sample b, head h, query row i (those of
 :func:`recopt.ops.gdpa_ref.softmax_attention` with ``masked_rows`` "zero" or,
@@ -20,25 +24,89 @@ them gives NaN (and NaN gradients), as a model's own softmax does. A row with
 no kept key at all is always 0 here: the op layer fills it (mean of v, or NaN)
 with plain torch ops so its gradient is exactly the reference's.
 
-The forward saves, per row, the running max ``M`` (in log2 units) and the sum
-``L`` of ``exp2(s·log2e - M)`` separately, not their log-sum-exp: with a
-finite fill such as ``-1e9`` a fully-masked row has ``M ≈ -1.4e9``, where an
-fp32 log-sum-exp cannot hold the ``log2(L)`` term (ulp 128) and the backward
-would recompute probabilities of 1 instead of ``1/L`` (the failure of SDPA's
-fused backward that docs/gdpa.md describes). Dead rows store ``M = +inf``,
-``L = 1`` so the backward recomputes p = 0 for them.
+The forward saves, per row, the running max ``M`` (in log2 units) and the
+reciprocal ``1/L`` of the sum ``L`` of ``exp2(s·log2e - M)`` separately, not
+their log-sum-exp: with a finite fill such as ``-1e9`` a fully-masked row has
+``M ≈ -1.4e9``, where an fp32 log-sum-exp cannot hold the ``log2(L)`` term (ulp
+128) and the backward would recompute probabilities of 1 instead of ``1/L``
+(the failure of SDPA's fused backward that docs/gdpa.md describes). Saving
+``1/L`` (one division per row, in the forward's epilogue) leaves the backward a
+multiply per score element, no reciprocal. Dead rows store ``M = +inf``,
+``1/L = 1`` so the backward recomputes p = 0 for them.
 
 Backward: ``D_i = sum_c dO_ic O_ic`` (:func:`gdpa_softmax_bwd_pre_kernel`),
 then ``dS = P ∘ (qk_scale · dO Vᵀ - D)``; dK/dV per key block (walks query
 tiles, sums the GROUP query heads; no atomics) and dQ per query block (walks
-key tiles), recomputing the scores from Q, K and the saved ``M``, ``L``.
+key tiles), recomputing the scores from Q, K and the saved ``M``, ``1/L``.
 """
 import triton
 import triton.language as tl
 
-from recopt.kernels.gdpa import _dot, _keep, _kv_range, _load_tile, _seq_bounds, _split_pid
+from recopt.kernels._common import _dot, _keep, _load_tile, _seq_bounds, _split_pid
 
 _LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _kv_range(start_m, q_len, k_len, window, causal_off,
+              HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles ``[lo, hi)`` that hold a kept score for the valid rows of the query block at
+    ``start_m`` (none when the block starts past ``q_len``), and ``mid``: tiles in ``[lo, mid)``
+    are inside the key length and fully kept for every row of the block (mask-free), tiles in
+    ``[mid, hi)`` take the masks. The window/causal bounds use the block's last *valid* row,
+    so a partial last block does not walk keys only its rows past ``q_len`` would see."""
+    row_end = tl.minimum(start_m + BLOCK_M, q_len)     # one past the block's last valid row
+    lo = k_len * 0
+    hi = k_len
+    mid = hi
+    if HAS_WINDOW:
+        lo = tl.maximum(start_m - window, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, row_end + window)
+        mid = lo
+    if CAUSAL:
+        hi = tl.minimum(hi, row_end + causal_off)
+        if not HAS_WINDOW:
+            # tile [n, n + BLOCK_N) is fully kept iff n + BLOCK_N - 1 <= start_m + causal_off
+            mid = tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N * BLOCK_N
+    if start_m >= q_len:
+        hi = lo
+    hi = tl.maximum(hi, lo)
+    mid = tl.minimum(mid, k_len // BLOCK_N * BLOCK_N)   # a partial last tile needs bounds checks
+    mid = tl.minimum(tl.maximum(mid, lo), hi)
+    return lo, mid, hi
+
+
+@triton.jit
+def _q_range(start_n, q_len, k_len, window, causal_off,
+             HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query tiles a key block sees (dK/dV), as ``lo <= mid <= full <= hi``: ``[lo, mid)``
+    need the positional mask, ``[mid, full)`` are interior (rows inside ``q_len``, fully kept),
+    ``[full, hi)`` bounds-checked. Nothing when the block starts past ``k_len`` or no valid
+    row sees it (the first row that does, ``start_n - window`` or ``start_n - causal_off``,
+    is past ``q_len``)."""
+    col_end = tl.minimum(start_n + BLOCK_N, k_len)     # one past the block's last valid key
+    lo = q_len * 0
+    hi = q_len
+    mid = lo
+    first = lo
+    if HAS_WINDOW:
+        first = start_n - window
+        lo = tl.maximum(first, 0) // BLOCK_M * BLOCK_M
+        hi = tl.minimum(hi, col_end + window)
+        mid = hi
+    if CAUSAL:
+        # row i sees key j iff j <= i + causal_off: rows below start_n - causal_off see nothing
+        first = tl.maximum(first, start_n - causal_off)
+        lo = tl.maximum(lo, tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M)
+        if not HAS_WINDOW:
+            # all of [m, m + BLOCK_M) see the whole block iff m >= start_n + BLOCK_N - 1 - causal_off
+            mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
+    if (start_n >= k_len) | (first >= q_len):
+        hi = lo
+    hi = tl.maximum(hi, lo)
+    mid = tl.minimum(tl.maximum(mid, lo), hi)
+    full = tl.maximum(tl.minimum(hi, q_len // BLOCK_M * BLOCK_M), mid)
+    return lo, mid, full, hi
 
 
 @triton.jit
@@ -111,7 +179,7 @@ def gdpa_softmax_fwd_kernel(
     DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """o = qk_scale · softmax(s) v, plus the row statistics M (log2 units) and L.
+    """o = qk_scale · softmax(s) v, plus the row statistics M (log2 units) and 1/L.
 
     Grid: (cdiv(T_Q, BLOCK_M) * B * H,). M and L are fp32, addressed like a
     tensor with strides (smb, smt, smh) — dense [B, H, T_Q], jagged [H, N].
@@ -152,19 +220,21 @@ def gdpa_softmax_fwd_kernel(
                                   HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True)
 
     dead = (m_i == float("-inf")) | (row_ok == 0)
+    # 1/L once per row (l_i >= 1 on a live row: its max term is exp2(0)); the backward
+    # multiplies by it, no division per score element
     if DEAD_NAN:
-        # kept keys, all with a -inf bias: NaN, as the model's softmax (M = -inf, L = 0 make
+        # kept keys, all with a -inf bias: NaN, as the model's softmax (M = -inf, 1/L = inf make
         # the backward NaN too); rows with no kept key at all stay 0 (filled by the op layer)
         nan_row = (m_i == float("-inf")) & row_ok & _row_has_key(offs_m, k_len, window, causal_off,
                                                                   HAS_WINDOW, CAUSAL)
         dead = dead & (nan_row == 0)
-        l_out = tl.where(dead, 1.0, tl.where(nan_row, 0.0, l_i))
+        l_inv = tl.where(dead, 1.0, tl.where(nan_row, float("inf"), 1.0 / l_i))
         m_out = tl.where(dead, float("inf"), m_i)
-        o = tl.where(nan_row[:, None], float("nan"), acc / tl.where(dead, 1.0, l_i)[:, None])
+        o = tl.where(nan_row[:, None], float("nan"), acc * l_inv[:, None])
     else:
-        l_out = tl.where(dead, 1.0, l_i)
+        l_inv = tl.where(dead, 1.0, 1.0 / l_i)
         m_out = tl.where(dead, float("inf"), m_i)
-        o = acc / l_out[:, None]
+        o = acc * l_inv[:, None]
     o = tl.where(dead[:, None], 0.0, o * qk_scale)
 
     o_ptrs = O + b64 * sob + (q_start + offs_m[:, None]) * sot + h * soh + offs_dv[None, :] * sod
@@ -175,7 +245,7 @@ def gdpa_softmax_fwd_kernel(
         rows_out = offs_m < T_Q
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=rows_out[:, None] & (offs_dv[None, :] < DV))
     tl.store(M + st_ptrs, m_out, mask=rows_out)
-    tl.store(L + st_ptrs, l_out, mask=rows_out)
+    tl.store(L + st_ptrs, l_inv, mask=rows_out)
 
 
 @triton.jit
@@ -198,43 +268,75 @@ def gdpa_softmax_bwd_pre_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, m_base, l_base, d_base, bias_base, offs_n, start_m, offs_m, offs_d, offs_dv,
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, st_base, bias_base, offs_n, start_m, offs_m, offs_d, offs_dv,
                q_len, k_len, D, DV, sqt, sqd, sdot, sdod, smt, sbq, sbk,
-               qk_scale, pre_log2, window, causal_off,
+               qk_scale, pre_log2, window, causal_off, M, LINV, DELTA,
                HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, MASK_POS: tl.constexpr,
                OUT_DK: tl.constexpr, OUT_DV: tl.constexpr):
     """One query tile, on transposed tiles (keys as rows). MASKED: bounds-checked loads of the
     query side; MASK_POS: the window/causal mask. Keys past k_len are zeroed at the end.
-    OUT_DK / OUT_DV: which gradients this program accumulates."""
+    OUT_DK / OUT_DV: which gradients this program accumulates. The forward saved 1/L, so
+    p = exp2(s - M) * (1/L) costs one MUFU (the exp2) per element."""
     rows = start_m + offs_m
     row_ok = rows < q_len
     qt = _load_tile(q_base + rows[None, :] * sqt + offs_d[:, None] * sqd, row_ok[None, :],
                     offs_d[:, None] < D, MASKED, EVEN_D)
-    do = _load_tile(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod, row_ok[:, None],
-                    offs_dv[None, :] < DV, MASKED, EVEN_D)
-    if MASKED:  # rows past q_len: M = +inf gives p = 0
-        m = tl.load(m_base + rows * smt, mask=row_ok, other=float("inf"))
-        l = tl.load(l_base + rows * smt, mask=row_ok, other=1.0)
-        delta = tl.load(d_base + rows * smt, mask=row_ok, other=0.0)
-    else:
-        m = tl.load(m_base + rows * smt)
-        l = tl.load(l_base + rows * smt)
-        delta = tl.load(d_base + rows * smt)
     st = _dot(k, qt, DOT_FP32) * pre_log2          # [BLOCK_N, BLOCK_M]
+    if MASKED:  # rows past q_len: M = +inf gives p = 0
+        m = tl.load(M + st_base + rows * smt, mask=row_ok, other=float("inf"))
+    else:
+        m = tl.load(M + st_base + rows * smt)
     if HAS_BIAS:
         st += tl.load(bias_base + rows[None, :] * sbq + offs_n[:, None] * sbk,
                       mask=row_ok[None, :] & (offs_n[:, None] < k_len), other=0.0).to(tl.float32) * _LOG2E
     if MASK_POS:
         keep = _keep(rows[None, :], offs_n[:, None], window, causal_off, HAS_WINDOW, CAUSAL)
         st = tl.where(keep, st, float("-inf"))
-    pt = tl.math.exp2(st - m[None, :]) * (1.0 / l)[None, :]
+    if MASKED:
+        l_inv = tl.load(LINV + st_base + rows * smt, mask=row_ok, other=1.0)
+    else:
+        l_inv = tl.load(LINV + st_base + rows * smt)
+    pt = tl.math.exp2(st - m[None, :]) * l_inv[None, :]
+    do = _load_tile(do_base + rows[:, None] * sdot + offs_dv[None, :] * sdod, row_ok[:, None],
+                    offs_dv[None, :] < DV, MASKED, EVEN_D)
     if OUT_DV:
-        dv += _dot(pt.to(v.dtype), do, DOT_FP32)
+        dv += _dot(pt.to(do.dtype), do, DOT_FP32)
     if OUT_DK:
+        if MASKED:
+            delta = tl.load(DELTA + st_base + rows * smt, mask=row_ok, other=0.0)
+        else:
+            delta = tl.load(DELTA + st_base + rows * smt)
         dpt = _dot(v, tl.trans(do), DOT_FP32) * qk_scale     # [BLOCK_N, BLOCK_M]
         dst = pt * (dpt - delta[None, :])
         dk += _dot(dst.to(qt.dtype), tl.trans(qt), DOT_FP32)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_region(dk, dv, k, v, q_b, do_b, st_b, bias_b, hk, GROUP, start, stop, offs_n, offs_m, offs_d,
+                 offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, smh, smt, sbh, sbq, sbk,
+                 qk_scale, pre_log2, window, causal_off, M, LINV, DELTA,
+                 HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, MASK_POS: tl.constexpr,
+                 OUT_DK: tl.constexpr, OUT_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Query tiles [start, stop) of each of the GROUP query heads of K/V head hk as one flat
+    loop (tile counter t and head g carried, no division): a tile loop nested in a head loop
+    kept dK/dV out of the software pipeliner's reach and spilled (as in recopt.kernels.gdpa)."""
+    n = tl.cdiv(stop - start, BLOCK_M)
+    t = n * 0
+    g = n * 0
+    for _ in range(0, GROUP * n):
+        h = hk * GROUP + g
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_b + h * sqh, do_b + h * sdoh, st_b + h * smh, bias_b + h * sbh,
+                            offs_n, start + t * BLOCK_M, offs_m, offs_d, offs_dv, q_len, k_len, D, DV,
+                            sqt, sqd, sdot, sdod, smt, sbq, sbk, qk_scale, pre_log2, window, causal_off,
+                            M, LINV, DELTA, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, MASKED, MASK_POS,
+                            OUT_DK, OUT_DV)
+        t += 1
+        wrap = t == n
+        g = tl.where(wrap, g + 1, g)
+        t = tl.where(wrap, 0, t)
     return dk, dv
 
 
@@ -257,8 +359,9 @@ def gdpa_softmax_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dK, dV of one block of keys of one K/V head, summed over its GROUP query heads.
-    Grid: (cdiv(T_K, BLOCK_N) * B * Hkv,). OUT_DK / OUT_DV select the outputs: both, or one
-    per launch at d = 256 (two 64 x 256 fp32 accumulators do not fit in registers)."""
+    Grid: (cdiv(T_K, BLOCK_N) * B * Hkv,). ``L`` holds the forward's 1/L. OUT_DK / OUT_DV
+    select the outputs: both, or one per launch at d = 256 (two 64 x 256 fp32 accumulators
+    do not fit in registers). Key blocks past k_len and query tiles past q_len are skipped."""
     HKV = H // GROUP
     pid_n, b, hk = _split_pid(T_K, HKV, BLOCK_N)
     q_start, q_len = _seq_bounds(QOFF, QLEN, b, T_Q, JAGGED, HAS_QLEN)
@@ -280,47 +383,29 @@ def gdpa_softmax_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D if OUT_DK else 16], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV if OUT_DV else 16], dtype=tl.float32)
 
-    # Query tiles [lo, hi) that see this key block; [lo, mid) need the positional mask,
-    # [mid, full) are interior, [full, hi) bounds-checked (as recopt.kernels.gdpa).
-    lo = q_len * 0
-    hi = q_len
-    mid = lo
-    if HAS_WINDOW:
-        lo = tl.maximum(start_n - window, 0) // BLOCK_M * BLOCK_M
-        hi = tl.minimum(hi, start_n + BLOCK_N + window)
-        mid = hi
-    if CAUSAL:
-        lo = tl.maximum(lo, tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M)
-        if not HAS_WINDOW:
-            mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
-    if start_n >= k_len:
-        hi = lo
-    hi = tl.maximum(hi, lo)
-    mid = tl.minimum(tl.maximum(mid, lo), hi)
-    full = tl.maximum(tl.minimum(hi, q_len // BLOCK_M * BLOCK_M), mid)
+    lo, mid, full, hi = _q_range(start_n, q_len, k_len, window, causal_off, HAS_WINDOW, CAUSAL,
+                                 BLOCK_M, BLOCK_N)
 
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        q_base = Q + b64 * sqb + q_start * sqt + h * sqh
-        do_base = DO + b64 * sdob + q_start * sdot + h * sdoh
-        st_off = b64 * smb + q_start * smt + h * smh
-        bias_base = BIAS + b64 * sbb + h * sbh
-        if HAS_WINDOW or CAUSAL:
-            for start_m in range(lo, mid, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, M + st_off, L + st_off, DELTA + st_off, bias_base, offs_n, start_m, offs_m,
-                                    offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, smt, sbq, sbk,
-                                    qk_scale, pre_log2, window, causal_off,
-                                    HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, True, OUT_DK, OUT_DV)
-        for start_m in range(mid, full, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, M + st_off, L + st_off, DELTA + st_off, bias_base, offs_n, start_m, offs_m,
-                                offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, smt, sbq, sbk,
-                                qk_scale, pre_log2, window, causal_off,
-                                HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, False, False, OUT_DK, OUT_DV)
-        for start_m in range(full, hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, M + st_off, L + st_off, DELTA + st_off, bias_base, offs_n, start_m, offs_m,
-                                offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, smt, sbq, sbk,
-                                qk_scale, pre_log2, window, causal_off,
-                                HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, False, OUT_DK, OUT_DV)
+    q_b = Q + b64 * sqb + q_start * sqt
+    do_b = DO + b64 * sdob + q_start * sdot
+    st_b = b64 * smb + q_start * smt
+    bias_b = BIAS + b64 * sbb
+    if HAS_WINDOW or CAUSAL:
+        dk, dv = _dkdv_region(dk, dv, k, v, q_b, do_b, st_b, bias_b, hk, GROUP, lo, mid, offs_n, offs_m,
+                              offs_d, offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, smh, smt,
+                              sbh, sbq, sbk, qk_scale, pre_log2, window, causal_off, M, L, DELTA,
+                              HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, True, OUT_DK, OUT_DV,
+                              BLOCK_M)
+    dk, dv = _dkdv_region(dk, dv, k, v, q_b, do_b, st_b, bias_b, hk, GROUP, mid, full, offs_n, offs_m,
+                          offs_d, offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, smh, smt,
+                          sbh, sbq, sbk, qk_scale, pre_log2, window, causal_off, M, L, DELTA,
+                          HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, False, False, OUT_DK, OUT_DV,
+                          BLOCK_M)
+    dk, dv = _dkdv_region(dk, dv, k, v, q_b, do_b, st_b, bias_b, hk, GROUP, full, hi, offs_n, offs_m,
+                          offs_d, offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, smh, smt,
+                          sbh, sbq, sbk, qk_scale, pre_log2, window, causal_off, M, L, DELTA,
+                          HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, False, OUT_DK, OUT_DV,
+                          BLOCK_M)
 
     # keys past k_len were loaded as 0 but not masked in the scores: they get no gradient
     if JAGGED:
@@ -394,7 +479,7 @@ def gdpa_softmax_bwd_dq_kernel(
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     st = b64 * smb + (q_start + offs_m) * smt + h * smh
     m = tl.load(M + st, mask=row_ok, other=float("inf"))
-    l_inv = 1.0 / tl.load(L + st, mask=row_ok, other=1.0)
+    l_inv = tl.load(L + st, mask=row_ok, other=1.0)    # the forward saved 1/L
     delta = tl.load(DELTA + st, mask=row_ok, other=0.0)
     k_base = K + b64 * skb + k_start * skt + hk * skh
     v_base = V + b64 * svb + k_start * svt + hk * svh

@@ -2,7 +2,7 @@
 
 Imported only when triton is importable. Layouts, strides, masks and the
 flattened grid follow :mod:`recopt.ops._gdpa_triton` (whose helpers are
-reused); this module adds the row statistics (``M``, ``L``: fp32, dense
+reused); this module adds the row statistics (``M``, ``1/L``: fp32, dense
 ``[B, H, T_Q]`` or jagged ``[H, N]``), the softmax configs and the
 compile-check specs of the four kernels.
 """
@@ -55,10 +55,15 @@ def _fwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
         cands = [(bm, bn, 8 if bm == 128 else 4, 2), (64, 64, 4, 2)]
     else:
         cands = [(bm, bn, 8 if bm == 128 else 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
-    if elt == 4:  # exact fp32 path (FMA dots): small tiles (64 x 16 spilled 32 B)
-        cands = [(32, 16, 4, 2)]
+    if elt == 4:  # exact fp32 path (FMA dots): small tiles (64 x 16 spilled 32 B); sm_90 at
+        # d <= 32 three stages (two spilled 16 B causal); one stage spilled 8 B, so also at T_k <= 32
+        cands = [(32, 16, 4, 3 if (arch < 100 and big <= 32) else 2)]
+        return G._prune(cands, bd, bdv, elt)
     if t_k <= 32:
-        cands = [(c[0], min(c[1], 32), c[2], c[3]) for c in cands]
+        # one key tile: nothing to pipeline, one stage — except sm_100's masked 64 x 32 at
+        # d = 128, which spilled with one (48 B, jagged) and two (16 B) and not with three
+        keep3 = arch >= 100 and heavy and big == 128
+        cands = [(c[0], min(c[1], 32), c[2], 3 if (keep3 and c[0] == 64) else 1) for c in cands]
     return G._prune(cands, bd, bdv, elt)
 
 
@@ -76,20 +81,47 @@ def _bwd_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     elt = 4 if dtype == torch.float32 else 2
     if big >= 256:
         # dK and dV in separate launches (dkdv_passes); 16 x 16 / 16 x 32 tiles compile
-        # without spills on sm_90 (16 x 64 dK/dV spilled 88-424 B, 64 x 16 dQ 384 B)
-        dkdv, dq = [(16, 16, 4, 1)], [(16, 32, 4, 1)]
+        # without spills (16 x 64 dK/dV spilled 88-424 B, 64 x 16 dQ 384 B); sm_90's dK pass
+        # needs three stages under a bias (one or two spilled 8 B)
+        dkdv, dq = [(16, 16, 4, 3 if arch < 100 else 1)], [(16, 32, 4, 1)]
     elif big >= 128:
-        # 128 keys over two warpgroups (64 rows each): K, V, dK, dV stay in registers unspilled
-        # on sm_90 (4 warps x 64 keys spills: the score, P, dP and dS tiles on top of them)
-        dkdv = [(16, 128, 8, 2)]
+        # sm_90: 128 keys over two warpgroups (64 rows each): K, V, dK, dV stay in registers
+        # unspilled (4 warps x 64 keys spills: the score, P, dP and dS tiles on top of them).
+        # sm_100 accumulates in tensor memory: 64-row query steps on the plain variant (16 x
+        # 128 costs ~3x the SASS per element), 16 x 64 under masks (16 x 128 spilled 8 B causal)
+        if arch >= 100:
+            dkdv = [(16, 64, 4, 2)] if heavy else [(64, 64, 4, 2)]
+        else:
+            dkdv = [(16, 128, 8, 2)]
         dq = [(64, 32, 4, 2)]
     else:
-        dkdv = [(16 if arch >= 100 else 32, 128, 8, 2)]
+        # sm_100 plain: 64 x 64 (17 SASS instructions per element at d = 64, 16 x 128: 50);
+        # under masks 16 x 128 (three stages at d = 16: two spilled 8 B)
+        if arch >= 100:
+            dkdv = [(16, 128, 8, 3 if big <= 16 else 2)] if heavy else [(64, 64, 4, 2)]
+        else:
+            dkdv = [(32, 128, 8, 2)]
         dq = [(64, 32 if (heavy or arch >= 100) else 64, 4, 3), (64, 32, 4, 2)]
-    if elt == 4:  # exact fp32 path (FMA dots); 16 x 32 dK/dV spilled 32-40 B
-        dkdv = [(16, 16, 4, 1)]
-        dq = [(32, 16, 4, 1)]
+    if elt == 4:  # exact fp32 path (FMA dots); 16 x 32 dK/dV spilled 32-40 B. Stages as ptxas
+        # allows (each spilled 8-16 B in some variant otherwise): dK/dV two at d = 64, one at
+        # d <= 32 on sm_90 (two: 16 B plain); on sm_100 at d = 32 dK/dV and dQ three (one: 8-16 B
+        # jagged/bias, two: 8 B bias/causal)
+        sm100_32 = arch >= 100 and big == 32
+        dkdv = [(16, 16, 4, 3 if sm100_32 else (2 if big >= 64 else 1))]
+        dq = [(32, 16, 4, 3 if sm100_32 else 1)]
     return G._prune(dkdv, bd, bdv, elt), G._prune(dq, bd, bdv, elt)
+
+
+def pre_config(dv: int):
+    """(BLOCK_M, num_warps) of the row-term kernel: 64 rows, 32 at d = 256 (64 x 256 of O and
+    dO spilled 40-56 B), 16 rows on one warp under the CPU interpreter."""
+    if G.interpreting():
+        return 16, 1
+    return _pre_config_gpu(dv)
+
+
+def _pre_config_gpu(dv: int):
+    return (32 if G._pow2(dv) >= 256 else 64), 4
 
 
 def dkdv_passes(d: int, dv: int) -> tuple:
@@ -129,7 +161,7 @@ def softmax_fwd(
     causal: bool = False, causal_offset: int = 0, bias: Optional[torch.Tensor] = None,
     dead_nan: bool = False, out: Optional[torch.Tensor] = None,
 ):
-    """Forward: ``(o, M, L)``. Dense when offsets are None (lengths optional), jagged otherwise.
+    """Forward: ``(o, M, 1/L)``. Dense when offsets are None (lengths optional), jagged otherwise.
 
     ``bias`` (additive; finite or -inf entries) broadcasts to ``[B, H, Tq, Tk]``.
     ``dead_nan``: rows with kept keys whose biased scores are all -inf give NaN (the
@@ -143,18 +175,18 @@ def softmax_fwd(
         out = torch.empty(shape, dtype=q.dtype, device=q.device)
     st_shape = (H, q.shape[0]) if jagged else (B, H, T_Q)
     m = torch.empty(st_shape, dtype=torch.float32, device=q.device)
-    lsum = torch.empty(st_shape, dtype=torch.float32, device=q.device)
+    l_inv = torch.empty(st_shape, dtype=torch.float32, device=q.device)
     if out.numel() == 0 or nb == 0 or T_Q == 0:
         if not jagged:
             out.zero_()
-        return out, m.fill_(float("inf")), lsum.fill_(1.0)
+        return out, m.fill_(float("inf")), l_inv.fill_(1.0)
     bias = _bias4d(bias)
     heavy = _heavy(causal, bias, window, jagged)
     BLOCK_M, BLOCK_N, warps, stages = fwd_config(T_Q, T_K, D, DV, q.dtype, G._arch(q.device), heavy)
     c = G._common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, "raw",
                   causal, causal_offset, bias, nb, H)
     wrap_triton(gdpa_softmax_fwd_kernel)[(triton.cdiv(T_Q, BLOCK_M) * nb * H,)](
-        q, k, v, out, m, lsum, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
+        q, k, v, out, m, l_inv, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
         *G._strides(q, jagged), *G._strides(k, jagged), *G._strides(v, jagged), *G._strides(out, jagged),
         *_stats_strides(m, jagged), *c["bias_strides"],
         H, H // Hkv, T_Q, T_K, D, DV,
@@ -165,18 +197,18 @@ def softmax_fwd(
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=G._pow2(D), BLOCK_DV=G._pow2(DV),
         num_warps=warps, num_stages=stages,
     )
-    return out, m, lsum
+    return out, m, l_inv
 
 
 def softmax_bwd(
-    grad_out, q, k, v, o, m, lsum, *, qk_scale: float, pre_scale: float, window: int = -1,
+    grad_out, q, k, v, o, m, l_inv, *, qk_scale: float, pre_scale: float, window: int = -1,
     q_lengths=None, kv_lengths=None, q_offsets=None, kv_offsets=None,
     max_seq_len_q: Optional[int] = None, max_seq_len_kv: Optional[int] = None,
     causal: bool = False, causal_offset: int = 0, bias: Optional[torch.Tensor] = None,
     out: Optional[tuple] = None,
 ):
     """Backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed, no atomics), from the
-    forward's ``o``, ``M`` and ``L``. The bias gets no gradient here."""
+    forward's ``o``, ``M`` and ``1/L``. The bias gets no gradient here."""
     jagged = q_offsets is not None
     B, H, Hkv, T_Q, T_K, D, DV = G._geometry(q, k, v, jagged, max_seq_len_q, max_seq_len_kv)
     nb = q_offsets.shape[0] - 1 if jagged else B
@@ -200,11 +232,11 @@ def softmax_bwd(
                  DOT_FP32=c["DOT_FP32"], EVEN_D=D == G._pow2(D) and DV == G._pow2(DV))
     delta = torch.empty_like(m)
     st = _stats_strides(m, jagged)
-    pre_m = 16 if G.interpreting() else 64
+    pre_m, pre_warps = pre_config(DV)
     wrap_triton(gdpa_softmax_bwd_pre_kernel)[(triton.cdiv(T_Q, pre_m) * nb * H,)](
         o, go, delta, *G._strides(o, jagged), *G._strides(go, jagged), *st,
         H, T_Q, DV, c["QOFF"], JAGGED=c["JAGGED"], BLOCK_M=pre_m, BLOCK_DV=G._pow2(DV),
-        num_warps=1 if G.interpreting() else 4,
+        num_warps=pre_warps,
     )
 
     def meta(cfg):
@@ -215,14 +247,14 @@ def softmax_bwd(
     if dk.numel() > 0:
         for out_dk, out_dv in dkdv_passes(D, DV):
             wrap_triton(gdpa_softmax_bwd_dkdv_kernel)[(triton.cdiv(T_K, cfg_dkdv[1]) * nb * Hkv,)](
-                q, k, v, go, dk, dv, m, lsum, delta, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
+                q, k, v, go, dk, dv, m, l_inv, delta, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
                 *G._strides(q, jagged), *G._strides(k, jagged), *G._strides(v, jagged),
                 *G._strides(go, jagged), *G._strides(dk, jagged), *G._strides(dv, jagged), *st,
                 *c["bias_strides"], *scal, OUT_DK=out_dk, OUT_DV=out_dv, **meta(cfg_dkdv),
             )
     if dq.numel() > 0:
         wrap_triton(gdpa_softmax_bwd_dq_kernel)[(triton.cdiv(T_Q, cfg_dq[0]) * nb * H,)](
-            q, k, v, go, dq, m, lsum, delta, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
+            q, k, v, go, dq, m, l_inv, delta, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
             *G._strides(q, jagged), *G._strides(k, jagged), *G._strides(v, jagged),
             *G._strides(go, jagged), *G._strides(dq, jagged), *st, *c["bias_strides"],
             *scal, **meta(cfg_dq),
@@ -261,6 +293,9 @@ VARIANTS = {
     "all": dict(JAGGED=True, HAS_WINDOW=True, CAUSAL=True, HAS_BIAS=True, DEAD_NAN=True, GQA=True),
 }
 HEAVY_VARIANTS = ("jagged", "causal", "window", "bias", "all")
+# fp32 (FMA dots) runs these kernels up to this head size; recopt.ops.gdpa_softmax's route
+# keeps the reference above it (the FMA tiles spill there)
+FP32_MAX_D = 64
 
 
 def _spec(kind: str, variant: str, d: int, dtype, cfg, outs=(True, True)):
@@ -360,12 +395,13 @@ def launch_configs(kind: str, dtype, arch: int = 90) -> list:
 def compile_specs(level: str = "ci") -> list:
     """Specs for recopt.kernels.compile_check.
 
-    ``ci`` (11 compiles, kept to about 30 s on 2 idle cores): bf16, the configs the
-    launcher picks for long sequences at d = 128 under masks (compiled with ``all``:
-    jagged, window, causal, bias, NaN rows, GQA) and at d = 64 without (``light``:
-    lengths + GQA; dK/dV with ``all``), on sm_90 and sm_100 (forward and dQ; sm_100's
-    dK/dV spills and is left to ``full``), and the row-term kernel on sm_90. ``full``: every config at every head size 16..256, every variant,
-    bf16 / fp16 / fp32, both archs (a ``slow`` test).
+    ``ci`` (13 compiles, about 30 s on 2 idle cores): bf16, the configs the launcher picks
+    for long sequences at d = 128 under masks (compiled with ``all``: jagged, window,
+    causal, bias, NaN rows, GQA) and at d = 64 without (``light``: lengths + GQA; sm_90's
+    dK/dV with ``all``), forward, dK/dV and dQ on sm_90 and sm_100, and the row-term kernel on
+    sm_90; tests/test_kernel_compile.py fails on any spill. ``full``: every config at
+    every head size 16..256, every variant, bf16 / fp16 (and fp32 at d <= 64: the route
+    keeps the reference above), both archs (a ``slow`` test).
     """
     specs, seen = [], set()
 
@@ -382,25 +418,27 @@ def compile_specs(level: str = "ci") -> list:
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 for kind in _KERNELS:
                     for d, cfg, heavy in launch_configs(kind, dtype, arch):
+                        if dtype == torch.float32 and d > FP32_MAX_D:
+                            continue   # never launched: softmax_route keeps the reference
                         for variant in VARIANTS:
                             if heavy == (variant in HEAVY_VARIANTS):
                                 add(kind, variant, d, dtype, cfg, arch)
                 for d in G.HEAD_DIMS:
                     for variant in ("dense", "jagged"):
-                        add("pre", variant, d, dtype, (64, 4), arch)
+                        add("pre", variant, d, dtype, _pre_config_gpu(d), arch)
             continue
         # ci: the long-sequence configs at d = 128 under masks and d = 64 without, bf16, each
         # compiled with the heaviest variant it serves
         bf16 = torch.bfloat16
         for kind in _KERNELS:
-            if arch >= 100 and kind == "dkdv":
-                continue   # known sm_100 spills (docs/kernels.md): compiled at the full level only
-            for d, heavy in ((128, True), (64, kind == "dkdv")):
+            # sm_90's d = 64 dK/dV serves both with one config (compiled with ``all``); sm_100
+            # has a plain one (64 x 64) besides the masked d = 128 one
+            for d, heavy in ((128, True), (64, kind == "dkdv" and arch < 100)):
                 if kind == "fwd":
                     cfg = _fwd_config_gpu(1024, 1024, d, d, bf16, arch, heavy)
                 else:
                     cfg = _bwd_config_gpu(1024, 1024, d, d, bf16, arch, heavy)[0 if kind == "dkdv" else 1]
                 add(kind, "all" if heavy else "light", d, bf16, cfg, arch)
         if arch == 90:
-            add("pre", "jagged", 128, bf16, (64, 4), arch)
+            add("pre", "jagged", 128, bf16, _pre_config_gpu(128), arch)
     return specs

@@ -154,30 +154,30 @@ if HAS_TRITON:
         bias: Optional[Tensor], qk_scale: float, pre_scale: float, window: int, causal: bool,
         dead_nan: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """``(o, M, L)``: output and the row statistics the backward needs (fp32)."""
+        """``(o, M, 1/L)``: output and the row statistics the backward needs (fp32)."""
         return _S.softmax_fwd(q, k, v, qk_scale=qk_scale, pre_scale=pre_scale, window=window,
                               q_lengths=q_lengths, kv_lengths=kv_lengths, causal=causal, bias=bias,
                               dead_nan=dead_nan)
 
     @_define("recopt::gdpa_softmax_backward")
     def _softmax_backward_op(
-        grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, m: Tensor, lsum: Tensor,
+        grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, m: Tensor, l_inv: Tensor,
         q_lengths: Optional[Tensor], kv_lengths: Optional[Tensor], bias: Optional[Tensor],
         qk_scale: float, pre_scale: float, window: int, causal: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return _S.softmax_bwd(grad_out.contiguous(), q, k, v, o, m, lsum, qk_scale=qk_scale,
+        return _S.softmax_bwd(grad_out.contiguous(), q, k, v, o, m, l_inv, qk_scale=qk_scale,
                               pre_scale=pre_scale, window=window, q_lengths=q_lengths,
                               kv_lengths=kv_lengths, causal=causal, bias=bias)
 
     def _setup(ctx, inputs, output):
         q, k, v, q_lengths, kv_lengths, bias, qk_scale, pre_scale, window, causal, _ = inputs
-        o, m, lsum = output
-        ctx.save_for_backward(q, k, v, o, m, lsum, q_lengths, kv_lengths, bias)
+        o, m, l_inv = output
+        ctx.save_for_backward(q, k, v, o, m, l_inv, q_lengths, kv_lengths, bias)
         ctx.args = (qk_scale, pre_scale, window, causal)
 
     def _backward(ctx, grad_o, grad_m, grad_l):
-        q, k, v, o, m, lsum, q_lengths, kv_lengths, bias = ctx.saved_tensors
-        dq, dk, dv = torch.ops.recopt.gdpa_softmax_backward(grad_o, q, k, v, o, m, lsum, q_lengths,
+        q, k, v, o, m, l_inv, q_lengths, kv_lengths, bias = ctx.saved_tensors
+        dq, dk, dv = torch.ops.recopt.gdpa_softmax_backward(grad_o, q, k, v, o, m, l_inv, q_lengths,
                                                             kv_lengths, bias, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
@@ -188,31 +188,31 @@ if HAS_TRITON:
         q: Tensor, k: Tensor, v: Tensor, q_offsets: Tensor, kv_offsets: Tensor,
         max_seq_len_q: int, max_seq_len_kv: int, qk_scale: float, pre_scale: float, window: int,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Jagged ``(o, M, L)`` (``M``, ``L``: ``[H, N]``); rows with no kept key give 0."""
+        """Jagged ``(o, M, 1/L)`` (``M``, ``1/L``: ``[H, N]``); rows with no kept key give 0."""
         return _S.softmax_fwd(q, k, v, qk_scale=qk_scale, pre_scale=pre_scale, window=window,
                               q_offsets=q_offsets, kv_offsets=kv_offsets, max_seq_len_q=max_seq_len_q,
                               max_seq_len_kv=max_seq_len_kv)
 
     @_define("recopt::gdpa_softmax_jagged_backward")
     def _softmax_jagged_backward_op(
-        grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, m: Tensor, lsum: Tensor,
+        grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, m: Tensor, l_inv: Tensor,
         q_offsets: Tensor, kv_offsets: Tensor, max_seq_len_q: int, max_seq_len_kv: int,
         qk_scale: float, pre_scale: float, window: int,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return _S.softmax_bwd(grad_out.contiguous(), q, k, v, o, m, lsum, qk_scale=qk_scale,
+        return _S.softmax_bwd(grad_out.contiguous(), q, k, v, o, m, l_inv, qk_scale=qk_scale,
                               pre_scale=pre_scale, window=window, q_offsets=q_offsets,
                               kv_offsets=kv_offsets, max_seq_len_q=max_seq_len_q,
                               max_seq_len_kv=max_seq_len_kv)
 
     def _setup_jagged(ctx, inputs, output):
         q, k, v, q_offsets, kv_offsets, *rest = inputs
-        o, m, lsum = output
-        ctx.save_for_backward(q, k, v, o, m, lsum, q_offsets, kv_offsets)
+        o, m, l_inv = output
+        ctx.save_for_backward(q, k, v, o, m, l_inv, q_offsets, kv_offsets)
         ctx.args = tuple(rest)
 
     def _backward_jagged(ctx, grad_o, grad_m, grad_l):
-        q, k, v, o, m, lsum, q_offsets, kv_offsets = ctx.saved_tensors
-        dq, dk, dv = torch.ops.recopt.gdpa_softmax_jagged_backward(grad_o, q, k, v, o, m, lsum, q_offsets,
+        q, k, v, o, m, l_inv, q_offsets, kv_offsets = ctx.saved_tensors
+        dq, dk, dv = torch.ops.recopt.gdpa_softmax_jagged_backward(grad_o, q, k, v, o, m, l_inv, q_offsets,
                                                                    kv_offsets, *ctx.args)
         return (dq, dk, dv) + (None,) * 7
 
@@ -240,7 +240,7 @@ if HAS_TRITON:
             return 2 * q_shape[0] * q_shape[1] * max_k * (q_shape[2] + v_shape[2])
 
         @register_flop_formula(torch.ops.recopt.gdpa_softmax_jagged_backward)
-        def _jbwd(go, q_shape, k_shape, v_shape, o, m, lsum, qo, ko, max_q, max_k, *args, out_shape=None, **kw):
+        def _jbwd(go, q_shape, k_shape, v_shape, o, m, l_inv, qo, ko, max_q, max_k, *args, out_shape=None, **kw):
             return int(2.5 * 2 * q_shape[0] * q_shape[1] * max_k * (q_shape[2] + v_shape[2]))
 
     _register_flops()
