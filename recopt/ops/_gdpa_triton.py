@@ -9,14 +9,17 @@ a ``torch.library.triton_op``, Inductor sees and compiles them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections import Counter
 from typing import Optional
 
 import torch
 import triton
 from torch.library import wrap_triton
 
-from recopt.kernels.gdpa import gdpa_bwd_dkdv_kernel, gdpa_bwd_dq_kernel, gdpa_fwd_kernel
+from recopt.kernels.gdpa import (gdpa_bwd_dkdv_kernel, gdpa_bwd_dq_kernel, gdpa_bwd_fused_kernel,
+                                 gdpa_fwd_kernel)
 
 from .gdpa_ref import ACTIVATIONS
 
@@ -81,6 +84,8 @@ def smem_estimate(kind: str, bm: int, bn: int, bd: int, bdv: int, stages: int, e
         return elt * (bn * (bd + bdv) + stages * bm * (bd + bdv) + bm * bn)
     if kind == "dq":
         return elt * (bm * (bd + bdv) + stages * bn * (bd + bdv) + bm * bn)
+    if kind == "fused":   # the dK/dV kernel's tiles, and dS staged a second time (for dS K)
+        return elt * (bn * (bd + bdv) + stages * bm * (bd + bdv) + 2 * bm * bn)
     return _smem_estimate(bm, bn, bd, bdv, stages, elt)
 
 
@@ -192,6 +197,109 @@ def dkdv_passes(d: int, dv: int) -> tuple:
     if max(_pow2(d), _pow2(dv)) >= 256:
         return ((True, False), (False, True))
     return ((True, True),)
+
+
+def fused_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: int = 90,
+                 heavy: bool = False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the one-launch backward
+    (:func:`recopt.kernels.gdpa.gdpa_bwd_fused_kernel`): the dK/dV kernel's layout (keys as
+    rows, BLOCK_N keys resident, BLOCK_M query steps) with room for the transient fp32
+    ``BLOCK_M x d`` dQ tile it adds atomically."""
+    if interpreting():
+        return 16, 16, 1, 1
+    return _fused_config_gpu(t_q, t_k, d, dv, dtype, arch, heavy)
+
+
+def _fused_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
+    bd, bdv = _pow2(d), _pow2(dv)
+    big = max(bd, bdv)
+    elt = 4 if dtype == torch.float32 else 2
+    if big >= 256:
+        # two launches of the kernel (fused_passes): dK + dQ, then dV; as the dK/dV kernel
+        cands = [(16, 64, 4, 1)] if arch >= 100 else [(16, 128, 8, 2)]
+    elif big >= 128:
+        cands = [(16 if (heavy or arch < 100) else 32, 64, 4, 2)]
+    else:
+        cands = [(32 if heavy else 64, 64, 4, 3), (32, 64, 4, 2)]
+    if elt == 4:  # exact fp32 path (FMA dots, operands in registers)
+        cands = [(16, 32 if big < 128 else 16, 4, 1)]
+    return _prune(cands, bd, bdv, elt, "fused")
+
+
+def fused_passes(d: int, dv: int) -> tuple:
+    """(OUT_DK, OUT_DV, OUT_DQ) of each launch of the one-launch backward: one launch, or
+    (d >= 256) dK with dQ (and the bias gradient) then dV, as :func:`dkdv_passes`."""
+    if max(_pow2(d), _pow2(dv)) >= 256:
+        return ((True, False, True), (False, True, False))
+    return ((True, True, True),)
+
+
+# GEMM-units per score element of each backward (a unit: one [BLOCK x BLOCK x d] GEMM over
+# the score tile). Two-launch: dK/dV (S, dV, dP, dK) + dQ (S, dP, dQ); d = 256 splits dK
+# and dV (S, dP, dK + S, dV). One-launch: S, dV, dP, dK, dQ; d = 256: (S, dP, dK, dQ) + (S, dV).
+_UNITS_TWO = {False: 4 + 3, True: 3 + 2 + 3}
+_UNITS_FUSED = {False: 5, True: 4 + 2}
+# Predicted cost of the one-launch kernel's fp32 dQ atomics and of the final cast, in
+# GEMM-units (d / BLOCK_N reductions per score element at L2). A model, not a measurement:
+# no GPU was available when it was set.
+ATOMIC_UNITS = 0.5
+BACKWARD_ENV = "RECOPT_GDPA_BWD"
+BWD_KERNELS = ("fused", "two_launch")
+# (kernel, reason) -> calls, counted in eager mode (not inside torch.compile traces)
+BACKWARD_COUNTS: Counter = Counter()
+
+
+def _sm_count(device) -> int:
+    """SMs of a CUDA device; 132 (H100 SXM) for CPU tensors (the interpreter)."""
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return 132
+
+
+def _waves_time(units: float, grid: int, slots: int) -> float:
+    """Time (in units of one program-slot doing the whole work once) of ``grid`` programs
+    sharing ``units`` of work on ``slots`` SMs: ceil(grid / slots) waves of units / grid."""
+    return math.ceil(grid / slots) * units / grid if grid > 0 else 0.0
+
+
+def bwd_choice(t_q: int, t_k: int, d: int, dv: int, nb: int, h: int, hkv: int, dtype: torch.dtype,
+               arch: int = 90, heavy: bool = False, sms: int = 132,
+               deterministic: Optional[bool] = None) -> tuple:
+    """``(kernel, reason)``: which backward serves this call, ``"fused"`` (one launch, atomic
+    dQ, 5 GEMM-units per score element) or ``"two_launch"`` (dK/dV then dQ, 7, no atomics).
+
+    - two-launch when ``torch.are_deterministic_algorithms_enabled()`` (atomic dQ adds are
+      not deterministic), or when ``RECOPT_GDPA_BWD=two_launch``;
+    - otherwise the faster under a wave model: each launch costs ceil(grid / SMs) waves of
+      (GEMM-units / grid). The one-launch grid has one program per key block of a K/V head;
+      when it is small (tiny Tk, few heads and samples) its programs each walk all of Tq
+      while the two-launch's dQ kernel spreads Tq over more programs, and the model picks
+      the two launches. ``RECOPT_GDPA_BWD=fused`` forces the one launch.
+    """
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    forced = os.environ.get(BACKWARD_ENV, "auto").lower()
+    if forced not in ("auto",) + BWD_KERNELS:
+        raise ValueError(f"{BACKWARD_ENV}={forced!r}; use auto, fused or two_launch")
+    if deterministic:
+        if forced == "fused":
+            raise RuntimeError(f"{BACKWARD_ENV}=fused, but deterministic algorithms are enabled and the "
+                               "one-launch GDPA backward adds dQ atomically; unset one of the two")
+        return "two_launch", "deterministic algorithms enabled (atomic dQ adds are not deterministic)"
+    if forced != "auto":
+        return forced, f"{BACKWARD_ENV}={forced}"
+    big = max(_pow2(d), _pow2(dv)) >= 256
+    (_, bn_kv, _, _), (bm_q, _, _, _) = (bwd_config(t_q, t_k, d, dv, dtype, arch, heavy))
+    bn_f = fused_config(t_q, t_k, d, dv, dtype, arch, heavy)[1]
+    g_kv = triton.cdiv(max(t_k, 1), bn_kv) * nb * hkv
+    g_q = triton.cdiv(max(t_q, 1), bm_q) * nb * h
+    g_f = triton.cdiv(max(t_k, 1), bn_f) * nb * hkv
+    two = _waves_time(_UNITS_TWO[big] - 3, g_kv, sms) + _waves_time(3, g_q, sms)
+    fused = _waves_time(_UNITS_FUSED[big] + ATOMIC_UNITS, g_f, sms)
+    if fused <= two:
+        return "fused", f"one launch: predicted {fused:.3g} vs {two:.3g} (wave model, {sms} SMs)"
+    return "two_launch", (f"two launches: predicted {two:.3g} vs {fused:.3g} (wave model, {sms} SMs; "
+                          f"{g_f} one-launch programs)")
 
 
 def fast_math(dtype: torch.dtype) -> int:
@@ -320,16 +428,22 @@ def gdpa_bwd(
     q_lengths=None, kv_lengths=None, q_offsets=None, kv_offsets=None,
     max_seq_len_q: Optional[int] = None, max_seq_len_kv: Optional[int] = None,
     causal: bool = False, causal_offset: int = 0, bias: Optional[torch.Tensor] = None,
-    bias_grad: bool = False, out: Optional[tuple] = None,
+    bias_grad: bool = False, out: Optional[tuple] = None, kernel: Optional[str] = None,
 ):
-    """Backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed, no atomics),
-    and ``dbias`` shaped like ``bias`` (in its dtype) as a fourth element when
-    ``bias_grad`` (which needs a ``bias``).
+    """Backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed), and ``dbias``
+    shaped like ``bias`` (in its dtype) as a fourth element when ``bias_grad`` (which needs
+    a ``bias``; without it the kernels compute no bias gradient: ``DBIAS=0``).
+
+    ``kernel``: ``"fused"`` (one launch, :func:`recopt.kernels.gdpa.gdpa_bwd_fused_kernel`:
+    dQ added atomically in fp32, then cast), ``"two_launch"`` (dK/dV, then dQ; no atomics
+    for dQ), or None: :func:`bwd_choice` decides (two launches under
+    ``torch.use_deterministic_algorithms``); the choice and its reason are counted in
+    :data:`BACKWARD_COUNTS` (eager calls).
 
     ``causal``, ``causal_offset`` and ``bias`` as in :func:`gdpa_fwd`. The bias
     gradient is the score gradient ``qk_scale * act'(s) * dP`` (0 where masked),
-    summed over the bias's broadcast dims; the dQ kernel writes it while it
-    recomputes the scores: stored directly when the bias has the full
+    summed over the bias's broadcast dims; the kernel that computes dS writes it
+    (the dQ kernel of the two launches, or the one-launch kernel): stored directly when the bias has the full
     ``[B, H, Tq, Tk]`` shape, else added atomically (fp32, summed over broadcast
     query/key dims inside the tile first; the order of the atomic adds, so the
     last bits, may differ run to run). Dense inputs only.
@@ -350,7 +464,15 @@ def gdpa_bwd(
     go = grad_out
     # jagged offsets, masks and a bias keep more values live: narrower tiles (see bwd_config)
     heavy = bool(causal) or bias is not None or (window is not None and window >= 0) or jagged
-    cfg_dkdv, cfg_dq = bwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device), heavy)
+    arch = _arch(q.device)
+    if kernel is None:
+        kernel, reason = bwd_choice(T_Q, T_K, D, DV, nb, H, Hkv, q.dtype, arch, heavy, _sm_count(q.device))
+    elif kernel in BWD_KERNELS:
+        reason = "requested by the caller"
+    else:
+        raise ValueError(f"gdpa_bwd(kernel={kernel!r}): use 'fused', 'two_launch' or None (automatic)")
+    if not torch.compiler.is_compiling():
+        BACKWARD_COUNTS[(kernel, reason)] += 1
     c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation,
                 causal, causal_offset, bias, nb, H)
     c["EVEN_D"] = D == _pow2(D) and DV == _pow2(DV)
@@ -361,6 +483,29 @@ def gdpa_bwd(
                     num_warps=cfg[2], num_stages=cfg[3], **flags)
 
     scal = (H, H // Hkv, T_Q, T_K, D, DV, float(qk_scale), float(pre_scale), c["window"], c["causal_off"])
+    db_strides = db_meta.pop("strides")
+    if kernel == "fused":
+        # fp32 dQ accumulator: dq itself when it is fp32, else a buffer cast at the end
+        acc = dq if dq.dtype == torch.float32 else torch.empty(dq.shape, dtype=torch.float32, device=dq.device)
+        acc.zero_()
+        if T_K > 0 and dk.numel() > 0:
+            cfg = fused_config(T_Q, T_K, D, DV, q.dtype, arch, heavy)
+            for out_dk, out_dv, out_dq in fused_passes(D, DV):
+                dbm = db_meta if out_dq else dict(DBIAS=0, DB_SUM_Q=False, DB_SUM_K=False)
+                wrap_triton(gdpa_bwd_fused_kernel)[(triton.cdiv(T_K, cfg[1]) * nb * Hkv,)](
+                    q, k, v, go, dk, dv, acc, db if db is not None else acc,
+                    c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
+                    *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(go, jagged),
+                    *_strides(dk, jagged), *_strides(dv, jagged), *_strides(acc, jagged), *c["bias_strides"],
+                    *db_strides, *scal, OUT_DK=out_dk, OUT_DV=out_dv, OUT_DQ=out_dq, **dbm, **meta(cfg),
+                )
+        else:
+            dk.zero_(), dv.zero_()
+        acc.mul_(float(pre_scale) * float(qk_scale))
+        if acc is not dq:
+            dq.copy_(acc)
+        return _with_dbias((dq, dk, dv), db, bias)
+    cfg_dkdv, cfg_dq = bwd_config(T_Q, T_K, D, DV, q.dtype, arch, heavy)
     if T_K > 0 and dk.numel() > 0:
         for out_dk, out_dv in dkdv_passes(D, DV):
             wrap_triton(gdpa_bwd_dkdv_kernel)[(triton.cdiv(T_K, cfg_dkdv[1]) * nb * Hkv,)](
@@ -376,7 +521,7 @@ def gdpa_bwd(
             q, k, v, go, dq, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
             db if db is not None else q,
             *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(go, jagged),
-            *_strides(dq, jagged), *c["bias_strides"], *db_meta.pop("strides"),
+            *_strides(dq, jagged), *c["bias_strides"], *db_strides,
             *scal, **db_meta, **meta(cfg_dq),
         )
     else:
