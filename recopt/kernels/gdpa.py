@@ -403,14 +403,17 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, dq_base, db_base, offs_
         if OUT_DK:
             dk += _dot(dsc, tl.trans(qt), DOT_FP32)
         if OUT_DQ:
-            dq = _dot(tl.trans(dsc), k, DOT_FP32)        # [BLOCK_M, BLOCK_D]
-            dq_ptrs = dq_base + rows[:, None] * sdqt + offs_d[None, :] * sdqd
+            # dQ^T = K^T dS: [BLOCK_D, BLOCK_M]. As K^T dS (not dS^T K) the GEMM's M is the head
+            # size (>= 64 on the tensor-core paths) rather than the narrow query step, so sm_90
+            # takes wgmma with K^T from shared memory instead of mma.sync with K in registers
+            dqt = _dot(tl.trans(k), dsc, DOT_FP32)
+            dq_ptrs = dq_base + rows[None, :] * sdqt + offs_d[:, None] * sdqd
             if MASKED:
-                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & (offs_d[None, :] < D))
+                tl.atomic_add(dq_ptrs, dqt, mask=row_ok[None, :] & (offs_d[:, None] < D))
             elif EVEN_D:
-                tl.atomic_add(dq_ptrs, dq)
+                tl.atomic_add(dq_ptrs, dqt)
             else:
-                tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < D)
+                tl.atomic_add(dq_ptrs, dqt, mask=offs_d[:, None] < D)
     return dk, dv
 
 

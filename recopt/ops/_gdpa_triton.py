@@ -21,6 +21,7 @@ from torch.library import wrap_triton
 from recopt.kernels.gdpa import (gdpa_bwd_dkdv_kernel, gdpa_bwd_dq_kernel, gdpa_bwd_fused_kernel,
                                  gdpa_fwd_kernel)
 
+from ._triton_spec import TYPES, SpecBuilder
 from .gdpa_ref import ACTIVATIONS
 
 
@@ -215,10 +216,15 @@ def _fused_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     big = max(bd, bdv)
     elt = 4 if dtype == torch.float32 else 2
     if big >= 256:
-        # two launches of the kernel (fused_passes): dK + dQ, then dV; as the dK/dV kernel
-        cands = [(16, 64, 4, 1)] if arch >= 100 else [(16, 128, 8, 2)]
+        # two launches of the kernel (fused_passes): dK + dQ (+ dbias), then dV. Two warpgroups
+        # (128 keys, 64 each) halve each thread's share of the streamed tiles; one stage keeps
+        # the dK + dQ launch in shared memory (two: 241 KB) and unspilled
+        cands = [(16, 128, 8, 1)]
     elif big >= 128:
-        cands = [(16 if (heavy or arch < 100) else 32, 64, 4, 2)]
+        # dK, dV accumulators take 128 registers a thread; with one warpgroup (64 keys) the
+        # stored bias gradient and silu/hardswish/leaky_relu spilled 8-56 B on sm_90. Two
+        # warpgroups of 64 keys each: unspilled, and half the dQ atomics per score element
+        cands = [(16 if (heavy or arch < 100) else 32, 128, 8, 2)]
     else:
         cands = [(32 if heavy else 64, 64, 4, 3), (32, 64, 4, 2)]
     if elt == 4:  # exact fp32 path (FMA dots, operands in registers)
@@ -575,6 +581,9 @@ _KERNELS = {
     "dq": ("gdpa_bwd_dq_kernel", ("Q", "K", "V", "DO", "DQ"),
            ("sqb sqt sqh sqd", "skb skt skh skd", "svb svt svh svd", "sdob sdot sdoh sdod",
             "sdqb sdqt sdqh sdqd")),
+    "fused": ("gdpa_bwd_fused_kernel", ("Q", "K", "V", "DO", "DK", "DV_", "DQ", "DB"),
+              ("sqb sqt sqh sqd", "skb skt skh skd", "svb svt svh svd", "sdob sdot sdoh sdod",
+               "sdkb sdkt sdkh sdkd", "sdvb sdvt sdvh sdvd", "sdqb sdqt sdqh sdqd")),
 }
 
 # variant name -> flags; "gqa" leaves GROUP a runtime int, "bcast_q" makes q's batch stride 0.
@@ -598,76 +607,58 @@ VARIANTS = {
 # variants the launchers serve with their "heavy" configs (jagged, masks, a bias)
 _HEAVY_VARIANTS = ("jagged", "window", "causal", "bias", "light", "all", "dbias", "dbias_bcast")
 
-_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_TYPES = TYPES  # (the softmax launcher reads this name)
 HEAD_DIMS = (16, 32, 64, 128, 256)         # BLOCK_D classes: every d in [1, 256] maps onto one
 _SHAPES = ((16, 16), (64, 32), (1000, 256), (1024, 1024))  # (T_Q, T_K) probing the config keys
 
 
-def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, outs=(True, True)):
-    from recopt.kernels.compile_check import KernelSpec
-
+def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, outs=(True, True, True)):
+    """The compile-check spec of one launch: kernel ``kind`` (fwd, dkdv, dq, fused), activation,
+    variant (:data:`VARIANTS`), head size, dtype, config ``(BLOCK_M, BLOCK_N, warps, stages)``
+    and, for dkdv / fused, the outputs ``(OUT_DK, OUT_DV[, OUT_DQ])`` of that launch."""
     attr, ptrs, stride_groups = _KERNELS[kind]
     flags = dict(JAGGED=False, HAS_QLEN=False, HAS_KLEN=False, HAS_WINDOW=False, CAUSAL=False,
                  HAS_BIAS=False, GQA=False, BCAST_Q=False, DBIAS=0, DB_SUM_Q=False, DB_SUM_K=False)
     flags.update(VARIANTS[variant])
-    ty = _TYPES[dtype]
-    sig, const, div = {}, {}, []
+    sb = SpecBuilder(dtype)
+    has_db = kind in ("dq", "fused")
+    # the bias gradient's buffer (fp32 when atomic); the fused kernel's dQ accumulator is fp32
+    db_ty = sb.ty if flags["DBIAS"] == 1 else "fp32"
     for p in ptrs:
-        sig[p] = f"*{ty}"
-        div.append(p)
-    for p in ("QOFF", "KOFF", "QLEN", "KLEN"):
-        sig[p] = "*i64"
-        div.append(p)
-    sig["BIAS"] = f"*{ty}"
-    div.append("BIAS")
-    for group in stride_groups:
-        names = group.split()
-        for n in names[:3]:                          # (jagged batch strides are 0: divisible too)
-            sig[n] = "i32"
-            div.append(n)
-        const[names[3]] = 1                          # contiguous head dim
-    for n in ("sbb", "sbh", "sbq"):
-        sig[n] = "i32"
-        div.append(n)
-    const["sbk"] = 1
-    for n in ("H", "T_Q", "T_K", "D", "DV", "window", "causal_off"):
-        sig[n] = "i32"
-    div += ["D", "DV"] if d >= 16 else []
-    if flags["GQA"]:
-        sig["GROUP"] = "i32"
-    else:
-        const["GROUP"] = 1
+        sb.pointers((p,), "fp32" if p == "DQ" and kind == "fused" else (db_ty if p == "DB" else ""))
+    sb.pointers(("QOFF", "KOFF", "QLEN", "KLEN"), "i64").pointers(("BIAS",))
+    if kind == "dq":
+        sb.pointers(("DB",), db_ty)
+    sb.strides(stride_groups).strides(("sbb sbh sbq sbk",))
+    if has_db:
+        sb.strides(("sdbb sdbh sdbq sdbk",))
+    sb.attention_scalars(d, flags["GQA"])
     if flags["BCAST_Q"]:
-        div.append("sqb")                            # stride 0: divisible, not specialized
-    sig["qk_scale"] = sig["pre_scale"] = "fp32"
+        sb.divisible("sqb")                          # stride 0: divisible, not specialized
     bm, bn, warps, stages = cfg
-    const.update(
+    sb.constexprs(
         ACT=ACTIVATIONS[act], JAGGED=flags["JAGGED"], HAS_QLEN=flags["HAS_QLEN"],
         HAS_KLEN=flags["HAS_KLEN"], HAS_WINDOW=flags["HAS_WINDOW"], CAUSAL=flags["CAUSAL"],
         HAS_BIAS=flags["HAS_BIAS"], FAST=0 if dtype == torch.float32 else 2,
         DOT_FP32=dtype == torch.float32, EVEN_D=d == _pow2(d),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(d),
     )
-    if kind == "dq":                                 # the bias gradient's buffer (fp32 when atomic)
-        sig["DB"] = f"*{ty}" if flags["DBIAS"] == 1 else "*fp32"
-        div.append("DB")
-        for n in ("sdbb", "sdbh", "sdbq"):
-            sig[n] = "i32"
-            div.append(n)
-        const["sdbk"] = 1
-        const.update(DBIAS=flags["DBIAS"], DB_SUM_Q=flags["DB_SUM_Q"], DB_SUM_K=flags["DB_SUM_K"])
     part = ""
+    if has_db:
+        # the bias gradient is written by the launch that computes dS (fused: the one with OUT_DQ)
+        dbias = flags["DBIAS"] if kind == "dq" or outs[2] else 0
+        sb.constexprs(DBIAS=dbias, DB_SUM_Q=flags["DB_SUM_Q"] and dbias != 0,
+                      DB_SUM_K=flags["DB_SUM_K"] and dbias != 0)
     if kind == "dkdv":
-        const.update(OUT_DK=outs[0], OUT_DV=outs[1])
-        part = {(True, True): "", (True, False): "[dk]", (False, True): "[dv]"}[tuple(outs)]
-    for n in list(sig):
-        if n in const:
-            del sig[n]
-    name = f"gdpa_{kind}{part}/{act}/{variant}/{ty}/d{d}/m{bm}n{bn}w{warps}s{stages}"
-    tags = dict(family="gdpa", kernel=kind, act=act, variant=variant, dtype=ty, d=d,
+        sb.constexprs(OUT_DK=outs[0], OUT_DV=outs[1])
+        part = {(True, True): "", (True, False): "[dk]", (False, True): "[dv]"}[tuple(outs[:2])]
+    if kind == "fused":
+        sb.constexprs(OUT_DK=outs[0], OUT_DV=outs[1], OUT_DQ=outs[2])
+        part = {(True, True, True): "", (True, False, True): "[dkdq]", (False, True, False): "[dv]"}[tuple(outs)]
+    name = f"gdpa_{kind}{part}/{act}/{variant}/{sb.ty}/d{d}/m{bm}n{bn}w{warps}s{stages}"
+    tags = dict(family="gdpa", kernel=kind, act=act, variant=variant, dtype=sb.ty, d=d,
                 BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    return KernelSpec(name=name, module="recopt.kernels.gdpa", attr=attr, signature=sig, constexprs=const,
-                      num_warps=warps, num_stages=stages, divisible=tuple(dict.fromkeys(div)), tags=tags)
+    return sb.build(name, "recopt.kernels.gdpa", attr, warps, stages, tags)
 
 
 def launch_configs(kind: str, dtype, arch: int = 90, act: str = "gelu") -> list:
@@ -679,6 +670,8 @@ def launch_configs(kind: str, dtype, arch: int = 90, act: str = "gelu") -> list:
             for tq, tk in _SHAPES:
                 if kind == "fwd":
                     picked = _fwd_config_gpu(tq, tk, d, d, dtype, arch, heavy, act)
+                elif kind == "fused":
+                    picked = _fused_config_gpu(tq, tk, d, d, dtype, arch, heavy)
                 else:
                     picked = _bwd_config_gpu(tq, tk, d, d, dtype, arch, heavy)[0 if kind == "dkdv" else 1]
                 cfg = (d, picked, heavy)
@@ -706,7 +699,7 @@ def compile_specs(level: str = "ci") -> list:
     specs, seen = [], set()
 
     def add(kind, act, variant, d, dtype, cfg, archs):
-        for outs in (dkdv_passes(d, d) if kind == "dkdv" else ((True, True),)):
+        for outs in _launch_outputs(kind, d):
             s = dataclasses.replace(_spec(kind, act, variant, d, dtype, cfg, outs), archs=tuple(archs))
             key = (s.name, s.archs)
             if key not in seen:
@@ -714,15 +707,15 @@ def compile_specs(level: str = "ci") -> list:
                 specs.append(s)
 
     bf16 = torch.bfloat16
-    for kind in _KERNELS:
+    for kind in ("fwd", "dkdv", "dq"):
         for arch in (90, 100):
             if level == "full":
                 for dtype in (bf16, torch.float16, torch.float32):
                     for act in ACTIVATIONS:
                         for d, cfg, heavy in launch_configs(kind, dtype, arch, act):
                             for variant in VARIANTS:
-                                if variant.startswith("dbias") and kind != "dq":
-                                    continue                 # only the dQ kernel has DBIAS
+                                if variant.startswith("dbias") and kind not in ("dq", "fused"):
+                                    continue                 # only dQ and the fused kernel have DBIAS
                                 if heavy == (variant in _HEAVY_VARIANTS):
                                     add(kind, act, variant, d, dtype, cfg, (arch,))
                 continue
@@ -758,4 +751,63 @@ def compile_specs(level: str = "ci") -> list:
                     # activation (raw spilled here where gelu did not): the simplest one as well
                     add(kind, "raw", "dense", 256, bf16,
                         [c for d, c, h in launch_configs(kind, bf16, arch) if d == 256 and not h][-1], (arch,))
+    for s in fused_compile_specs("all" if level == "full" else "ci"):
+        key = (s.name, s.archs)
+        if key not in seen:
+            seen.add(key)
+            specs.append(s)
+    return specs
+
+
+def _launch_outputs(kind: str, d: int) -> tuple:
+    """The (OUT_DK, OUT_DV[, OUT_DQ]) of each launch of kernel ``kind`` at head size d."""
+    if kind == "dkdv":
+        return dkdv_passes(d, d)
+    if kind == "fused":
+        return fused_passes(d, d)
+    return ((True, True, True),)
+
+
+def fused_compile_specs(level: str = "ci") -> list:
+    """Compile-check specs of the one-launch backward (``gdpa_bwd_fused_kernel``).
+
+    ``ci`` (part of the CI compile test; about 16 compiles): per arch, the config picked
+    for d = 64 and d = 128 (plain: ``gqa_len``; heavy: ``all``, with the atomic bias
+    gradient), the d = 256 pair of launches, the stored bias gradient at d = 128; on sm_90
+    also every activation at d = 128 and an odd head size (96). ``all`` (the slow test, and
+    ``full``): every config :func:`fused_config` can pick, d 16..256, bf16 and fp32, with
+    the heaviest variant it serves, on both archs, and every activation.
+    """
+    specs, seen = [], set()
+    bf16 = torch.bfloat16
+
+    def add(act, variant, d, dtype, cfg, arch):
+        for outs in fused_passes(d, d):
+            s = dataclasses.replace(_spec("fused", act, variant, d, dtype, cfg, outs), archs=(arch,))
+            if (s.name, arch) not in seen:
+                seen.add((s.name, arch))
+                specs.append(s)
+
+    for arch in (90, 100):
+        if level == "all":
+            for dtype in (bf16, torch.float32):
+                for d, cfg, heavy in launch_configs("fused", dtype, arch):
+                    add("gelu", "all" if heavy else "gqa_len", d, dtype, cfg, arch)
+                    if not heavy:
+                        add("gelu", "bcast_q", d, dtype, cfg, arch)
+            for act in ACTIVATIONS:
+                for d in (64, 128):
+                    cfg = [c for dd, c, h in launch_configs("fused", bf16, arch) if dd == d and not h][-1]
+                    add(act, "dense", d, bf16, cfg, arch)
+            continue
+        for d, cfg, heavy in launch_configs("fused", bf16, arch):
+            if d in (64, 128, 256):
+                add("gelu", "all" if heavy else "gqa_len", d, bf16, cfg, arch)
+        heavy128 = [c for dd, c, h in launch_configs("fused", bf16, arch) if dd == 128 and h][-1]
+        add("gelu", "dbias", 128, bf16, heavy128, arch)
+        if arch == 90:
+            main = [c for dd, c, h in launch_configs("fused", bf16, arch) if dd == 128 and not h][-1]
+            for act in ACTIVATIONS:
+                add(act, "dense", 128, bf16, main, arch)
+            add("gelu", "lengths", 96, bf16, main, arch)   # d != BLOCK_D: masked head-dim loads
     return specs
