@@ -50,7 +50,12 @@ def test_ci_specs_cover_every_activation_head_size_and_arch():
     assert {s.tags["act"] for s in gd} == set(ACTIVATIONS)
     assert {s.tags["d"] for s in gd} >= {16, 32, 64, 128, 256}
     for arch in CC.ARCHS:
-        assert {s.tags["kernel"] for s in gd if arch in s.archs} == {"fwd", "dkdv", "dq"}
+        assert {s.tags["kernel"] for s in gd if arch in s.archs} == {"fwd", "dkdv", "dq", "fused"}
+        fused = [s for s in gd if arch in s.archs and s.tags["kernel"] == "fused"]
+        # the one-launch backward: d 64..256 (d 256 as its two launches), masks and dbias atomics
+        assert {s.tags["d"] for s in fused} >= {64, 128, 256}
+        assert {s.constexprs["OUT_DQ"] for s in fused if s.tags["d"] == 256} == {True, False}
+        assert any(s.constexprs["DBIAS"] == 2 and s.constexprs["CAUSAL"] for s in fused)
     assert any(s.tags["variant"] == "all" for s in gd) and any(s.tags["variant"] == "causal" for s in gd)
     for arch in CC.ARCHS:   # the bias gradient (stored and atomic) in the dQ kernel, both archs
         dq = [s for s in gd if arch in s.archs and s.tags["kernel"] == "dq"]
@@ -115,4 +120,17 @@ def test_full_cross_product_compiles():
     res = CC.compile_specs(CC.collect_specs(level="full"), workers=2)
     bad = [b for r in res for b in _check([r])
            if "spills" not in b or r.tags.get("family") != "gdpa_softmax"]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.slow
+def test_one_launch_backward_compiles_at_every_config():
+    """Every config the one-launch backward's launcher can pick (d 16..256, bf16 and fp32,
+    the heaviest variant each serves, broadcast q, every activation at d 64 and 128), both
+    archs: no compile error, shared memory within the limit, no spills."""
+    from recopt.ops._gdpa_triton import fused_compile_specs
+
+    res = CC.compile_specs(fused_compile_specs("all"), workers=2)
+    assert len(res) >= 60
+    bad = _check(res)
     assert not bad, "\n".join(bad)

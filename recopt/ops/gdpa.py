@@ -90,6 +90,15 @@ def reference_reason(causal: bool, bias: Optional[Tensor]) -> Optional[str]:
     return None
 
 
+def backward_note() -> str:
+    """What the gdpa pass reports (detail ``backward``) for a pointwise site: the Triton
+    backward is chosen per call (the batch is symbolic at optimize time)."""
+    return ("Triton: one launch with atomic fp32 dQ (5 GEMM-units per score element) or two launches "
+            "(dK/dV, then dQ: 7, no atomics), chosen per call by recopt.ops._gdpa_triton.bwd_choice; two "
+            "launches under torch.use_deterministic_algorithms; RECOPT_GDPA_BWD=fused|two_launch forces one; "
+            "eager choices counted in recopt.ops._gdpa_triton.BACKWARD_COUNTS")
+
+
 def _bias4(bias: Optional[Tensor]) -> Optional[Tensor]:
     """A bias of fewer than 4 dims as a 4-D view (leading size-1 dims), as the kernels take it."""
     return bias if bias is None or bias.dim() == 4 else bias[(None,) * (4 - bias.dim())]
