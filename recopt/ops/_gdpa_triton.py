@@ -217,18 +217,23 @@ def _fused_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     elt = 4 if dtype == torch.float32 else 2
     if big >= 256:
         # two launches of the kernel (fused_passes): dK + dQ (+ dbias), then dV. Two warpgroups
-        # (128 keys, 64 each) halve each thread's share of the streamed tiles; one stage keeps
-        # the dK + dQ launch in shared memory (two: 241 KB) and unspilled
-        cands = [(16, 128, 8, 1)]
+        # (128 keys, 64 each) halve each thread's share of the streamed tiles. Plain: two stages
+        # (181 KB; one stage spilled 64-280 B on sm_90); masks/bias/jagged: one stage (two
+        # spilled 32 B on sm_90)
+        cands = [(16, 128, 8, 1 if heavy else 2)]
     elif big >= 128:
         # dK, dV accumulators take 128 registers a thread; with one warpgroup (64 keys) the
         # stored bias gradient and silu/hardswish/leaky_relu spilled 8-56 B on sm_90. Two
         # warpgroups of 64 keys each: unspilled, and half the dQ atomics per score element
         cands = [(16 if (heavy or arch < 100) else 32, 128, 8, 2)]
     else:
-        cands = [(32 if heavy else 64, 64, 4, 3), (32, 64, 4, 2)]
-    if elt == 4:  # exact fp32 path (FMA dots, operands in registers)
-        cands = [(16, 32 if big < 128 else 16, 4, 1)]
+        # 32-row query steps (64 spilled 8-56 B for gelu, silu, gelu_tanh on sm_90 / sm_100)
+        cands = [(32, 64, 4, 3), (32, 64, 4, 2)]
+    if elt == 4:
+        # exact fp32 path (FMA dots, operands in registers): bwd_choice keeps fp32 on the two
+        # launches (this kernel spilled 8-24 B on sm_100 at several head sizes); this config
+        # serves an explicit kernel="fused" / RECOPT_GDPA_BWD=fused and the interpreter
+        cands = [(16, 16, 4, 1)]
     return _prune(cands, bd, bdv, elt, "fused")
 
 
@@ -262,6 +267,14 @@ def _sm_count(device) -> int:
     return 132
 
 
+def _size_hint(x, default: int = 4096) -> int:
+    """A size as a plain int: a symbolic size's hint (no guard), ``default`` when it has none."""
+    if isinstance(x, torch.SymInt):
+        hint = x.node.hint
+        return int(hint) if hint is not None else default
+    return int(x)
+
+
 def _waves_time(units: float, grid: int, slots: int) -> float:
     """Time (in units of one program-slot doing the whole work once) of ``grid`` programs
     sharing ``units`` of work on ``slots`` SMs: ceil(grid / slots) waves of units / grid."""
@@ -275,7 +288,8 @@ def bwd_choice(t_q: int, t_k: int, d: int, dv: int, nb: int, h: int, hkv: int, d
     dQ, 5 GEMM-units per score element) or ``"two_launch"`` (dK/dV then dQ, 7, no atomics).
 
     - two-launch when ``torch.are_deterministic_algorithms_enabled()`` (atomic dQ adds are
-      not deterministic), or when ``RECOPT_GDPA_BWD=two_launch``;
+      not deterministic), or when ``RECOPT_GDPA_BWD=two_launch``, or for fp32 inputs (the
+      exact FMA path, where the one-launch kernel is not spill-free);
     - otherwise the faster under a wave model: each launch costs ceil(grid / SMs) waves of
       (GEMM-units / grid). The one-launch grid has one program per key block of a K/V head;
       when it is small (tiny Tk, few heads and samples) its programs each walk all of Tq
@@ -294,6 +308,12 @@ def bwd_choice(t_q: int, t_k: int, d: int, dv: int, nb: int, h: int, hkv: int, d
         return "two_launch", "deterministic algorithms enabled (atomic dQ adds are not deterministic)"
     if forced != "auto":
         return forced, f"{BACKWARD_ENV}={forced}"
+    if dtype == torch.float32:
+        return "two_launch", ("fp32 (exact FMA path): the one-launch kernel is not spill-free there "
+                              "(8-24 B on sm_100)")
+    # A speed choice, exact either way: under torch.compile with dynamic shapes decide on the
+    # sizes' hints rather than guard (and recompile) on them
+    t_q, t_k, nb = _size_hint(t_q), _size_hint(t_k), _size_hint(nb)
     big = max(_pow2(d), _pow2(dv)) >= 256
     (_, bn_kv, _, _), (bm_q, _, _, _) = (bwd_config(t_q, t_k, d, dv, dtype, arch, heavy))
     bn_f = fused_config(t_q, t_k, d, dv, dtype, arch, heavy)[1]
@@ -302,10 +322,11 @@ def bwd_choice(t_q: int, t_k: int, d: int, dv: int, nb: int, h: int, hkv: int, d
     g_f = triton.cdiv(max(t_k, 1), bn_f) * nb * hkv
     two = _waves_time(_UNITS_TWO[big] - 3, g_kv, sms) + _waves_time(3, g_q, sms)
     fused = _waves_time(_UNITS_FUSED[big] + ATOMIC_UNITS, g_f, sms)
+    # reasons without the numbers, so BACKWARD_COUNTS has few keys
     if fused <= two:
-        return "fused", f"one launch: predicted {fused:.3g} vs {two:.3g} (wave model, {sms} SMs)"
-    return "two_launch", (f"two launches: predicted {two:.3g} vs {fused:.3g} (wave model, {sms} SMs; "
-                          f"{g_f} one-launch programs)")
+        return "fused", "wave model: one launch predicted faster"
+    return "two_launch", ("wave model: two launches predicted faster (the one-launch grid is small: few "
+                          "key blocks x samples x K/V heads)")
 
 
 def fast_math(dtype: torch.dtype) -> int:
@@ -775,9 +796,9 @@ def fused_compile_specs(level: str = "ci") -> list:
     the configs picked for d = 64 (heavy) and d = 128 (plain, and heavy with the atomic bias
     gradient and every mask: ``all``) and the d = 256 pair of launches (``all``); on sm_90
     the stored (full-shape) bias gradient at d = 128. ``all`` (the slow tests, and the
-    ``full`` level): every config :func:`fused_config` can pick for d 16..256, bf16 and
-    fp32, with the heaviest variant it serves, broadcast q, and every activation at d = 64
-    and 128, on both archs.
+    ``full`` level): every config :func:`fused_config` can pick for d 16..256 in bf16 (fp32
+    runs the two launches: :func:`bwd_choice`), with the heaviest variant it serves,
+    broadcast q, and every activation at d = 64 and 128, on both archs.
     """
     specs, seen = [], set()
     bf16 = torch.bfloat16
@@ -791,7 +812,7 @@ def fused_compile_specs(level: str = "ci") -> list:
 
     for arch in (90, 100):
         if level == "all":
-            for dtype in (bf16, torch.float32):
+            for dtype in (bf16,):    # fp32 runs the two launches (bwd_choice)
                 for d, cfg, heavy in launch_configs("fused", dtype, arch):
                     add("gelu", "all" if heavy else "gqa_len", d, dtype, cfg, arch)
                     if not heavy:
