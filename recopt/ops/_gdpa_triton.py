@@ -227,8 +227,9 @@ def _fused_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
         # warpgroups of 64 keys each: unspilled, and half the dQ atomics per score element
         cands = [(16 if (heavy or arch < 100) else 32, 128, 8, 2)]
     else:
-        # 32-row query steps (64 spilled 8-56 B for gelu, silu, gelu_tanh on sm_90 / sm_100)
-        cands = [(32, 64, 4, 3), (32, 64, 4, 2)]
+        # 32-row query steps (64 spilled 8-56 B for gelu, silu, gelu_tanh on sm_90 / sm_100);
+        # sm_100 two stages (three: hardswish spilled 16 B)
+        cands = [(32, 64, 4, 3 if arch < 100 else 2), (32, 64, 4, 2)]
     if elt == 4:
         # exact fp32 path (FMA dots, operands in registers): bwd_choice keeps fp32 on the two
         # launches (this kernel spilled 8-24 B on sm_100 at several head sizes); this config
