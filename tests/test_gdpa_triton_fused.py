@@ -202,6 +202,8 @@ def test_op_backward_counts_the_choice_and_honours_determinism(monkeypatch):
     torch.use_deterministic_algorithms(True)
     try:
         gdpa(q, k, v, activation="gelu").sum().backward()
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            T.gdpa_bwd(q, q, k, v, activation="gelu", qk_scale=1.0, pre_scale=1.0, window=-1, kernel="fused")
     finally:
         torch.use_deterministic_algorithms(before)
     [(kern, why)] = T.BACKWARD_COUNTS

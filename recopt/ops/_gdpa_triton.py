@@ -496,6 +496,9 @@ def gdpa_bwd(
     if kernel is None:
         kernel, reason = bwd_choice(T_Q, T_K, D, DV, nb, H, Hkv, q.dtype, arch, heavy, _sm_count(q.device))
     elif kernel in BWD_KERNELS:
+        if kernel == "fused" and torch.are_deterministic_algorithms_enabled():
+            raise RuntimeError("gdpa_bwd(kernel='fused') adds dQ atomically (not deterministic), but "
+                               "torch.use_deterministic_algorithms is on; use kernel='two_launch' or None")
         reason = "requested by the caller"
     else:
         raise ValueError(f"gdpa_bwd(kernel={kernel!r}): use 'fused', 'two_launch' or None (automatic)")
