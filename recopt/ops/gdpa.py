@@ -4,7 +4,9 @@ Public entry points are :func:`gdpa` and :func:`gdpa_jagged`; see
 :mod:`recopt.ops.gdpa_ref` for the exact semantics. Each op has
 
 - a reference implementation (plain PyTorch, any device) — the fallback;
-- Triton kernels (forward and a backward that recomputes the scores), used when
+- Triton kernels (forward, and a backward that recomputes the scores: one launch
+  with atomic dQ, or two launches when deterministic algorithms are on or a
+  small grid favours them — :func:`recopt.ops._gdpa_triton.bwd_choice`), used when
   triton is importable and the tensors are on CUDA, or when forced with
   ``RECOPT_GDPA_BACKEND=triton`` (CPU tests under ``TRITON_INTERPRET=1``);
   ``RECOPT_GDPA_BACKEND=reference`` forces the reference;
