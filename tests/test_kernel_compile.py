@@ -52,9 +52,10 @@ def test_ci_specs_cover_every_activation_head_size_and_arch():
     for arch in CC.ARCHS:
         assert {s.tags["kernel"] for s in gd if arch in s.archs} == {"fwd", "dkdv", "dq", "fused"}
         fused = [s for s in gd if arch in s.archs and s.tags["kernel"] == "fused"]
-        # the one-launch backward: d 64..256 (d 256 as its two launches), masks and dbias atomics
-        assert {s.tags["d"] for s in fused} >= {64, 128, 256}
-        assert {s.constexprs["OUT_DQ"] for s in fused if s.tags["d"] == 256} == {True, False}
+        # the one-launch backward's tightest fits (every config: the slow test below): d 128 and
+        # d 256's dK + dQ launch, with masks and the atomic bias gradient
+        assert {s.tags["d"] for s in fused} >= {128, 256}
+        assert any(s.tags["d"] == 256 and s.constexprs["OUT_DQ"] for s in fused)
         assert any(s.constexprs["DBIAS"] == 2 and s.constexprs["CAUSAL"] for s in fused)
     assert any(s.tags["variant"] == "all" for s in gd) and any(s.tags["variant"] == "causal" for s in gd)
     for arch in CC.ARCHS:   # the bias gradient (stored and atomic) in the dQ kernel, both archs
