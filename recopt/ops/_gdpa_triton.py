@@ -224,8 +224,13 @@ def _fused_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
     elif big >= 128:
         # dK, dV accumulators take 128 registers a thread; with one warpgroup (64 keys) the
         # stored bias gradient and silu/hardswish/leaky_relu spilled 8-56 B on sm_90. Two
-        # warpgroups of 64 keys each: unspilled, and half the dQ atomics per score element
-        cands = [(16 if (heavy or arch < 100) else 32, 128, 8, 2)]
+        # warpgroups of 64 keys each: unspilled, and half the dQ atomics per score element.
+        # Plain: 32-query steps (sm_90: 36 SASS instructions per element for gelu where 16-query
+        # steps took 46; three stages, since silu spilled 24 B with two); masks/bias/jagged: 16
+        if heavy:
+            cands = [(16, 128, 8, 2)]
+        else:
+            cands = [(32, 128, 8, 3 if arch < 100 else 2)]
     else:
         # 32-row query steps (64 spilled 8-56 B for gelu, silu, gelu_tanh on sm_90 / sm_100);
         # sm_100 two stages (three: hardswish spilled 16 B)
