@@ -138,14 +138,15 @@ def correctness(device: str, small: bool = False) -> dict:
                     extra = dict(causal=var.get("causal", False), bias=bias)
                     o = T.gdpa_fwd(q, k, v, q_lengths=ql, kv_lengths=kl, **kw, **extra)
                     go = rnd(*o.shape, dtype=dtype)
-                    grads = T.gdpa_bwd(go, q, k, v, q_lengths=ql, kv_lengths=kl, bias_grad=bias is not None,
-                                       **kw, **extra)
+                    # both backwards (one launch with atomic dQ, two launches), whichever the call picks
+                    grads_by = [T.gdpa_bwd(go, q, k, v, q_lengths=ql, kv_lengths=kl, bias_grad=bias is not None,
+                                           kernel=kern, **kw, **extra) for kern in T.BWD_KERNELS]
                     qq, kk, vv = (t.float().requires_grad_() for t in (q, k, v))
                     bb = bias.float().requires_grad_() if bias is not None else None
                     ref = _reference(R, qq, kk, vv, ql, kl, bb, var.get("causal", False), **kw)
                     ref.backward(go.float())
                     want = (qq.grad, kk.grad, vv.grad) + ((bb.grad,) if bb is not None else ())
-                    errs = [_rel(o, ref)] + [_rel(a, b) for a, b in zip(grads, want)]
+                    errs = [_rel(o, ref)] + [_rel(a, b) for grads in grads_by for a, b in zip(grads, want)]
                     out[case] = {"rel": max(errs), "tol": tol, "ok": max(errs) <= tol}
                 except Exception as e:
                     out[case] = {"error": f"{type(e).__name__}: {str(e)[:300]}", "ok": False}

@@ -5,8 +5,10 @@ Usage (CPU only; needs triton with its bundled ptxas/nvdisasm)::
     PYTHONPATH=. python benchmarks/kernel_sass.py                  # table, sm_90 and sm_100
     PYTHONPATH=. python benchmarks/kernel_sass.py --check          # exit 1 if a budget fails
     PYTHONPATH=. python benchmarks/kernel_sass.py --json sass.json --md sass.md
+    PYTHONPATH=. python benchmarks/kernel_sass.py --kernels dkdv,dq,fused --acts gelu,gelu_tanh \
+        --shapes pffn,self_attn_1k_d64                              # the two backwards side by side
 
-For each kernel (forward, backward dK/dV, backward dQ), activation and head
+For each kernel (forward, backward dK/dV, backward dQ, the one-launch backward), activation and head
 size, with the config the launcher picks for the PFFN shape (Tq 1000, Tk 256)
 and for 1k self-attention, it compiles from a fresh Triton cache
 (:mod:`recopt.kernels.compile_check`) and reads the main loop's SASS
@@ -16,8 +18,9 @@ the ratio of issued multiply-adds to the minimum the tile needs (1.0 = no
 duplicated score tile).
 
 Budgets (issue #15; docs/benchmarks.md): forward <= 13 instructions per
-score element for gelu_tanh and silu, <= 14 for gelu; backward dQ + dK/dV
-<= 60 together; tensor-core ratio 1.0 on sm_90.
+score element for gelu_tanh and silu, <= 14 for gelu; backward <= 60: dQ +
+dK/dV together (two launches), and the one-launch kernel (atomic dQ) alone;
+tensor-core ratio 1.0 on sm_90.
 
 The H100 times printed are PREDICTIONS from a simple model, not
 measurements: tensor-core time at 70 % of the dense bf16 peak, issue time at
@@ -46,8 +49,9 @@ SHAPES = {  # name: (B, H, Tq, Tk, d)
 }
 
 
-def _specs(archs):
-    """Dense-variant specs with the config the launcher picks on each arch."""
+def _specs(archs, kernels=None, acts=ACTS, shapes=None):
+    """Dense-variant specs with the config the launcher picks on each arch; ``kernels``
+    (fwd, dkdv, dq, fused), ``acts`` and ``shapes`` (pffn, self_attn_1k_d64, d256) narrow it."""
     import dataclasses
 
     import torch
@@ -57,15 +61,20 @@ def _specs(archs):
     out = []
     seen = set()
     cases = [("pffn", 1000, 256, 128), ("self_attn_1k_d64", 1024, 1024, 64), ("d256", 1000, 256, 256)]
+    cases = [c for c in cases if shapes is None or c[0] in shapes]
     for arch in archs:
         for shape, tq, tk, d in cases:
             bk, bq = T._bwd_config_gpu(tq, tk, d, d, torch.bfloat16, arch)
-            for act in ACTS:
+            for act in acts:
                 fcfg = T._fwd_config_gpu(tq, tk, d, d, torch.bfloat16, arch, act=act)
                 items = [("fwd", fcfg, (True, True))]
                 items += [("dkdv", bk, o) for o in T.dkdv_passes(d, d)]
                 items.append(("dq", bq, (True, True)))
+                fcfg_b = T._fused_config_gpu(tq, tk, d, d, torch.bfloat16, arch)
+                items += [("fused", fcfg_b, o) for o in T.fused_passes(d, d)]
                 for kind, cfg, outs in items:
+                    if kernels is not None and kind not in kernels:
+                        continue
                     s = dataclasses.replace(T._spec(kind, act, "dense", d, torch.bfloat16, cfg, outs),
                                             archs=(arch,))
                     if (s.name, arch) in seen:
@@ -76,13 +85,20 @@ def _specs(archs):
     return out
 
 
+TWO_LAUNCH = ("dkdv", "dq")          # kernel kinds of each backward
+ONE_LAUNCH = ("fused",)
+
+
 def _predict_ms(shape: str, kind_stats: dict, act: str):
-    """Predicted H100 forward and forward+backward ms for a shape (see module docstring)."""
+    """Predicted H100 forward and forward+backward ms for a shape (see module docstring):
+    ``fwd_bwd`` with the two-launch backward (9 GEMM-units per score element in all),
+    ``fwd_bwd1`` with the one-launch backward (7)."""
     B, H, tq, tk, d = SHAPES[shape]
     elems = B * H * tq * tk
     clk = H100["sms"] * H100["ghz"] * 1e9
     res = {}
-    for label, kinds, gemm_units in (("fwd", ("fwd",), 2), ("fwd_bwd", ("fwd", "dkdv", "dq"), 9)):
+    for label, kinds, gemm_units in (("fwd", ("fwd",), 2), ("fwd_bwd", ("fwd", "dkdv", "dq"), 9),
+                                     ("fwd_bwd1", ("fwd", "fused"), 7)):
         if any(k not in kind_stats for k in kinds):
             return None
         instr = sum(kind_stats[k]["instr_per_elem"] for k in kinds)
@@ -94,10 +110,10 @@ def _predict_ms(shape: str, kind_stats: dict, act: str):
     return res
 
 
-def run(archs=(90, 100), workers=2):
+def run(archs=(90, 100), workers=2, kernels=None, acts=ACTS, shapes=None):
     from recopt.kernels.compile_check import compile_specs
 
-    specs = _specs(archs)
+    specs = _specs(archs, kernels, acts, shapes)
     by_name = {(s.name, s.archs[0]): s for s in specs}
     keep = tempfile.mkdtemp(prefix="recopt_sass_")
     results = compile_specs(specs, archs=archs, workers=workers, keep_dir=keep)
@@ -144,19 +160,31 @@ def budgets(rows):
             if r["instr_per_elem"] > BUDGET_FWD[r["act"]]:
                 bad.append(f"{r['name']} sm_{r['arch']}: {r['instr_per_elem']} instr/elem > "
                            f"{BUDGET_FWD[r['act']]}")
-        if r["arch"] == 90 and r.get("tc_ratio") not in (None, 1.0) and r["part"] in ("fwd", "dkdv", "dq"):
+        if r["arch"] == 90 and r.get("tc_ratio") not in (None, 1.0) and r["kernel"] in ("fwd", "dkdv", "dq", "fused"):
             bad.append(f"{r['name']} sm_90: tensor-core ratio {r['tc_ratio']} (duplicated score tiles)")
     for arch in {r["arch"] for r in rows}:
         for shape in {r["shape"] for r in rows}:
             for act in {r["act"] for r in rows}:
-                bw = [r for r in rows if r["arch"] == arch and r["shape"] == shape and r["act"] == act
-                      and r["kernel"] in ("dkdv", "dq") and "instr_per_elem" in r]
-                if len(bw) >= 2 and shape != "d256":
-                    total = sum(r["instr_per_elem"] for r in bw)
-                    if total > BUDGET_BWD:
-                        bad.append(f"backward {shape} {act} sm_{arch}: dQ + dK/dV {total:.1f} instr/elem > "
+                if shape == "d256":
+                    continue
+                for label, total in backward_totals(rows, arch, shape, act).items():
+                    if total is not None and total > BUDGET_BWD:
+                        bad.append(f"backward {shape} {act} sm_{arch}: {label} {total:.1f} instr/elem > "
                                    f"{BUDGET_BWD}")
     return bad
+
+
+def backward_totals(rows, arch, shape, act) -> dict:
+    """Main-loop SASS instructions per score element of each backward, summed over its
+    launches: ``{"two-launch": dK/dV + dQ, "one-launch": the fused kernel}`` (None when a
+    kernel's loop was not found)."""
+    out = {}
+    for label, kinds in (("two-launch", TWO_LAUNCH), ("one-launch", ONE_LAUNCH)):
+        bw = [r for r in rows if r["arch"] == arch and r["shape"] == shape and r["act"] == act
+              and r["kernel"] in kinds]
+        out[label] = (sum(r["instr_per_elem"] for r in bw)
+                      if bw and all("instr_per_elem" in r for r in bw) else None)
+    return out
 
 
 def markdown(rows, versions):
@@ -170,17 +198,40 @@ def markdown(rows, versions):
                      f"{r['registers']} | {r['spill']} | {r['shared'] / 1024:.0f} | {r.get('instr_per_elem', '-')} | "
                      f"{r.get('mufu_per_elem', '-')} | {r.get('tc_instr', '-')} {r.get('tc_kind', '')} | "
                      f"{r.get('tc_ratio', '-')} |")
+    lines += ["", "Backward, main-loop SASS instructions per score element summed over the launches "
+              f"(budget {BUDGET_BWD:.0f}; predicted from SASS, not measured):", "",
+              "| arch | shape | act | two-launch (dK/dV + dQ) | one-launch (atomic dQ) |", "|---|---|---|---|---|"]
+    for arch in sorted({r["arch"] for r in rows}):
+        for shape in sorted({r["shape"] for r in rows}):
+            for act in ACTS:
+                t = backward_totals(rows, arch, shape, act)
+                if any(v is not None for v in t.values()):
+                    fmt = {k: ("-" if v is None else f"{v:.1f}") for k, v in t.items()}
+                    lines.append(f"| sm_{arch} | {shape} | {act} | {fmt['two-launch']} | {fmt['one-launch']} |")
     lines += ["", "Predicted H100 times (model in benchmarks/kernel_sass.py; not measured):", "",
-              "| shape | act | forward ms | forward+backward ms |", "|---|---|---|---|"]
+              "| shape | act | forward ms | fwd+bwd ms, two-launch bwd | fwd+bwd ms, one-launch bwd |",
+              "|---|---|---|---|---|"]
     for shape in SHAPES:
         for act in ACTS:
-            ks = {r["part"]: r for r in rows if r["arch"] == 90 and r["shape"] == shape and r["act"] == act
-                  and "instr_per_elem" in r}
+            ks = {r["kernel"]: _merge([x for x in rows if x["arch"] == 90 and x["shape"] == shape
+                                       and x["act"] == act and x["kernel"] == r["kernel"]])
+                  for r in rows if r["arch"] == 90 and r["shape"] == shape and r["act"] == act}
+            ks = {k: v for k, v in ks.items() if v is not None}
             p = _predict_ms(shape, ks, act)
             if p:
                 lines.append(f"| {shape} {SHAPES[shape]} | {act} | {p['fwd'][0]:.2f}–{p['fwd'][1]:.2f} | "
-                             f"{p['fwd_bwd'][0]:.2f}–{p['fwd_bwd'][1]:.2f} |")
+                             f"{p['fwd_bwd'][0]:.2f}–{p['fwd_bwd'][1]:.2f} | "
+                             f"{p['fwd_bwd1'][0]:.2f}–{p['fwd_bwd1'][1]:.2f} |")
     return "\n".join(lines)
+
+
+def _merge(parts):
+    """One kernel kind's launches (d = 256 splits dK/dV, and the one-launch kernel, in two)
+    as one row of summed per-element figures; None if a launch lacks them."""
+    if not parts or not all("instr_per_elem" in p for p in parts):
+        return None
+    return dict(instr_per_elem=sum(p["instr_per_elem"] for p in parts),
+                mufu_per_elem=sum(p["mufu_per_elem"] for p in parts))
 
 
 # ----------------------------------------------------------------------------- softmax GDPA
@@ -271,6 +322,9 @@ def main(argv=None):
     ap.add_argument("--md")
     ap.add_argument("--check", action="store_true", help="exit 1 when a budget is exceeded")
     ap.add_argument("--softmax", action="store_true", help="the softmax GDPA kernels instead")
+    ap.add_argument("--kernels", help="comma list of fwd,dkdv,dq,fused (default all)")
+    ap.add_argument("--acts", help=f"comma list of activations (default {','.join(ACTS)})")
+    ap.add_argument("--shapes", help="comma list of pffn,self_attn_1k_d64,d256 (default all)")
     a = ap.parse_args(argv)
     import torch
     import triton
@@ -289,7 +343,8 @@ def main(argv=None):
             with open(a.md, "w") as f:
                 f.write(md + "\n")
         return 1 if (a.check and bad) else 0
-    rows = run(tuple(a.arch or (90, 100)), a.workers)
+    split = lambda x: tuple(x.split(",")) if x else None  # noqa: E731
+    rows = run(tuple(a.arch or (90, 100)), a.workers, split(a.kernels), split(a.acts) or ACTS, split(a.shapes))
     md = markdown(rows, versions)
     print(md)
     bad = budgets(rows)

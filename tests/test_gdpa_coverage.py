@@ -204,6 +204,7 @@ def test_hstu_block_fused_with_bias_causal_lengths(gate, div_lengths):
     kw = gdpa_kwargs(gm)[0]
     assert kw["activation"] == "silu" and kw["causal"] is True and "kv_lengths" in kw and "bias" in kw
     assert res.sites[0].details["kernel"] == "default backend"   # causal/bias are in the Triton kernels
+    assert "one launch with atomic fp32 dQ" in res.sites[0].details["backward"]   # chosen per call
     for B, T in ((1, 5), (3, 7), (2, 1)):
         x = torch.randn(B, T, 16)
         lengths = torch.randint(0, T + 1, (B,))

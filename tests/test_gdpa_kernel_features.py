@@ -137,9 +137,11 @@ def test_launcher_configs_fit_every_head_size():
                                         (4096, 4096, 100, False), (1000, 256, 90, True)):
                 f = T._fwd_config_gpu(tq, tk, d, d, dtype, arch, heavy)
                 b1, b2 = T._bwd_config_gpu(tq, tk, d, d, dtype, arch, heavy)
+                b3 = T._fused_config_gpu(tq, tk, d, d, dtype, arch, heavy)
                 bd = T._pow2(d)
                 elt = 4 if dtype == torch.float32 else 2
-                for kind, (bm, bn, w, st) in (("fwd", f), ("dkdv", b1), ("dq", b2)):
+                for kind, (bm, bn, w, st) in (("fwd", f), ("dkdv", b1), ("dq", b2), ("fused", b3)):
                     assert T.smem_estimate(kind, bm, bn, bd, bd, st, elt) <= T.SMEM_LIMIT, (d, dtype, kind)
                 assert f[2] <= 4 * max(f[0] // 64, 1)
                 assert b1[2] <= 4 * max(b1[1] // 64, 1) and b2[2] <= 4 * max(b2[0] // 64, 1)
+                assert b3[2] <= 4 * max(b3[1] // 64, 1)     # the one launch: warpgroups split keys

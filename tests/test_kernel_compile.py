@@ -50,7 +50,13 @@ def test_ci_specs_cover_every_activation_head_size_and_arch():
     assert {s.tags["act"] for s in gd} == set(ACTIVATIONS)
     assert {s.tags["d"] for s in gd} >= {16, 32, 64, 128, 256}
     for arch in CC.ARCHS:
-        assert {s.tags["kernel"] for s in gd if arch in s.archs} == {"fwd", "dkdv", "dq"}
+        assert {s.tags["kernel"] for s in gd if arch in s.archs} == {"fwd", "dkdv", "dq", "fused"}
+        fused = [s for s in gd if arch in s.archs and s.tags["kernel"] == "fused"]
+        # the one-launch backward's tightest fits (every config: the slow test below): d 128 and
+        # d 256's dK + dQ launch, with masks and the atomic bias gradient
+        assert {s.tags["d"] for s in fused} >= {128, 256}
+        assert any(s.tags["d"] == 256 and s.constexprs["OUT_DQ"] for s in fused)
+        assert any(s.constexprs["DBIAS"] == 2 and s.constexprs["CAUSAL"] for s in fused)
     assert any(s.tags["variant"] == "all" for s in gd) and any(s.tags["variant"] == "causal" for s in gd)
     for arch in CC.ARCHS:   # the bias gradient (stored and atomic) in the dQ kernel, both archs
         dq = [s for s in gd if arch in s.archs and s.tags["kernel"] == "dq"]
@@ -113,5 +119,18 @@ def test_full_cross_product_compiles():
     """Every kernel, every variant: no compile error, shared-memory overflow or spill (the
     softmax kernels too, since their known-spills list is gone)."""
     res = CC.compile_specs(CC.collect_specs(level="full"), workers=2)
+    bad = _check(res)
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.slow
+def test_one_launch_backward_compiles_at_every_config():
+    """Every config the one-launch backward's launcher can pick (d 16..256, bf16 and fp32,
+    the heaviest variant each serves, broadcast q, every activation at d 64 and 128), both
+    archs: no compile error, shared memory within the limit, no spills."""
+    from recopt.ops._gdpa_triton import fused_compile_specs
+
+    res = CC.compile_specs(fused_compile_specs("all"), workers=2)
+    assert len(res) >= 60
     bad = _check(res)
     assert not bad, "\n".join(bad)

@@ -349,14 +349,19 @@ def gdpa_fwd_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m, offs_d, offs_dv,
-               q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk,
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, dq_base, db_base, offs_n, start_m, offs_m, offs_d,
+               offs_dv, q_len, k_len, D, DV, sqt, sqd, sdot, sdod, sbq, sbk, sdqt, sdqd, sdbq, sdbk,
                qk_scale, pre_scale, window, causal_off,
                ACT: tl.constexpr, FAST: tl.constexpr, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
-               MASKED: tl.constexpr, MASK_POS: tl.constexpr, OUT_DK: tl.constexpr, OUT_DV: tl.constexpr):
+               MASKED: tl.constexpr, MASK_POS: tl.constexpr, OUT_DK: tl.constexpr, OUT_DV: tl.constexpr,
+               OUT_DQ: tl.constexpr, DBIAS: tl.constexpr, DB_SUM_Q: tl.constexpr, DB_SUM_K: tl.constexpr):
     """One query tile. MASKED: bounds-checked loads; MASK_POS: the positional mask.
-    OUT_DK / OUT_DV: which gradients this program accumulates."""
+    OUT_DK / OUT_DV: which gradients this program accumulates. OUT_DQ (the one-launch
+    backward): also ``dS^T K`` of the tile, added atomically (fp32) into the dQ accumulator
+    at ``dq_base`` (unscaled: the caller multiplies by ``pre_scale * qk_scale`` when it
+    casts). DBIAS / DB_SUM_Q / DB_SUM_K: the bias gradient of the tile, as in
+    :func:`_dq_tile` but on the transposed (keys x queries) tile."""
     rows = start_m + offs_m
     row_ok = rows < q_len
     qt = _load_tile(q_base + rows[None, :] * sqt + offs_d[:, None] * sqd, row_ok[None, :],
@@ -373,22 +378,53 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, bias_base, offs_n, start_m, offs_m
     if OUT_DV:
         pt = _act(st, ACT, FAST)
         dv += _dot(pt.to(v.dtype), do, DOT_FP32)
-    if OUT_DK:
+    if OUT_DK or OUT_DQ or (HAS_BIAS and DBIAS != 0):
         dpt = _dot(v, tl.trans(do), DOT_FP32)            # [BLOCK_N, BLOCK_M]
         dst = _act_grad(st, ACT, FAST) * dpt
         if MASK_POS:
             dst = tl.where(keep, dst, 0.0)
-        dk += _dot(dst.to(qt.dtype), tl.trans(qt), DOT_FP32)
+        if HAS_BIAS and DBIAS != 0:
+            # rows past q_len and keys past k_len have dP == 0 (dO, V loaded as 0): dst is 0 there
+            dbt = dst * qk_scale
+            if DB_SUM_Q and DB_SUM_K:
+                tl.atomic_add(db_base, tl.sum(tl.sum(dbt, axis=1), axis=0))
+            elif DB_SUM_Q:
+                tl.atomic_add(db_base + offs_n * sdbk, tl.sum(dbt, axis=1), mask=offs_n < k_len)
+            elif DB_SUM_K:
+                tl.atomic_add(db_base + rows * sdbq, tl.sum(dbt, axis=0), mask=row_ok)
+            else:
+                db_ptrs = db_base + rows[None, :] * sdbq + offs_n[:, None] * sdbk
+                db_ok = row_ok[None, :] & (offs_n[:, None] < k_len)
+                if DBIAS == 1:
+                    tl.store(db_ptrs, dbt.to(db_base.dtype.element_ty), mask=db_ok)
+                else:
+                    tl.atomic_add(db_ptrs, dbt, mask=db_ok)
+        dsc = dst.to(qt.dtype)
+        if OUT_DK:
+            dk += _dot(dsc, tl.trans(qt), DOT_FP32)
+        if OUT_DQ:
+            # dQ^T = K^T dS: [BLOCK_D, BLOCK_M]. As K^T dS (not dS^T K) the GEMM's M is the head
+            # size (>= 64 on the tensor-core paths) rather than the narrow query step, so sm_90
+            # takes wgmma with K^T from shared memory instead of mma.sync with K in registers
+            dqt = _dot(tl.trans(k), dsc, DOT_FP32)
+            dq_ptrs = dq_base + rows[None, :] * sdqt + offs_d[:, None] * sdqd
+            if MASKED:
+                tl.atomic_add(dq_ptrs, dqt, mask=row_ok[None, :] & (offs_d[:, None] < D))
+            elif EVEN_D:
+                tl.atomic_add(dq_ptrs, dqt)
+            else:
+                tl.atomic_add(dq_ptrs, dqt, mask=offs_d[:, None] < D)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, hk, GROUP, start, stop, offs_n, offs_m, offs_d, offs_dv,
-                 q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq, sbk,
-                 qk_scale, pre_scale, window, causal_off,
+def _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, dq_b, db_b, hk, GROUP, start, stop, offs_n, offs_m, offs_d,
+                 offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq, sbk,
+                 sdqh, sdqt, sdqd, sdbh, sdbq, sdbk, qk_scale, pre_scale, window, causal_off,
                  ACT: tl.constexpr, FAST: tl.constexpr, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
                  HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
                  MASKED: tl.constexpr, MASK_POS: tl.constexpr, OUT_DK: tl.constexpr, OUT_DV: tl.constexpr,
+                 OUT_DQ: tl.constexpr, DBIAS: tl.constexpr, DB_SUM_Q: tl.constexpr, DB_SUM_K: tl.constexpr,
                  BLOCK_M: tl.constexpr):
     """Query tiles [start, stop) of each of the GROUP query heads of K/V head hk, as one flat
     loop (tile counter t and head g carried, no division)."""
@@ -397,15 +433,118 @@ def _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, hk, GROUP, start, stop, offs_n
     g = n * 0
     for _ in range(0, GROUP * n):
         h = hk * GROUP + g
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_b + h * sqh, do_b + h * sdoh, bias_b + h * sbh, offs_n,
-                            start + t * BLOCK_M, offs_m, offs_d, offs_dv, q_len, k_len, D, DV, sqt, sqd,
-                            sdot, sdod, sbq, sbk, qk_scale, pre_scale, window, causal_off, ACT, FAST,
-                            HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, MASKED, MASK_POS, OUT_DK, OUT_DV)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_b + h * sqh, do_b + h * sdoh, bias_b + h * sbh, dq_b + h * sdqh,
+                            db_b + h * sdbh, offs_n, start + t * BLOCK_M, offs_m, offs_d, offs_dv, q_len, k_len,
+                            D, DV, sqt, sqd, sdot, sdod, sbq, sbk, sdqt, sdqd, sdbq, sdbk, qk_scale, pre_scale,
+                            window, causal_off, ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D,
+                            MASKED, MASK_POS, OUT_DK, OUT_DV, OUT_DQ, DBIAS, DB_SUM_Q, DB_SUM_K)
         t += 1
         wrap = t == n
         g = tl.where(wrap, g + 1, g)
         t = tl.where(wrap, 0, t)
     return dk, dv
+
+
+@triton.jit
+def _q_range(start_n, q_len, k_len, window, causal_off,
+             HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query tiles a block of keys [start_n, start_n + BLOCK_N) is seen by, in three regions:
+    [lo, mid) need the positional mask, [mid, full) are interior (rows all valid, no
+    positional mask), [full, hi) bounds-checked. Fully masked tiles are skipped."""
+    lo = q_len * 0
+    hi = q_len
+    mid = lo
+    if HAS_WINDOW:
+        lo = tl.maximum(start_n - window, 0) // BLOCK_M * BLOCK_M
+        hi = tl.minimum(hi, start_n + BLOCK_N + window)
+        mid = hi
+    if CAUSAL:
+        # row i sees key j iff j <= i + causal_off: rows below start_n - causal_off see nothing
+        lo = tl.maximum(lo, tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M)
+        if not HAS_WINDOW:
+            # all of [m, m + BLOCK_M) see the whole block iff m >= start_n + BLOCK_N - 1 - causal_off
+            mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
+    if start_n >= k_len:
+        hi = lo
+    hi = tl.maximum(hi, lo)
+    mid = tl.minimum(tl.maximum(mid, lo), hi)
+    full = tl.maximum(tl.minimum(hi, q_len // BLOCK_M * BLOCK_M), mid)
+    return lo, mid, full, hi
+
+
+@triton.jit
+def _bwd_kv_block(Q, K, V, DO, DK, DV_, DQ, DB, QOFF, KOFF, QLEN, KLEN, BIAS,
+                  sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
+                  sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sdqb, sdqt, sdqh, sdqd,
+                  sbb, sbh, sbq, sbk, sdbb, sdbh, sdbq, sdbk,
+                  H, GROUP, T_Q, T_K, D, DV, qk_scale, pre_scale, window, causal_off,
+                  ACT: tl.constexpr, JAGGED: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  FAST: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
+                  OUT_DK: tl.constexpr, OUT_DV: tl.constexpr, OUT_DQ: tl.constexpr,
+                  DBIAS: tl.constexpr, DB_SUM_Q: tl.constexpr, DB_SUM_K: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The body both backward kernels share: one block of keys of one K/V head, its query
+    tiles walked over the GROUP query heads; dK/dV accumulated and stored, dQ / dbias
+    added atomically when OUT_DQ / DBIAS."""
+    HKV = H // GROUP
+    pid_n, b, hk = _split_pid(T_K, HKV, BLOCK_N)
+    q_start, q_len = _seq_bounds(QOFF, QLEN, b, T_Q, JAGGED, HAS_QLEN)
+    k_start, k_len = _seq_bounds(KOFF, KLEN, b, T_K, JAGGED, HAS_KLEN)
+    start_n = pid_n * BLOCK_N
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = offs_n < k_len
+    b64 = b.to(tl.int64)
+
+    k = tl.load(K + b64 * skb + (k_start + offs_n[:, None]) * skt + hk * skh + offs_d[None, :] * skd,
+                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b64 * svb + (k_start + offs_n[:, None]) * svt + hk * svh + offs_dv[None, :] * svd,
+                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D if OUT_DK else 16], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV if OUT_DV else 16], dtype=tl.float32)
+    lo, mid, full, hi = _q_range(start_n, q_len, k_len, window, causal_off, HAS_WINDOW, CAUSAL,
+                                 BLOCK_M, BLOCK_N)
+
+    # One flat loop per region over (query head of the group, query tile): a loop nested in
+    # a GROUP loop kept dK/dV out of the pipeliner's reach (spills at GQA on sm_90 and sm_100).
+    q_b = Q + b64 * sqb + q_start * sqt
+    do_b = DO + b64 * sdob + q_start * sdot
+    bias_b = BIAS + b64 * sbb
+    dq_b = DQ + b64 * sdqb + q_start * sdqt
+    db_b = DB + b64 * sdbb
+    if HAS_WINDOW or CAUSAL:
+        dk, dv = _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, dq_b, db_b, hk, GROUP, lo, mid, offs_n, offs_m,
+                              offs_d, offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq,
+                              sbk, sdqh, sdqt, sdqd, sdbh, sdbq, sdbk, qk_scale, pre_scale, window, causal_off,
+                              ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, True, OUT_DK,
+                              OUT_DV, OUT_DQ, DBIAS, DB_SUM_Q, DB_SUM_K, BLOCK_M)
+    dk, dv = _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, dq_b, db_b, hk, GROUP, mid, full, offs_n, offs_m,
+                          offs_d, offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq,
+                          sbk, sdqh, sdqt, sdqd, sdbh, sdbq, sdbk, qk_scale, pre_scale, window, causal_off,
+                          ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, False, False, OUT_DK,
+                          OUT_DV, OUT_DQ, DBIAS, DB_SUM_Q, DB_SUM_K, BLOCK_M)
+    dk, dv = _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, dq_b, db_b, hk, GROUP, full, hi, offs_n, offs_m,
+                          offs_d, offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq,
+                          sbk, sdqh, sdqt, sdqd, sdbh, sdbq, sdbk, qk_scale, pre_scale, window, causal_off,
+                          ACT, FAST, HAS_WINDOW, CAUSAL, HAS_BIAS, DOT_FP32, EVEN_D, True, False, OUT_DK,
+                          OUT_DV, OUT_DQ, DBIAS, DB_SUM_Q, DB_SUM_K, BLOCK_M)
+
+    dk = dk * (pre_scale * qk_scale)
+    dv = dv * qk_scale
+    if JAGGED:
+        row_mask = col_ok[:, None]
+    else:
+        row_mask = offs_n[:, None] < T_K
+    if OUT_DK:
+        tl.store(DK + b64 * sdkb + (k_start + offs_n[:, None]) * sdkt + hk * sdkh + offs_d[None, :] * sdkd,
+                 dk.to(DK.dtype.element_ty), mask=row_mask & (offs_d[None, :] < D))
+    if OUT_DV:
+        tl.store(DV_ + b64 * sdvb + (k_start + offs_n[:, None]) * sdvt + hk * sdvh + offs_dv[None, :] * sdvd,
+                 dv.to(DV_.dtype.element_ty), mask=row_mask & (offs_dv[None, :] < DV))
 
 
 @triton.jit
@@ -426,84 +565,62 @@ def gdpa_bwd_dkdv_kernel(
     OUT_DK: tl.constexpr, OUT_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dK, dV for one block of keys of one K/V head, summed over its GROUP query heads.
+    """dK, dV for one block of keys of one K/V head, summed over its GROUP query heads
+    (the first launch of the two-launch backward; :func:`gdpa_bwd_dq_kernel` is the second).
 
     Grid: (cdiv(T_K, BLOCK_N) * B * Hkv,). Works on transposed tiles (keys as rows).
     OUT_DK / OUT_DV select the outputs: both (4 GEMMs per tile), or one per launch for
     large head sizes (d = 256), where dK and dV together do not fit in registers.
     """
-    HKV = H // GROUP
-    pid_n, b, hk = _split_pid(T_K, HKV, BLOCK_N)
-    q_start, q_len = _seq_bounds(QOFF, QLEN, b, T_Q, JAGGED, HAS_QLEN)
-    k_start, k_len = _seq_bounds(KOFF, KLEN, b, T_K, JAGGED, HAS_KLEN)
-    start_n = pid_n * BLOCK_N
+    _bwd_kv_block(Q, K, V, DO, DK, DV_, Q, Q, QOFF, KOFF, QLEN, KLEN, BIAS,
+                  sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
+                  sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, 0, 0, 0, 0,
+                  sbb, sbh, sbq, sbk, 0, 0, 0, 0,
+                  H, GROUP, T_Q, T_K, D, DV, qk_scale, pre_scale, window, causal_off,
+                  ACT, JAGGED, HAS_QLEN, HAS_KLEN, HAS_WINDOW, CAUSAL, HAS_BIAS, FAST, DOT_FP32, EVEN_D,
+                  OUT_DK, OUT_DV, False, 0, False, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
 
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    col_ok = offs_n < k_len
-    b64 = b.to(tl.int64)
 
-    k = tl.load(K + b64 * skb + (k_start + offs_n[:, None]) * skt + hk * skh + offs_d[None, :] * skd,
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b64 * svb + (k_start + offs_n[:, None]) * svt + hk * svh + offs_dv[None, :] * svd,
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D if OUT_DK else 16], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV if OUT_DV else 16], dtype=tl.float32)
+@triton.jit
+def gdpa_bwd_fused_kernel(
+    Q, K, V, DO, DK, DV_, DQ, DB, QOFF, KOFF, QLEN, KLEN, BIAS,
+    sqb, sqt, sqh, sqd,
+    skb, skt, skh, skd,
+    svb, svt, svh, svd,
+    sdob, sdot, sdoh, sdod,
+    sdkb, sdkt, sdkh, sdkd,
+    sdvb, sdvt, sdvh, sdvd,
+    sdqb, sdqt, sdqh, sdqd,
+    sbb, sbh, sbq, sbk,
+    sdbb, sdbh, sdbq, sdbk,
+    H, GROUP, T_Q, T_K, D, DV,
+    qk_scale, pre_scale, window, causal_off,
+    ACT: tl.constexpr, JAGGED: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FAST: tl.constexpr, DOT_FP32: tl.constexpr, EVEN_D: tl.constexpr,
+    OUT_DK: tl.constexpr, OUT_DV: tl.constexpr, OUT_DQ: tl.constexpr,
+    DBIAS: tl.constexpr, DB_SUM_Q: tl.constexpr, DB_SUM_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """The one-launch backward: per block of keys of one K/V head and each query tile of
+    its GROUP query heads, S = QK^T, act(S), dV += act(S)^T dO, dP = dO V^T,
+    dS = dP * act'(S), dK += dS^T Q and dQ += dS K: five GEMM-units per score element
+    (the two-launch backward recomputes S and dP for dQ: seven).
 
-    # Query tiles [lo, hi) that see this key block; [lo, mid) need a positional mask.
-    lo = q_len * 0
-    hi = q_len
-    mid = lo
-    if HAS_WINDOW:
-        lo = tl.maximum(start_n - window, 0) // BLOCK_M * BLOCK_M
-        hi = tl.minimum(hi, start_n + BLOCK_N + window)
-        mid = hi
-    if CAUSAL:
-        # row i sees key j iff j <= i + causal_off: rows below start_n - causal_off see nothing
-        lo = tl.maximum(lo, tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M)
-        if not HAS_WINDOW:
-            # all of [m, m + BLOCK_M) see the whole block iff m >= start_n + BLOCK_N - 1 - causal_off
-            mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
-    if start_n >= k_len:
-        hi = lo
-    hi = tl.maximum(hi, lo)
-    mid = tl.minimum(tl.maximum(mid, lo), hi)
-    # [mid, full): interior tiles (rows all valid, no positional mask); [full, hi): bounds-checked
-    full = tl.maximum(tl.minimum(hi, q_len // BLOCK_M * BLOCK_M), mid)
-
-    # One flat loop per region over (query head of the group, query tile): a loop nested in
-    # a GROUP loop kept dK/dV out of the pipeliner's reach (spills at GQA on sm_90 and sm_100).
-    q_b = Q + b64 * sqb + q_start * sqt
-    do_b = DO + b64 * sdob + q_start * sdot
-    bias_b = BIAS + b64 * sbb
-    if HAS_WINDOW or CAUSAL:
-        dk, dv = _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, hk, GROUP, lo, mid, offs_n, offs_m, offs_d,
-                              offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq, sbk,
-                              qk_scale, pre_scale, window, causal_off, ACT, FAST, HAS_WINDOW, CAUSAL,
-                              HAS_BIAS, DOT_FP32, EVEN_D, True, True, OUT_DK, OUT_DV, BLOCK_M)
-    dk, dv = _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, hk, GROUP, mid, full, offs_n, offs_m, offs_d,
-                          offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq, sbk,
-                          qk_scale, pre_scale, window, causal_off, ACT, FAST, HAS_WINDOW, CAUSAL,
-                          HAS_BIAS, DOT_FP32, EVEN_D, False, False, OUT_DK, OUT_DV, BLOCK_M)
-    dk, dv = _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, hk, GROUP, full, hi, offs_n, offs_m, offs_d,
-                          offs_dv, q_len, k_len, D, DV, sqh, sqt, sqd, sdoh, sdot, sdod, sbh, sbq, sbk,
-                          qk_scale, pre_scale, window, causal_off, ACT, FAST, HAS_WINDOW, CAUSAL,
-                          HAS_BIAS, DOT_FP32, EVEN_D, True, False, OUT_DK, OUT_DV, BLOCK_M)
-
-    dk = dk * (pre_scale * qk_scale)
-    dv = dv * qk_scale
-    if JAGGED:
-        row_mask = col_ok[:, None]
-    else:
-        row_mask = offs_n[:, None] < T_K
-    if OUT_DK:
-        tl.store(DK + b64 * sdkb + (k_start + offs_n[:, None]) * sdkt + hk * sdkh + offs_d[None, :] * sdkd,
-                 dk.to(DK.dtype.element_ty), mask=row_mask & (offs_d[None, :] < D))
-    if OUT_DV:
-        tl.store(DV_ + b64 * sdvb + (k_start + offs_n[:, None]) * sdvt + hk * sdvh + offs_dv[None, :] * sdvd,
-                 dv.to(DV_.dtype.element_ty), mask=row_mask & (offs_dv[None, :] < DV))
+    Grid: (cdiv(T_K, BLOCK_N) * B * Hkv,). dQ goes into ``DQ``, an fp32 accumulator the
+    caller zero-fills, by atomic adds, unscaled (the caller multiplies by ``pre_scale *
+    qk_scale`` as it casts to q's dtype); the order of the adds, so the last bits of dQ, may
+    differ run to run. With DBIAS != 0 the bias gradient too (see :func:`_dq_tile`; stored
+    when DBIAS == 1, full-shape bias, every element visited once; atomic when 2). d = 256:
+    two launches of this kernel (OUT_DK + OUT_DQ + dbias, then OUT_DV), six GEMM-units.
+    """
+    _bwd_kv_block(Q, K, V, DO, DK, DV_, DQ, DB, QOFF, KOFF, QLEN, KLEN, BIAS,
+                  sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd, sdob, sdot, sdoh, sdod,
+                  sdkb, sdkt, sdkh, sdkd, sdvb, sdvt, sdvh, sdvd, sdqb, sdqt, sdqh, sdqd,
+                  sbb, sbh, sbq, sbk, sdbb, sdbh, sdbq, sdbk,
+                  H, GROUP, T_Q, T_K, D, DV, qk_scale, pre_scale, window, causal_off,
+                  ACT, JAGGED, HAS_QLEN, HAS_KLEN, HAS_WINDOW, CAUSAL, HAS_BIAS, FAST, DOT_FP32, EVEN_D,
+                  OUT_DK, OUT_DV, OUT_DQ, DBIAS, DB_SUM_Q, DB_SUM_K, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
 
 
 @triton.jit

@@ -156,10 +156,14 @@ def loop_stats(cubin_path: str, block_m: int, block_n: int, num_warps: int) -> O
 def min_macs(kernel: str, block_m: int, block_n: int, block_d: int, block_dv: int) -> int:
     """Multiply-adds one iteration of a GDPA kernel needs: forward S=QK^T, O+=PV; dK/dV:
     S^T, dV+=P^T dO, dP^T=V dO^T, dK+=dS^T Q (``dkdv[dk]``: all but dV, ``dkdv[dv]``: S^T
-    and dV); dQ: S, dP=dO V^T, dQ+=dS K."""
+    and dV); dQ: S, dP=dO V^T, dQ+=dS K; the one-launch backward (``fused``): the dK/dV
+    GEMMs and dQ^T = K^T dS (``fused[dkdq]``: all but dV, ``fused[dv]``: S^T and dV)."""
     mn = block_m * block_n
     return {"fwd": mn * (block_d + block_dv),
             "dkdv": mn * (2 * block_d + 2 * block_dv),
             "dkdv[dk]": mn * (2 * block_d + block_dv),
             "dkdv[dv]": mn * (block_d + block_dv),
-            "dq": mn * (2 * block_d + block_dv)}[kernel]
+            "dq": mn * (2 * block_d + block_dv),
+            "fused": mn * (3 * block_d + 2 * block_dv),
+            "fused[dkdq]": mn * (3 * block_d + block_dv),
+            "fused[dv]": mn * (block_d + block_dv)}[kernel]

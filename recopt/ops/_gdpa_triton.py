@@ -9,15 +9,19 @@ a ``torch.library.triton_op``, Inductor sees and compiles them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections import Counter
 from typing import Optional
 
 import torch
 import triton
 from torch.library import wrap_triton
 
-from recopt.kernels.gdpa import gdpa_bwd_dkdv_kernel, gdpa_bwd_dq_kernel, gdpa_fwd_kernel
+from recopt.kernels.gdpa import (gdpa_bwd_dkdv_kernel, gdpa_bwd_dq_kernel, gdpa_bwd_fused_kernel,
+                                 gdpa_fwd_kernel)
 
+from ._triton_spec import TYPES, SpecBuilder
 from .gdpa_ref import ACTIVATIONS
 
 
@@ -81,6 +85,8 @@ def smem_estimate(kind: str, bm: int, bn: int, bd: int, bdv: int, stages: int, e
         return elt * (bn * (bd + bdv) + stages * bm * (bd + bdv) + bm * bn)
     if kind == "dq":
         return elt * (bm * (bd + bdv) + stages * bn * (bd + bdv) + bm * bn)
+    if kind == "fused":   # the dK/dV kernel's tiles, and dS staged a second time (for dS K)
+        return elt * (bn * (bd + bdv) + stages * bm * (bd + bdv) + 2 * bm * bn)
     return _smem_estimate(bm, bn, bd, bdv, stages, elt)
 
 
@@ -192,6 +198,141 @@ def dkdv_passes(d: int, dv: int) -> tuple:
     if max(_pow2(d), _pow2(dv)) >= 256:
         return ((True, False), (False, True))
     return ((True, True),)
+
+
+def fused_config(t_q: int, t_k: int, d: int, dv: int, dtype: torch.dtype, arch: int = 90,
+                 heavy: bool = False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the one-launch backward
+    (:func:`recopt.kernels.gdpa.gdpa_bwd_fused_kernel`): the dK/dV kernel's layout (keys as
+    rows, BLOCK_N keys resident, BLOCK_M query steps) with room for the transient fp32
+    ``BLOCK_M x d`` dQ tile it adds atomically."""
+    if interpreting():
+        return 16, 16, 1, 1
+    return _fused_config_gpu(t_q, t_k, d, dv, dtype, arch, heavy)
+
+
+def _fused_config_gpu(t_q, t_k, d, dv, dtype, arch=90, heavy=False):
+    bd, bdv = _pow2(d), _pow2(dv)
+    big = max(bd, bdv)
+    elt = 4 if dtype == torch.float32 else 2
+    if big >= 256:
+        # two launches of the kernel (fused_passes): dK + dQ (+ dbias), then dV. Two warpgroups
+        # (128 keys, 64 each) halve each thread's share of the streamed tiles. Plain: two stages
+        # (181 KB; one stage spilled 64-280 B on sm_90); masks/bias/jagged: one stage (two
+        # spilled 32 B on sm_90)
+        cands = [(16, 128, 8, 1 if heavy else 2)]
+    elif big >= 128:
+        # dK, dV accumulators take 128 registers a thread; with one warpgroup (64 keys) the
+        # stored bias gradient and silu/hardswish/leaky_relu spilled 8-56 B on sm_90. Two
+        # warpgroups of 64 keys each: unspilled, and half the dQ atomics per score element.
+        # Plain: 32-query steps (sm_90: 36 SASS instructions per element for gelu where 16-query
+        # steps took 46; three stages, since silu spilled 24 B with two); masks/bias/jagged: 16
+        if heavy:
+            cands = [(16, 128, 8, 2)]
+        else:
+            cands = [(32, 128, 8, 3 if arch < 100 else 2)]
+    else:
+        # 32-row query steps (64 spilled 8-56 B for gelu, silu, gelu_tanh on sm_90 / sm_100);
+        # sm_100 two stages (three: hardswish spilled 16 B)
+        cands = [(32, 64, 4, 3 if arch < 100 else 2), (32, 64, 4, 2)]
+    if elt == 4:
+        # exact fp32 path (FMA dots, operands in registers): bwd_choice keeps fp32 on the two
+        # launches (this kernel spilled 8-24 B on sm_100 at several head sizes); this config
+        # serves an explicit kernel="fused" / RECOPT_GDPA_BWD=fused and the interpreter
+        cands = [(16, 16, 4, 1)]
+    return _prune(cands, bd, bdv, elt, "fused")
+
+
+def fused_passes(d: int, dv: int) -> tuple:
+    """(OUT_DK, OUT_DV, OUT_DQ) of each launch of the one-launch backward: one launch, or
+    (d >= 256) dK with dQ (and the bias gradient) then dV, as :func:`dkdv_passes`."""
+    if max(_pow2(d), _pow2(dv)) >= 256:
+        return ((True, False, True), (False, True, False))
+    return ((True, True, True),)
+
+
+# GEMM-units per score element of each backward (a unit: one [BLOCK x BLOCK x d] GEMM over
+# the score tile). Two-launch: dK/dV (S, dV, dP, dK) + dQ (S, dP, dQ); d = 256 splits dK
+# and dV (S, dP, dK + S, dV). One-launch: S, dV, dP, dK, dQ; d = 256: (S, dP, dK, dQ) + (S, dV).
+_UNITS_TWO = {False: 4 + 3, True: 3 + 2 + 3}
+_UNITS_FUSED = {False: 5, True: 4 + 2}
+# Predicted cost of the one-launch kernel's fp32 dQ atomics and of the final cast, in
+# GEMM-units (d / BLOCK_N reductions per score element at L2). A model, not a measurement:
+# no GPU was available when it was set.
+ATOMIC_UNITS = 0.5
+BACKWARD_ENV = "RECOPT_GDPA_BWD"
+BWD_KERNELS = ("fused", "two_launch")
+# (kernel, reason) -> calls, counted in eager mode (not inside torch.compile traces)
+BACKWARD_COUNTS: Counter = Counter()
+
+
+def _sm_count(device) -> int:
+    """SMs of a CUDA device; 132 (H100 SXM) for CPU tensors (the interpreter)."""
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return 132
+
+
+def _size_hint(x, default: int = 4096) -> int:
+    """A size as a plain int: a symbolic size's hint (no guard), ``default`` when it has none."""
+    if isinstance(x, torch.SymInt):
+        hint = x.node.hint
+        return int(hint) if hint is not None else default
+    return int(x)
+
+
+def _waves_time(units: float, grid: int, slots: int) -> float:
+    """Time (in units of one program-slot doing the whole work once) of ``grid`` programs
+    sharing ``units`` of work on ``slots`` SMs: ceil(grid / slots) waves of units / grid."""
+    return math.ceil(grid / slots) * units / grid if grid > 0 else 0.0
+
+
+def bwd_choice(t_q: int, t_k: int, d: int, dv: int, nb: int, h: int, hkv: int, dtype: torch.dtype,
+               arch: int = 90, heavy: bool = False, sms: int = 132,
+               deterministic: Optional[bool] = None) -> tuple:
+    """``(kernel, reason)``: which backward serves this call, ``"fused"`` (one launch, atomic
+    dQ, 5 GEMM-units per score element) or ``"two_launch"`` (dK/dV then dQ, 7, no atomics).
+
+    - two-launch when ``torch.are_deterministic_algorithms_enabled()`` (atomic dQ adds are
+      not deterministic), or when ``RECOPT_GDPA_BWD=two_launch``, or for fp32 inputs (the
+      exact FMA path, where the one-launch kernel is not spill-free);
+    - otherwise the faster under a wave model: each launch costs ceil(grid / SMs) waves of
+      (GEMM-units / grid). The one-launch grid has one program per key block of a K/V head;
+      when it is small (tiny Tk, few heads and samples) its programs each walk all of Tq
+      while the two-launch's dQ kernel spreads Tq over more programs, and the model picks
+      the two launches. ``RECOPT_GDPA_BWD=fused`` forces the one launch.
+    """
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    forced = os.environ.get(BACKWARD_ENV, "auto").lower()
+    if forced not in ("auto",) + BWD_KERNELS:
+        raise ValueError(f"{BACKWARD_ENV}={forced!r}; use auto, fused or two_launch")
+    if deterministic:
+        if forced == "fused":
+            raise RuntimeError(f"{BACKWARD_ENV}=fused, but deterministic algorithms are enabled and the "
+                               "one-launch GDPA backward adds dQ atomically; unset one of the two")
+        return "two_launch", "deterministic algorithms enabled (atomic dQ adds are not deterministic)"
+    if forced != "auto":
+        return forced, f"{BACKWARD_ENV}={forced}"
+    if dtype == torch.float32:
+        return "two_launch", ("fp32 (exact FMA path): the one-launch kernel is not spill-free there "
+                              "(8-24 B on sm_100)")
+    # A speed choice, exact either way: under torch.compile with dynamic shapes decide on the
+    # sizes' hints rather than guard (and recompile) on them
+    t_q, t_k, nb = _size_hint(t_q), _size_hint(t_k), _size_hint(nb)
+    big = max(_pow2(d), _pow2(dv)) >= 256
+    (_, bn_kv, _, _), (bm_q, _, _, _) = (bwd_config(t_q, t_k, d, dv, dtype, arch, heavy))
+    bn_f = fused_config(t_q, t_k, d, dv, dtype, arch, heavy)[1]
+    g_kv = triton.cdiv(max(t_k, 1), bn_kv) * nb * hkv
+    g_q = triton.cdiv(max(t_q, 1), bm_q) * nb * h
+    g_f = triton.cdiv(max(t_k, 1), bn_f) * nb * hkv
+    two = _waves_time(_UNITS_TWO[big] - 3, g_kv, sms) + _waves_time(3, g_q, sms)
+    fused = _waves_time(_UNITS_FUSED[big] + ATOMIC_UNITS, g_f, sms)
+    # reasons without the numbers, so BACKWARD_COUNTS has few keys
+    if fused <= two:
+        return "fused", "wave model: one launch predicted faster"
+    return "two_launch", ("wave model: two launches predicted faster (the one-launch grid is small: few "
+                          "key blocks x samples x K/V heads)")
 
 
 def fast_math(dtype: torch.dtype) -> int:
@@ -320,16 +461,22 @@ def gdpa_bwd(
     q_lengths=None, kv_lengths=None, q_offsets=None, kv_offsets=None,
     max_seq_len_q: Optional[int] = None, max_seq_len_kv: Optional[int] = None,
     causal: bool = False, causal_offset: int = 0, bias: Optional[torch.Tensor] = None,
-    bias_grad: bool = False, out: Optional[tuple] = None,
+    bias_grad: bool = False, out: Optional[tuple] = None, kernel: Optional[str] = None,
 ):
-    """Backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed, no atomics),
-    and ``dbias`` shaped like ``bias`` (in its dtype) as a fourth element when
-    ``bias_grad`` (which needs a ``bias``).
+    """Backward: ``(dq, dk, dv)`` shaped like ``q, k, v`` (GQA heads summed), and ``dbias``
+    shaped like ``bias`` (in its dtype) as a fourth element when ``bias_grad`` (which needs
+    a ``bias``; without it the kernels compute no bias gradient: ``DBIAS=0``).
+
+    ``kernel``: ``"fused"`` (one launch, :func:`recopt.kernels.gdpa.gdpa_bwd_fused_kernel`:
+    dQ added atomically in fp32, then cast), ``"two_launch"`` (dK/dV, then dQ; no atomics
+    for dQ), or None: :func:`bwd_choice` decides (two launches under
+    ``torch.use_deterministic_algorithms``); the choice and its reason are counted in
+    :data:`BACKWARD_COUNTS` (eager calls).
 
     ``causal``, ``causal_offset`` and ``bias`` as in :func:`gdpa_fwd`. The bias
     gradient is the score gradient ``qk_scale * act'(s) * dP`` (0 where masked),
-    summed over the bias's broadcast dims; the dQ kernel writes it while it
-    recomputes the scores: stored directly when the bias has the full
+    summed over the bias's broadcast dims; the kernel that computes dS writes it
+    (the dQ kernel of the two launches, or the one-launch kernel): stored directly when the bias has the full
     ``[B, H, Tq, Tk]`` shape, else added atomically (fp32, summed over broadcast
     query/key dims inside the tile first; the order of the atomic adds, so the
     last bits, may differ run to run). Dense inputs only.
@@ -350,7 +497,18 @@ def gdpa_bwd(
     go = grad_out
     # jagged offsets, masks and a bias keep more values live: narrower tiles (see bwd_config)
     heavy = bool(causal) or bias is not None or (window is not None and window >= 0) or jagged
-    cfg_dkdv, cfg_dq = bwd_config(T_Q, T_K, D, DV, q.dtype, _arch(q.device), heavy)
+    arch = _arch(q.device)
+    if kernel is None:
+        kernel, reason = bwd_choice(T_Q, T_K, D, DV, nb, H, Hkv, q.dtype, arch, heavy, _sm_count(q.device))
+    elif kernel in BWD_KERNELS:
+        if kernel == "fused" and torch.are_deterministic_algorithms_enabled():
+            raise RuntimeError("gdpa_bwd(kernel='fused') adds dQ atomically (not deterministic), but "
+                               "torch.use_deterministic_algorithms is on; use kernel='two_launch' or None")
+        reason = "requested by the caller"
+    else:
+        raise ValueError(f"gdpa_bwd(kernel={kernel!r}): use 'fused', 'two_launch' or None (automatic)")
+    if not torch.compiler.is_compiling():
+        BACKWARD_COUNTS[(kernel, reason)] += 1
     c = _common(q, q_offsets, kv_offsets, q_lengths, kv_lengths, window, T_Q, T_K, activation,
                 causal, causal_offset, bias, nb, H)
     c["EVEN_D"] = D == _pow2(D) and DV == _pow2(DV)
@@ -361,6 +519,29 @@ def gdpa_bwd(
                     num_warps=cfg[2], num_stages=cfg[3], **flags)
 
     scal = (H, H // Hkv, T_Q, T_K, D, DV, float(qk_scale), float(pre_scale), c["window"], c["causal_off"])
+    db_strides = db_meta.pop("strides")
+    if kernel == "fused":
+        # fp32 dQ accumulator: dq itself when it is fp32, else a buffer cast at the end
+        acc = dq if dq.dtype == torch.float32 else torch.empty(dq.shape, dtype=torch.float32, device=dq.device)
+        acc.zero_()
+        if T_K > 0 and dk.numel() > 0:
+            cfg = fused_config(T_Q, T_K, D, DV, q.dtype, arch, heavy)
+            for out_dk, out_dv, out_dq in fused_passes(D, DV):
+                dbm = db_meta if out_dq else dict(DBIAS=0, DB_SUM_Q=False, DB_SUM_K=False)
+                wrap_triton(gdpa_bwd_fused_kernel)[(triton.cdiv(T_K, cfg[1]) * nb * Hkv,)](
+                    q, k, v, go, dk, dv, acc, db if db is not None else acc,
+                    c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
+                    *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(go, jagged),
+                    *_strides(dk, jagged), *_strides(dv, jagged), *_strides(acc, jagged), *c["bias_strides"],
+                    *db_strides, *scal, OUT_DK=out_dk, OUT_DV=out_dv, OUT_DQ=out_dq, **dbm, **meta(cfg),
+                )
+        else:
+            dk.zero_(), dv.zero_()
+        acc.mul_(float(pre_scale) * float(qk_scale))
+        if acc is not dq:
+            dq.copy_(acc)
+        return _with_dbias((dq, dk, dv), db, bias)
+    cfg_dkdv, cfg_dq = bwd_config(T_Q, T_K, D, DV, q.dtype, arch, heavy)
     if T_K > 0 and dk.numel() > 0:
         for out_dk, out_dv in dkdv_passes(D, DV):
             wrap_triton(gdpa_bwd_dkdv_kernel)[(triton.cdiv(T_K, cfg_dkdv[1]) * nb * Hkv,)](
@@ -376,7 +557,7 @@ def gdpa_bwd(
             q, k, v, go, dq, c["QOFF"], c["KOFF"], c["QLEN"], c["KLEN"], c["BIAS"],
             db if db is not None else q,
             *_strides(q, jagged), *_strides(k, jagged), *_strides(v, jagged), *_strides(go, jagged),
-            *_strides(dq, jagged), *c["bias_strides"], *db_meta.pop("strides"),
+            *_strides(dq, jagged), *c["bias_strides"], *db_strides,
             *scal, **db_meta, **meta(cfg_dq),
         )
     else:
@@ -430,6 +611,9 @@ _KERNELS = {
     "dq": ("gdpa_bwd_dq_kernel", ("Q", "K", "V", "DO", "DQ"),
            ("sqb sqt sqh sqd", "skb skt skh skd", "svb svt svh svd", "sdob sdot sdoh sdod",
             "sdqb sdqt sdqh sdqd")),
+    "fused": ("gdpa_bwd_fused_kernel", ("Q", "K", "V", "DO", "DK", "DV_", "DQ", "DB"),
+              ("sqb sqt sqh sqd", "skb skt skh skd", "svb svt svh svd", "sdob sdot sdoh sdod",
+               "sdkb sdkt sdkh sdkd", "sdvb sdvt sdvh sdvd", "sdqb sdqt sdqh sdqd")),
 }
 
 # variant name -> flags; "gqa" leaves GROUP a runtime int, "bcast_q" makes q's batch stride 0.
@@ -453,76 +637,58 @@ VARIANTS = {
 # variants the launchers serve with their "heavy" configs (jagged, masks, a bias)
 _HEAVY_VARIANTS = ("jagged", "window", "causal", "bias", "light", "all", "dbias", "dbias_bcast")
 
-_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_TYPES = TYPES  # (the softmax launcher reads this name)
 HEAD_DIMS = (16, 32, 64, 128, 256)         # BLOCK_D classes: every d in [1, 256] maps onto one
 _SHAPES = ((16, 16), (64, 32), (1000, 256), (1024, 1024))  # (T_Q, T_K) probing the config keys
 
 
-def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, outs=(True, True)):
-    from recopt.kernels.compile_check import KernelSpec
-
+def _spec(kind: str, act: str, variant: str, d: int, dtype, cfg, outs=(True, True, True)):
+    """The compile-check spec of one launch: kernel ``kind`` (fwd, dkdv, dq, fused), activation,
+    variant (:data:`VARIANTS`), head size, dtype, config ``(BLOCK_M, BLOCK_N, warps, stages)``
+    and, for dkdv / fused, the outputs ``(OUT_DK, OUT_DV[, OUT_DQ])`` of that launch."""
     attr, ptrs, stride_groups = _KERNELS[kind]
     flags = dict(JAGGED=False, HAS_QLEN=False, HAS_KLEN=False, HAS_WINDOW=False, CAUSAL=False,
                  HAS_BIAS=False, GQA=False, BCAST_Q=False, DBIAS=0, DB_SUM_Q=False, DB_SUM_K=False)
     flags.update(VARIANTS[variant])
-    ty = _TYPES[dtype]
-    sig, const, div = {}, {}, []
+    sb = SpecBuilder(dtype)
+    has_db = kind in ("dq", "fused")
+    # the bias gradient's buffer (fp32 when atomic); the fused kernel's dQ accumulator is fp32
+    db_ty = sb.ty if flags["DBIAS"] == 1 else "fp32"
     for p in ptrs:
-        sig[p] = f"*{ty}"
-        div.append(p)
-    for p in ("QOFF", "KOFF", "QLEN", "KLEN"):
-        sig[p] = "*i64"
-        div.append(p)
-    sig["BIAS"] = f"*{ty}"
-    div.append("BIAS")
-    for group in stride_groups:
-        names = group.split()
-        for n in names[:3]:                          # (jagged batch strides are 0: divisible too)
-            sig[n] = "i32"
-            div.append(n)
-        const[names[3]] = 1                          # contiguous head dim
-    for n in ("sbb", "sbh", "sbq"):
-        sig[n] = "i32"
-        div.append(n)
-    const["sbk"] = 1
-    for n in ("H", "T_Q", "T_K", "D", "DV", "window", "causal_off"):
-        sig[n] = "i32"
-    div += ["D", "DV"] if d >= 16 else []
-    if flags["GQA"]:
-        sig["GROUP"] = "i32"
-    else:
-        const["GROUP"] = 1
+        sb.pointers((p,), "fp32" if p == "DQ" and kind == "fused" else (db_ty if p == "DB" else ""))
+    sb.pointers(("QOFF", "KOFF", "QLEN", "KLEN"), "i64").pointers(("BIAS",))
+    if kind == "dq":
+        sb.pointers(("DB",), db_ty)
+    sb.strides(stride_groups).strides(("sbb sbh sbq sbk",))
+    if has_db:
+        sb.strides(("sdbb sdbh sdbq sdbk",))
+    sb.attention_scalars(d, flags["GQA"])
     if flags["BCAST_Q"]:
-        div.append("sqb")                            # stride 0: divisible, not specialized
-    sig["qk_scale"] = sig["pre_scale"] = "fp32"
+        sb.divisible("sqb")                          # stride 0: divisible, not specialized
     bm, bn, warps, stages = cfg
-    const.update(
+    sb.constexprs(
         ACT=ACTIVATIONS[act], JAGGED=flags["JAGGED"], HAS_QLEN=flags["HAS_QLEN"],
         HAS_KLEN=flags["HAS_KLEN"], HAS_WINDOW=flags["HAS_WINDOW"], CAUSAL=flags["CAUSAL"],
         HAS_BIAS=flags["HAS_BIAS"], FAST=0 if dtype == torch.float32 else 2,
         DOT_FP32=dtype == torch.float32, EVEN_D=d == _pow2(d),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(d),
     )
-    if kind == "dq":                                 # the bias gradient's buffer (fp32 when atomic)
-        sig["DB"] = f"*{ty}" if flags["DBIAS"] == 1 else "*fp32"
-        div.append("DB")
-        for n in ("sdbb", "sdbh", "sdbq"):
-            sig[n] = "i32"
-            div.append(n)
-        const["sdbk"] = 1
-        const.update(DBIAS=flags["DBIAS"], DB_SUM_Q=flags["DB_SUM_Q"], DB_SUM_K=flags["DB_SUM_K"])
     part = ""
+    if has_db:
+        # the bias gradient is written by the launch that computes dS (fused: the one with OUT_DQ)
+        dbias = flags["DBIAS"] if kind == "dq" or outs[2] else 0
+        sb.constexprs(DBIAS=dbias, DB_SUM_Q=flags["DB_SUM_Q"] and dbias != 0,
+                      DB_SUM_K=flags["DB_SUM_K"] and dbias != 0)
     if kind == "dkdv":
-        const.update(OUT_DK=outs[0], OUT_DV=outs[1])
-        part = {(True, True): "", (True, False): "[dk]", (False, True): "[dv]"}[tuple(outs)]
-    for n in list(sig):
-        if n in const:
-            del sig[n]
-    name = f"gdpa_{kind}{part}/{act}/{variant}/{ty}/d{d}/m{bm}n{bn}w{warps}s{stages}"
-    tags = dict(family="gdpa", kernel=kind, act=act, variant=variant, dtype=ty, d=d,
+        sb.constexprs(OUT_DK=outs[0], OUT_DV=outs[1])
+        part = {(True, True): "", (True, False): "[dk]", (False, True): "[dv]"}[tuple(outs[:2])]
+    if kind == "fused":
+        sb.constexprs(OUT_DK=outs[0], OUT_DV=outs[1], OUT_DQ=outs[2])
+        part = {(True, True, True): "", (True, False, True): "[dkdq]", (False, True, False): "[dv]"}[tuple(outs)]
+    name = f"gdpa_{kind}{part}/{act}/{variant}/{sb.ty}/d{d}/m{bm}n{bn}w{warps}s{stages}"
+    tags = dict(family="gdpa", kernel=kind, act=act, variant=variant, dtype=sb.ty, d=d,
                 BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    return KernelSpec(name=name, module="recopt.kernels.gdpa", attr=attr, signature=sig, constexprs=const,
-                      num_warps=warps, num_stages=stages, divisible=tuple(dict.fromkeys(div)), tags=tags)
+    return sb.build(name, "recopt.kernels.gdpa", attr, warps, stages, tags)
 
 
 def launch_configs(kind: str, dtype, arch: int = 90, act: str = "gelu") -> list:
@@ -534,6 +700,8 @@ def launch_configs(kind: str, dtype, arch: int = 90, act: str = "gelu") -> list:
             for tq, tk in _SHAPES:
                 if kind == "fwd":
                     picked = _fwd_config_gpu(tq, tk, d, d, dtype, arch, heavy, act)
+                elif kind == "fused":
+                    picked = _fused_config_gpu(tq, tk, d, d, dtype, arch, heavy)
                 else:
                     picked = _bwd_config_gpu(tq, tk, d, d, dtype, arch, heavy)[0 if kind == "dkdv" else 1]
                 cfg = (d, picked, heavy)
@@ -561,7 +729,7 @@ def compile_specs(level: str = "ci") -> list:
     specs, seen = [], set()
 
     def add(kind, act, variant, d, dtype, cfg, archs):
-        for outs in (dkdv_passes(d, d) if kind == "dkdv" else ((True, True),)):
+        for outs in _launch_outputs(kind, d):
             s = dataclasses.replace(_spec(kind, act, variant, d, dtype, cfg, outs), archs=tuple(archs))
             key = (s.name, s.archs)
             if key not in seen:
@@ -569,15 +737,15 @@ def compile_specs(level: str = "ci") -> list:
                 specs.append(s)
 
     bf16 = torch.bfloat16
-    for kind in _KERNELS:
+    for kind in ("fwd", "dkdv", "dq"):
         for arch in (90, 100):
             if level == "full":
                 for dtype in (bf16, torch.float16, torch.float32):
                     for act in ACTIVATIONS:
                         for d, cfg, heavy in launch_configs(kind, dtype, arch, act):
                             for variant in VARIANTS:
-                                if variant.startswith("dbias") and kind != "dq":
-                                    continue                 # only the dQ kernel has DBIAS
+                                if variant.startswith("dbias") and kind not in ("dq", "fused"):
+                                    continue                 # only dQ and the fused kernel have DBIAS
                                 if heavy == (variant in _HEAVY_VARIANTS):
                                     add(kind, act, variant, d, dtype, cfg, (arch,))
                 continue
@@ -613,4 +781,60 @@ def compile_specs(level: str = "ci") -> list:
                     # activation (raw spilled here where gelu did not): the simplest one as well
                     add(kind, "raw", "dense", 256, bf16,
                         [c for d, c, h in launch_configs(kind, bf16, arch) if d == 256 and not h][-1], (arch,))
+    for s in fused_compile_specs("all" if level == "full" else "ci"):
+        key = (s.name, s.archs)
+        if key not in seen:
+            seen.add(key)
+            specs.append(s)
+    return specs
+
+
+def _launch_outputs(kind: str, d: int) -> tuple:
+    """The (OUT_DK, OUT_DV[, OUT_DQ]) of each launch of kernel ``kind`` at head size d."""
+    if kind == "dkdv":
+        return dkdv_passes(d, d)
+    if kind == "fused":
+        return fused_passes(d, d)
+    return ((True, True, True),)
+
+
+def fused_compile_specs(level: str = "ci") -> list:
+    """Compile-check specs of the one-launch backward (``gdpa_bwd_fused_kernel``).
+
+    ``ci`` (in the CI compile test; 5 compiles, about 15 s on 2 idle cores): per arch, the
+    tightest fits, with every mask, jagged, GQA and the atomic bias gradient (``all``): the
+    d = 128 config and the d = 256 dK + dQ launch; on sm_90 the stored (full-shape) bias
+    gradient at d = 128. ``all`` (the slow tests, and the
+    ``full`` level): every config :func:`fused_config` can pick for d 16..256 in bf16 (fp32
+    runs the two launches: :func:`bwd_choice`), with the heaviest variant it serves,
+    broadcast q, and every activation at d = 64 and 128, on both archs.
+    """
+    specs, seen = [], set()
+    bf16 = torch.bfloat16
+
+    def add(act, variant, d, dtype, cfg, arch, first_only=False):
+        for outs in fused_passes(d, d)[:1] if first_only else fused_passes(d, d):
+            s = dataclasses.replace(_spec("fused", act, variant, d, dtype, cfg, outs), archs=(arch,))
+            if (s.name, arch) not in seen:
+                seen.add((s.name, arch))
+                specs.append(s)
+
+    for arch in (90, 100):
+        if level == "all":
+            for dtype in (bf16,):    # fp32 runs the two launches (bwd_choice)
+                for d, cfg, heavy in launch_configs("fused", dtype, arch):
+                    add("gelu", "all" if heavy else "gqa_len", d, dtype, cfg, arch)
+                    if not heavy:
+                        add("gelu", "bcast_q", d, dtype, cfg, arch)
+            for act in ACTIVATIONS:
+                for d in (64, 128):
+                    cfg = [c for dd, c, h in launch_configs("fused", bf16, arch) if dd == d and not h][-1]
+                    add(act, "dense", d, bf16, cfg, arch)
+            continue
+        for d, cfg, heavy in launch_configs("fused", bf16, arch):
+            if d in (128, 256) and heavy:
+                add("gelu", "all", d, bf16, cfg, arch, first_only=d == 256)
+        if arch == 90:
+            heavy128 = [c for dd, c, h in launch_configs("fused", bf16, arch) if dd == 128 and h][-1]
+            add("gelu", "dbias", 128, bf16, heavy128, arch)
     return specs

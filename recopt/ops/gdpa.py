@@ -4,7 +4,9 @@ Public entry points are :func:`gdpa` and :func:`gdpa_jagged`; see
 :mod:`recopt.ops.gdpa_ref` for the exact semantics. Each op has
 
 - a reference implementation (plain PyTorch, any device) — the fallback;
-- Triton kernels (forward and a backward that recomputes the scores), used when
+- Triton kernels (forward, and a backward that recomputes the scores: one launch
+  with atomic dQ, or two launches when deterministic algorithms are on or a
+  small grid favours them — :func:`recopt.ops._gdpa_triton.bwd_choice`), used when
   triton is importable and the tensors are on CUDA, or when forced with
   ``RECOPT_GDPA_BACKEND=triton`` (CPU tests under ``TRITON_INTERPRET=1``);
   ``RECOPT_GDPA_BACKEND=reference`` forces the reference;
@@ -90,6 +92,15 @@ def reference_reason(causal: bool, bias: Optional[Tensor]) -> Optional[str]:
     return None
 
 
+def backward_note() -> str:
+    """What the gdpa pass reports (detail ``backward``) for a pointwise site: the Triton
+    backward is chosen per call (the batch is symbolic at optimize time)."""
+    return ("Triton: one launch with atomic fp32 dQ (5 GEMM-units per score element) or two launches "
+            "(dK/dV, then dQ: 7, no atomics), chosen per call by recopt.ops._gdpa_triton.bwd_choice; two "
+            "launches under torch.use_deterministic_algorithms; RECOPT_GDPA_BWD=fused|two_launch forces one; "
+            "eager choices counted in recopt.ops._gdpa_triton.BACKWARD_COUNTS")
+
+
 def _bias4(bias: Optional[Tensor]) -> Optional[Tensor]:
     """A bias of fewer than 4 dims as a 4-D view (leading size-1 dims), as the kernels take it."""
     return bias if bias is None or bias.dim() == 4 else bias[(None,) * (4 - bias.dim())]
@@ -149,19 +160,26 @@ def _gdpa_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     q_lengths: Optional[Tensor], kv_lengths: Optional[Tensor],
     activation: str, qk_scale: float, pre_scale: float, window: int,
-    causal: bool = False, bias: Optional[Tensor] = None,
+    causal: bool = False, bias: Optional[Tensor] = None, bias_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv, dbias)``; ``dbias`` is an empty tensor when ``bias`` is None."""
+    """``(dq, dk, dv, dbias)``; ``dbias`` is an empty tensor when ``bias`` is None or
+    ``bias_grad`` is false (autograd passes ``ctx.needs_input_grad`` of the bias: a bias
+    that does not require grad costs no dbias stores or atomics in the kernels).
+
+    The Triton backward is the one-launch kernel (atomic dQ) or the two launches, chosen
+    per call by :func:`recopt.ops._gdpa_triton.bwd_choice` (two launches under
+    ``torch.use_deterministic_algorithms``); eager choices are counted in
+    :data:`recopt.ops._gdpa_triton.BACKWARD_COUNTS`."""
+    want_db = bias is not None and bias_grad
     if backend_for(q, k, v, activation, causal, bias) == "triton":
         grads = _T.gdpa_bwd(grad_out.contiguous(), q, k, v, activation=activation,
                             qk_scale=qk_scale, pre_scale=pre_scale, window=window,
                             q_lengths=q_lengths, kv_lengths=kv_lengths, causal=causal, bias=_bias4(bias),
-                            bias_grad=bias is not None)
-        return grads[0], grads[1], grads[2], (grads[3].view(bias.shape) if bias is not None
-                                              else q.new_empty(0))
+                            bias_grad=want_db)
+        return grads[0], grads[1], grads[2], (grads[3].view(bias.shape) if want_db else q.new_empty(0))
     grads = R.gdpa_bwd_ref(grad_out, q, k, v, q_lengths, kv_lengths, activation,
                            qk_scale, pre_scale, window, causal, bias)
-    dbias = grads[3].contiguous() if bias is not None else q.new_empty(0)
+    dbias = grads[3].contiguous() if want_db else q.new_empty(0)
     return grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), dbias
 
 
@@ -173,9 +191,10 @@ def _setup_dense(ctx, inputs, output):
 
 def _backward_dense(ctx, grad_out):
     q, k, v, q_lengths, kv_lengths, bias = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[10]
     dq, dk, dv, dbias = torch.ops.recopt.gdpa_backward(grad_out, q, k, v, q_lengths, kv_lengths,
-                                                       *ctx.args, bias)
-    return dq, dk, dv, None, None, None, None, None, None, None, (dbias if bias is not None else None)
+                                                       *ctx.args, bias, bias_grad)
+    return dq, dk, dv, None, None, None, None, None, None, None, (dbias if bias_grad else None)
 
 
 _gdpa_op.register_autograd(_backward_dense, setup_context=_setup_dense)

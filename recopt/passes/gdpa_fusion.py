@@ -34,7 +34,7 @@ from recopt.graph import canon as C
 from recopt.graph.nodes import erase_absorbed, node_dtype, node_shape, tidy_graph
 from recopt.ops import gdpa as gdpa_fn
 from recopt.ops import gdpa_ref as R
-from recopt.ops.gdpa import gdpa_flops, reference_reason
+from recopt.ops.gdpa import backward_note, gdpa_flops, reference_reason
 from recopt.ops.gdpa_softmax import static_note as softmax_note
 
 from .gdpa import cpu, pffn, sdpa
@@ -259,6 +259,7 @@ class GDPAFusion(Pass):
             "bias": bool(plan.biases), "masked_rows": plan.masked_rows,
             "kernel": (softmax_note(dropout=plan.dropout is not None) if plan.act == R.SOFTMAX
                        else reference_reason(bool(mp["causal"]), plan.biases or None) or "default backend"),
+            **({} if plan.act == R.SOFTMAX else {"backward": backward_note()}),
             "first_matmul": m1.node.name, "masks_folded": len(q_masks) + len(k_masks) + len(mp["kv_len"]) + len(mp["q_len"]),
             "lengths_from_masks": len(mp["kv_len"]) + len(mp["q_len"]),
         }
