@@ -23,6 +23,7 @@ from recopt.kernels.gdpa_softmax import (
 )
 
 from . import _gdpa_triton as G
+from ._triton_spec import SpecBuilder
 
 # ----------------------------------------------------------------------------- configs
 #
@@ -299,82 +300,42 @@ FP32_MAX_D = 64
 
 
 def _spec(kind: str, variant: str, d: int, dtype, cfg, outs=(True, True)):
-    from recopt.kernels.compile_check import KernelSpec
-
+    """The compile-check spec of one launch: kernel ``kind`` (pre, fwd, dkdv, dq), variant
+    (:data:`VARIANTS`), head size, dtype, config and, for dkdv, the outputs ``(OUT_DK, OUT_DV)``."""
     flags = dict(JAGGED=False, HAS_QLEN=False, HAS_KLEN=False, HAS_WINDOW=False, CAUSAL=False,
                  HAS_BIAS=False, DEAD_NAN=False, GQA=False)
     flags.update(VARIANTS[variant])
-    ty = G._TYPES[dtype]
-    sig, const, div = {}, {}, []
+    sb = SpecBuilder(dtype)
     if kind == "pre":
-        attr = "gdpa_softmax_bwd_pre_kernel"
-        for p, t in (("O", f"*{ty}"), ("DO", f"*{ty}"), ("DELTA", "*fp32"), ("QOFF", "*i64")):
-            sig[p] = t
-            div.append(p)
-        for group in ("sob sot soh sod", "sdob sdot sdoh sdod"):
-            names = group.split()
-            for n in names[:3]:
-                sig[n] = "i32"
-                div.append(n)
-            const[names[3]] = 1
-        sig.update(smb="i32", smh="i32", H="i32", T_Q="i32", DV="i32")
-        const["smt"] = 1
+        sb.pointers(("O", "DO")).pointers(("DELTA",), "fp32").pointers(("QOFF",), "i64")
+        sb.strides(("sob sot soh sod", "sdob sdot sdoh sdod"))
+        sb.ints(("smb", "smh", "H", "T_Q", "DV")).constexprs(smt=1)
         bm, warps = cfg
-        const.update(JAGGED=flags["JAGGED"], BLOCK_M=bm, BLOCK_DV=G._pow2(d))
-        name = f"gdpa_softmax_pre/{variant}/{ty}/d{d}/m{bm}w{warps}"
-        tags = dict(family="gdpa_softmax", kernel="pre", variant=variant, dtype=ty, d=d, BLOCK_M=bm,
+        sb.constexprs(JAGGED=flags["JAGGED"], BLOCK_M=bm, BLOCK_DV=G._pow2(d))
+        name = f"gdpa_softmax_pre/{variant}/{sb.ty}/d{d}/m{bm}w{warps}"
+        tags = dict(family="gdpa_softmax", kernel="pre", variant=variant, dtype=sb.ty, d=d, BLOCK_M=bm,
                     num_warps=warps)
-        return KernelSpec(name=name, module="recopt.kernels.gdpa_softmax", attr=attr, signature=sig,
-                          constexprs=const, num_warps=warps, num_stages=1, divisible=tuple(div), tags=tags)
+        return sb.build(name, "recopt.kernels.gdpa_softmax", "gdpa_softmax_bwd_pre_kernel", warps, 1, tags)
     attr, ptrs, stride_groups = _KERNELS[kind]
-    for p in ptrs:
-        sig[p] = f"*{ty}"
-        div.append(p)
-    for p in ("M", "L") + (("DELTA",) if kind != "fwd" else ()):
-        sig[p] = "*fp32"
-        div.append(p)
-    for p in ("QOFF", "KOFF", "QLEN", "KLEN"):
-        sig[p] = "*i64"
-        div.append(p)
-    sig["BIAS"] = f"*{ty}"
-    div.append("BIAS")
-    for group in stride_groups:
-        names = group.split()
-        for n in names[:3]:
-            sig[n] = "i32"
-            div.append(n)
-        const[names[3]] = 1
-    sig.update(smb="i32", smh="i32")
-    const["smt"] = 1
-    for n in ("sbb", "sbh", "sbq"):
-        sig[n] = "i32"
-        div.append(n)
-    const["sbk"] = 1
-    for n in ("H", "T_Q", "T_K", "D", "DV", "window", "causal_off"):
-        sig[n] = "i32"
-    div += ["D", "DV"] if d >= 16 else []
-    if flags["GQA"]:
-        sig["GROUP"] = "i32"
-    else:
-        const["GROUP"] = 1
-    sig["qk_scale"] = sig["pre_scale"] = "fp32"
+    sb.pointers(ptrs).pointers(("M", "L") + (("DELTA",) if kind != "fwd" else ()), "fp32")
+    sb.pointers(("QOFF", "KOFF", "QLEN", "KLEN"), "i64").pointers(("BIAS",))
+    sb.strides(stride_groups).ints(("smb", "smh")).constexprs(smt=1)
+    sb.strides(("sbb sbh sbq sbk",)).attention_scalars(d, flags["GQA"])
     bm, bn, warps, stages = cfg
-    const.update(JAGGED=flags["JAGGED"], HAS_QLEN=flags["HAS_QLEN"], HAS_KLEN=flags["HAS_KLEN"],
-                 HAS_WINDOW=flags["HAS_WINDOW"], CAUSAL=flags["CAUSAL"], HAS_BIAS=flags["HAS_BIAS"],
-                 DOT_FP32=dtype == torch.float32, EVEN_D=d == G._pow2(d),
-                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=G._pow2(d), BLOCK_DV=G._pow2(d))
+    sb.constexprs(JAGGED=flags["JAGGED"], HAS_QLEN=flags["HAS_QLEN"], HAS_KLEN=flags["HAS_KLEN"],
+                  HAS_WINDOW=flags["HAS_WINDOW"], CAUSAL=flags["CAUSAL"], HAS_BIAS=flags["HAS_BIAS"],
+                  DOT_FP32=dtype == torch.float32, EVEN_D=d == G._pow2(d),
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=G._pow2(d), BLOCK_DV=G._pow2(d))
     part = ""
     if kind == "fwd":
-        const["DEAD_NAN"] = flags["DEAD_NAN"]
+        sb.constexprs(DEAD_NAN=flags["DEAD_NAN"])
     if kind == "dkdv":
-        const.update(OUT_DK=outs[0], OUT_DV=outs[1])
+        sb.constexprs(OUT_DK=outs[0], OUT_DV=outs[1])
         part = {(True, True): "", (True, False): "[dk]", (False, True): "[dv]"}[tuple(outs)]
-    name = f"gdpa_softmax_{kind}{part}/{variant}/{ty}/d{d}/m{bm}n{bn}w{warps}s{stages}"
-    tags = dict(family="gdpa_softmax", kernel=kind, variant=variant, dtype=ty, d=d,
+    name = f"gdpa_softmax_{kind}{part}/{variant}/{sb.ty}/d{d}/m{bm}n{bn}w{warps}s{stages}"
+    tags = dict(family="gdpa_softmax", kernel=kind, variant=variant, dtype=sb.ty, d=d,
                 BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    return KernelSpec(name=name, module="recopt.kernels.gdpa_softmax", attr=attr, signature=sig,
-                      constexprs=const, num_warps=warps, num_stages=stages, divisible=tuple(dict.fromkeys(div)),
-                      tags=tags)
+    return sb.build(name, "recopt.kernels.gdpa_softmax", attr, warps, stages, tags)
 
 
 def launch_configs(kind: str, dtype, arch: int = 90) -> list:
