@@ -55,3 +55,15 @@ def test_missing_extra_names_it():
             print("ERR", e)
     ''')
     assert "ERR" in r.stdout and "recopt[rec]" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_broken_kernel_launcher_fails_the_import_instead_of_routing_to_the_reference():
+    """Only triton's absence turns the kernels off; an error inside recopt's own launcher module
+    (here: it cannot be imported) must surface, not silently send every GDPA call to the reference."""
+    for mod in ("recopt.ops._gdpa_triton", "recopt.ops._gdpa_softmax_triton"):
+        code = f"import sys\nsys.modules[{mod!r}] = None\nimport recopt.ops.gdpa\n"
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode != 0, (mod, r.stdout)
+        assert "ImportError" in r.stderr or "ModuleNotFoundError" in r.stderr, r.stderr[-2000:]

@@ -36,15 +36,17 @@ from .gdpa_cpu import gdpa_cpu, gdpa_jagged_cpu, use_lean
 from .gdpa_softmax import (note_route, softmax_fused, softmax_jagged_fused, softmax_jagged_route,
                            softmax_route)
 
-try:  # triton is optional: the reference works with torch alone
+# triton is optional: the reference works with torch alone. Only its absence is caught; an
+# error inside our own launcher module must fail loudly, not route every call to the reference.
+try:
     import triton  # noqa: F401
-
+except ImportError:  # pragma: no cover - exercised on installs without triton
+    _T = None
+    HAS_TRITON = False
+else:
     from . import _gdpa_triton as _T
 
     HAS_TRITON = True
-except Exception:  # pragma: no cover - exercised on installs without triton
-    _T = None
-    HAS_TRITON = False
 
 BACKEND_ENV = "RECOPT_GDPA_BACKEND"
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
