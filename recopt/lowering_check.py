@@ -124,7 +124,12 @@ def check_lowering(gm: fx.GraphModule, runner: Callable, input_sets: Sequence, t
     input gradients are compared too (where anything requires grad).
     """
     for name, args in input_sets:
-        ref_out, ref_grads, ref_bufs = _run(gm, gm, args, training, training and gradients, seed)
+        try:
+            ref_out, ref_grads, ref_bufs = _run(gm, gm, args, training, training and gradients, seed)
+        except Exception:  # noqa: BLE001 - the graph itself rejects this set in this mode (the sets
+            # were accepted in the verifier's mode: e.g. torch's MHA takes an empty batch on its
+            # no-grad fast path only): nothing to compare the lowering against here
+            continue
         try:
             out, grads, bufs = _run(runner, gm, args, training, training and gradients, seed)
         except Exception as e:  # the lowering itself failed (an Inductor compile error): a failed check
