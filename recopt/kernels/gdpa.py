@@ -37,6 +37,11 @@ fp32 accumulation.
 import triton
 import triton.language as tl
 
+# Shared with the softmax kernels. Length masks need no select here: K, V, Q, dO and the bias
+# are loaded as 0 past their lengths, and every activation has act(0) == 0 (rows with dO = 0
+# or V = 0 contribute nothing to any gradient).
+from recopt.kernels._common import _dot, _keep, _load_tile, _seq_bounds, _split_pid
+
 # Constants used inside @triton.jit code must be tl.constexpr: triton >= 3.3
 # refuses plain module-level globals when it generates code (the CPU
 # interpreter does not, which is why tests/test_kernel_compile.py exists).
@@ -169,73 +174,6 @@ def _act_grad(s, ACT: tl.constexpr, FAST: tl.constexpr):
         out = tl.where(s <= -3.0, 0.0, tl.where(s >= 3.0, 1.0, (2.0 * s + 3.0) * (1.0 / 6.0)))
     else:
         out = s * 0.0 + 1.0
-    return out
-
-
-@triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr):
-    if DOT_FP32:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        out = tl.dot(a, b)
-    return out
-
-
-@triton.jit
-def _seq_bounds(OFF, LEN, b, T, JAGGED: tl.constexpr, HAS_LEN: tl.constexpr):
-    """(start row, length) of sample b."""
-    if JAGGED:
-        start = tl.load(OFF + b).to(tl.int64)
-        length = (tl.load(OFF + b + 1).to(tl.int64) - start).to(tl.int32)
-    else:
-        start = tl.zeros([], dtype=tl.int64)
-        if HAS_LEN:
-            length = tl.minimum(tl.maximum(tl.load(LEN + b).to(tl.int32), 0), T)
-        else:
-            length = tl.zeros([], dtype=tl.int32) + T
-    return start, length
-
-
-@triton.jit
-def _keep(rows, cols, window, causal_off, HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr):
-    """Positional mask of a score tile (rows and cols already broadcast to the tile's shape).
-
-    Length masks need no select: K, V, Q, dO and the bias are loaded as 0 past
-    their lengths, and every activation has act(0) == 0 (and rows with dO = 0
-    or V = 0 contribute nothing to any gradient).
-    """
-    keep = rows == rows
-    if HAS_WINDOW:
-        diff = rows - cols
-        keep = keep & (diff <= window) & (diff >= -window)
-    if CAUSAL:
-        keep = keep & (cols <= rows + causal_off)
-    return keep
-
-
-@triton.jit
-def _split_pid(T_Q, H, BLOCK_M: tl.constexpr):
-    """(block index along the sequence, b, h) from a grid flattened to axis 0.
-
-    Axis 0 holds cdiv(T, BLOCK_M) * B * H programs (the y axis is capped at
-    65,535); blocks of one (b, h) are adjacent, so they share K/V in L2.
-    """
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(T_Q, BLOCK_M)
-    pid_bh = pid // n_m
-    return pid % n_m, pid_bh // H, pid_bh % H
-
-
-@triton.jit
-def _load_tile(ptrs, bound_ok, d_ok, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
-    """Load a K/V/Q/dO tile; out-of-range elements read as 0. Interior tiles (not MASKED)
-    of an even head size (EVEN_D: d == BLOCK_D) load without any predicate."""
-    if MASKED:
-        out = tl.load(ptrs, mask=bound_ok & d_ok, other=0.0)
-    elif EVEN_D:
-        out = tl.load(ptrs)
-    else:
-        out = tl.load(ptrs, mask=d_ok, other=0.0)
     return out
 
 
