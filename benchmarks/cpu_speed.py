@@ -432,15 +432,19 @@ def run(models, batches, threads: int = 1, inductor: str = "all", seconds: float
         seq: int = 20, log=print, clock: str = "wall") -> list:
     if clock == "cpu" and threads != 1:
         raise SystemExit("--clock cpu measures this thread's CPU time: use it with --threads 1")
-    torch.set_num_threads(threads)
     cases = model_cases(seq)
     unknown = sorted(set(models) - set(cases))
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {sorted(cases)}")
-    rows = []
-    for name in models:
-        log(f"{name}:")
-        rows += bench_model(cases[name], batches, threads, inductor, seconds, min_rounds, log=log, clock=clock)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows = []
+        for name in models:
+            log(f"{name}:")
+            rows += bench_model(cases[name], batches, threads, inductor, seconds, min_rounds, log=log, clock=clock)
+    finally:  # called as a library (the smoke test), it must not leave the process on other threads
+        torch.set_num_threads(before)
     return rows
 
 
@@ -460,9 +464,13 @@ def main(argv: Optional[list] = None) -> list:
                     help="only time one GDPA site: the model's ops vs the lean site function vs gdpa()")
     args = ap.parse_args(argv)
     if args.site:
+        before = torch.get_num_threads()
         torch.set_num_threads(1)
         print(f"one pointwise GDPA site, 1 thread, {args.clock} clock:")
-        return site_cost(clock=args.clock)
+        try:
+            return site_cost(clock=args.clock)
+        finally:
+            torch.set_num_threads(before)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("RECOPT_QUIET", "1")
     if args.quick:
