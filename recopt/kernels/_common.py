@@ -1,11 +1,11 @@
 """``@triton.jit`` helpers shared by the attention kernels: program ids, sequence bounds,
-tile loads, positional masks and the dot whose precision the dtype decides.
+tile loads, positional masks, the tile ranges a block walks and the dot whose precision the
+dtype decides.
 
 Kernels only (no Python policy). Conventions are those of :mod:`recopt.kernels.gdpa`:
 dense ``[B, H, T, d]`` tensors with optional per-sample lengths or jagged ``values
 [sum T_b, H, d]`` + ``offsets``; the grid flattened to axis 0 (CUDA's y axis stops at
-65,535). :mod:`recopt.kernels.gdpa_softmax` uses these; :mod:`recopt.kernels.gdpa`
-still carries its own copies (to be switched over when its backward rewrite lands).
+65,535). :mod:`recopt.kernels.gdpa` and :mod:`recopt.kernels.gdpa_softmax` both use them.
 """
 import triton
 import triton.language as tl
@@ -76,3 +76,65 @@ def _load_tile(ptrs, bound_ok, d_ok, MASKED: tl.constexpr, EVEN_D: tl.constexpr)
     else:
         out = tl.load(ptrs, mask=d_ok, other=0.0)
     return out
+
+
+@triton.jit
+def _kv_range(start_m, q_len, k_len, window, causal_off,
+              HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles ``[lo, hi)`` that hold a kept score for the valid rows of the query block at
+    ``start_m`` (none when the block starts past ``q_len``), and ``mid``: tiles in ``[lo, mid)``
+    are inside the key length and fully kept for every row of the block (mask-free), tiles in
+    ``[mid, hi)`` take the masks. The window/causal bounds use the block's last *valid* row,
+    so a partial last block does not walk keys only its rows past ``q_len`` would see."""
+    row_end = tl.minimum(start_m + BLOCK_M, q_len)     # one past the block's last valid row
+    lo = k_len * 0
+    hi = k_len
+    mid = hi
+    if HAS_WINDOW:
+        lo = tl.maximum(start_m - window, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, row_end + window)
+        mid = lo
+    if CAUSAL:
+        hi = tl.minimum(hi, row_end + causal_off)
+        if not HAS_WINDOW:
+            # tile [n, n + BLOCK_N) is fully kept iff n + BLOCK_N - 1 <= start_m + causal_off
+            mid = tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N * BLOCK_N
+    if start_m >= q_len:
+        hi = lo
+    hi = tl.maximum(hi, lo)
+    mid = tl.minimum(mid, k_len // BLOCK_N * BLOCK_N)   # a partial last tile needs bounds checks
+    mid = tl.minimum(tl.maximum(mid, lo), hi)
+    return lo, mid, hi
+
+
+@triton.jit
+def _q_range(start_n, q_len, k_len, window, causal_off,
+             HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query tiles a key block sees (dK/dV), as ``lo <= mid <= full <= hi``: ``[lo, mid)``
+    need the positional mask, ``[mid, full)`` are interior (rows inside ``q_len``, fully kept),
+    ``[full, hi)`` bounds-checked. Nothing when the block starts past ``k_len`` or no valid
+    row sees it (the first row that does, ``start_n - window`` or ``start_n - causal_off``,
+    is past ``q_len``)."""
+    col_end = tl.minimum(start_n + BLOCK_N, k_len)     # one past the block's last valid key
+    lo = q_len * 0
+    hi = q_len
+    mid = lo
+    first = lo
+    if HAS_WINDOW:
+        first = start_n - window
+        lo = tl.maximum(first, 0) // BLOCK_M * BLOCK_M
+        hi = tl.minimum(hi, col_end + window)
+        mid = hi
+    if CAUSAL:
+        # row i sees key j iff j <= i + causal_off: rows below start_n - causal_off see nothing
+        first = tl.maximum(first, start_n - causal_off)
+        lo = tl.maximum(lo, tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M)
+        if not HAS_WINDOW:
+            # all of [m, m + BLOCK_M) see the whole block iff m >= start_n + BLOCK_N - 1 - causal_off
+            mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
+    if (start_n >= k_len) | (first >= q_len):
+        hi = lo
+    hi = tl.maximum(hi, lo)
+    mid = tl.minimum(tl.maximum(mid, lo), hi)
+    full = tl.maximum(tl.minimum(hi, q_len // BLOCK_M * BLOCK_M), mid)
+    return lo, mid, full, hi

@@ -40,7 +40,7 @@ import triton.language as tl
 # Shared with the softmax kernels. Length masks need no select here: K, V, Q, dO and the bias
 # are loaded as 0 past their lengths, and every activation has act(0) == 0 (rows with dO = 0
 # or V = 0 contribute nothing to any gradient).
-from recopt.kernels._common import _dot, _keep, _load_tile, _seq_bounds, _split_pid
+from recopt.kernels._common import _dot, _keep, _kv_range, _load_tile, _q_range, _seq_bounds, _split_pid
 
 # Constants used inside @triton.jit code must be tl.constexpr: triton >= 3.3
 # refuses plain module-level globals when it generates code (the CPU
@@ -202,31 +202,6 @@ def _fwd_tile(acc, q, k_base, v_base, bias_base, offs_m, start_n, offs_n, offs_d
 
 
 @triton.jit
-def _kv_range(start_m, q_len, k_len, window, causal_off,
-              HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key tiles [lo, hi) a block of query rows sees, and ``mid``: tiles in [lo, mid) need no
-    positional mask (fully kept), tiles in [mid, hi) do. Fully masked tiles are skipped."""
-    lo = k_len * 0
-    hi = k_len
-    mid = hi
-    if HAS_WINDOW:
-        lo = tl.maximum(start_m - window, 0) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(hi, start_m + BLOCK_M + window)
-        mid = lo
-    if CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M + causal_off)
-        if not HAS_WINDOW:
-            # tile [n, n + BLOCK_N) is fully kept iff n + BLOCK_N - 1 <= start_m + causal_off
-            mid = tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N * BLOCK_N
-    if start_m >= q_len:
-        hi = lo  # no valid row: skip the loop, write zeros
-    hi = tl.maximum(hi, lo)
-    mid = tl.minimum(mid, k_len // BLOCK_N * BLOCK_N)   # a partial last tile needs bounds checks
-    mid = tl.minimum(tl.maximum(mid, lo), hi)
-    return lo, mid, hi
-
-
-@triton.jit
 def gdpa_fwd_kernel(
     Q, K, V, O, QOFF, KOFF, QLEN, KLEN, BIAS,
     sqb, sqt, sqh, sqd,
@@ -381,33 +356,6 @@ def _dkdv_region(dk, dv, k, v, q_b, do_b, bias_b, dq_b, db_b, hk, GROUP, start, 
         g = tl.where(wrap, g + 1, g)
         t = tl.where(wrap, 0, t)
     return dk, dv
-
-
-@triton.jit
-def _q_range(start_n, q_len, k_len, window, causal_off,
-             HAS_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Query tiles a block of keys [start_n, start_n + BLOCK_N) is seen by, in three regions:
-    [lo, mid) need the positional mask, [mid, full) are interior (rows all valid, no
-    positional mask), [full, hi) bounds-checked. Fully masked tiles are skipped."""
-    lo = q_len * 0
-    hi = q_len
-    mid = lo
-    if HAS_WINDOW:
-        lo = tl.maximum(start_n - window, 0) // BLOCK_M * BLOCK_M
-        hi = tl.minimum(hi, start_n + BLOCK_N + window)
-        mid = hi
-    if CAUSAL:
-        # row i sees key j iff j <= i + causal_off: rows below start_n - causal_off see nothing
-        lo = tl.maximum(lo, tl.maximum(start_n - causal_off, 0) // BLOCK_M * BLOCK_M)
-        if not HAS_WINDOW:
-            # all of [m, m + BLOCK_M) see the whole block iff m >= start_n + BLOCK_N - 1 - causal_off
-            mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M
-    if start_n >= k_len:
-        hi = lo
-    hi = tl.maximum(hi, lo)
-    mid = tl.minimum(tl.maximum(mid, lo), hi)
-    full = tl.maximum(tl.minimum(hi, q_len // BLOCK_M * BLOCK_M), mid)
-    return lo, mid, full, hi
 
 
 @triton.jit
