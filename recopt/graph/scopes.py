@@ -18,13 +18,14 @@ import torch.fx as fx
 from recopt.costs import FlopCounter
 
 _INDEX_RE = re.compile(r"\[(?:'([^']*)'|(\d+))\]")
+# Dynamo names the root module after forward's first parameter: L['self'], or L['s'] where
+# forward is written ``def forward(s, x)``; older names read L__self___.
+_ROOT_RE = re.compile(r"^(?:L\['[A-Za-z_][A-Za-z0-9_]*'\]\.?|L__[A-Za-z_][A-Za-z0-9_]*?___)")
 
 
 def normalize_path(path: str) -> str:
     """``L['self'].towers[0].blocks[1]`` / ``towers.0.blocks.1@2`` -> ``towers.0.blocks.1``."""
-    path = path.split("@")[0]
-    path = path.replace("L['self'].", "").replace("L['self']", "")
-    path = path.replace("L__self___", "")
+    path = _ROOT_RE.sub("", path.split("@")[0])
     path = path.replace("._modules", "")
     path = _INDEX_RE.sub(lambda m: "." + (m.group(1) or m.group(2)), path)
     return path.strip(".")
@@ -105,5 +106,5 @@ def module_path_of(node: fx.Node) -> str:
     if stack:
         last = list(stack.values())[-1]
         path = last[0] if isinstance(last, tuple) else str(last)
-        return path.replace("L['self'].", "").replace("L__self___", "")
+        return _ROOT_RE.sub("", path)
     return node.meta.get("recopt_module_path", "")
