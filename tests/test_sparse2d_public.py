@@ -267,3 +267,31 @@ def test_weight_tied_by_assignment_to_an_output_layer_is_rejected():
     opt = recopt.optimize(Tied(), (torch.randint(0, 30, (4, 3)),), target="cpu", passes=["sparse2d"],
                           backend="eager")
     assert [s.reason_code for s in opt.report.sites_for("sparse2d")] == ["shared_weight"]
+
+
+def test_weighted_lookups_with_different_batch_sizes_match_eager():
+    # The weighted collection takes the padded route too: per-id weights of 1-D bags and of 2-D
+    # [B, L] bags, and of ids given with no bags (dropped with their ids).
+    class Weighted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.u = nn.EmbeddingBag(50, 8, mode="sum")
+            self.h = nn.EmbeddingBag(30, 8, mode="sum")
+
+        def forward(self, uid, uoff, uw, hist, hw):
+            return self.u(uid, uoff, per_sample_weights=uw), self.h(hist, per_sample_weights=hw)
+
+    g = torch.Generator().manual_seed(6)
+    torch.manual_seed(0)
+
+    def batch(bu, bh):
+        uid, uoff = _bags(bu, g)
+        hist = torch.randint(0, 30, (bh, 3), generator=g)
+        return uid, uoff, torch.rand(uid.shape, generator=g) + 0.5, hist, torch.rand(hist.shape, generator=g)
+
+    m = Weighted()
+    opt = recopt.optimize(m, batch(8, 8), target="cpu", passes=["sparse2d"], backend="eager")
+    sites = opt.report.sites_for("sparse2d")
+    assert [s.status.value for s in sites] == ["rewritten"] * 2
+    assert {s.details["collection"] for s in sites} == {"sparse_ebc_weighted"}
+    _exact_in_both_modes(m, opt, [batch(5, 2), batch(0, 3), batch(4, 0)])
