@@ -295,3 +295,25 @@ def test_weighted_lookups_with_different_batch_sizes_match_eager():
     assert [s.status.value for s in sites] == ["rewritten"] * 2
     assert {s.details["collection"] for s in sites} == {"sparse_ebc_weighted"}
     _exact_in_both_modes(m, opt, [batch(5, 2), batch(0, 3), batch(4, 0)])
+
+
+def test_optimize_in_training_mode_survives_the_empty_batch_of_a_plain_embedding_bag():
+    # Bug: the verifier's batch-0 input emptied the offsets but kept the 1-D ids (ids of no bag);
+    # the training-mode gradient check then ran nn.EmbeddingBag's backward on it, which kills the
+    # process (segfault, torch 2.13 CPU): optimize crashed on any training model whose bag lookups
+    # stay plain (no passes here; or a table sparse2d rejects). The empty batch now has no ids.
+    g = torch.Generator().manual_seed(8)
+    torch.manual_seed(0)
+    m = TwoBags(mode="max")
+    x = _batch(8, g)
+    w = torch.rand(x[0].shape, generator=g)
+    opt = recopt.optimize(m, x, target="cpu", passes=["sparse2d"], backend="eager")
+    assert {s.reason_code for s in opt.report.sites_for("sparse2d")} == {"max_pooling"}
+    opt.train()
+    assert torch.equal(opt(*x), m(*x))
+    from recopt.edge_inputs import edge_input_sets
+    # per-id weights beside the ids go too; a [B] label tensor (batch 8) is emptied as a batch dim
+    sets, _, batch, _ = edge_input_sets(x + (w, torch.rand(8, generator=g)))
+    assert batch == 8
+    empty = next(s for s in sets if s.name.startswith("batch 0"))
+    assert all(t.numel() == 0 for t in empty.tries[0]())
