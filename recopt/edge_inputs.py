@@ -334,11 +334,26 @@ def _build(args: tuple, infos: list, sampler: _Sampler, sizes: dict, rows: str =
     """A copy of ``args`` with dims resized per ``sizes`` ({"batch"|seq size: new}) and fresh values."""
     by_index = {info.index: info for info in infos}
     out = list(args)
+    # An empty batch has no ids. Models with recognised bag offsets get no empty-batch set (see
+    # edge_input_sets); offsets that do not look like offsets (a batch-1 example's [0]) still do:
+    # there the flat 1-D ids that feed a table ([N], N not the batch) are emptied with the batch.
+    # Kept, they are ids of no bag, and nn.EmbeddingBag's backward on such an input kills the
+    # process (segfault, torch 2.13 CPU) in the training-mode gradient check. Per-id weights ([N]
+    # floats as long as such ids) go with them.
+    empty_batch = sizes.get("batch") == 0
+
+    def flat_ids(i) -> bool:
+        return args[i.index].dim() == 1 and i.dims[0] != "batch" and i.kind == IDS
+
+    id_lengths = {int(args[i.index].numel()) for i in infos if flat_ids(i)}
     for i, a in enumerate(args):
         info = by_index.get(i)
         if info is None:
             continue
         shape = tuple(sizes.get(lbl, int(s)) if lbl is not None else int(s) for lbl, s in zip(info.dims, a.shape))
+        if empty_batch and (flat_ids(info) or info.kind == FLOAT and a.dim() == 1 and info.dims[0] != "batch"
+                            and int(a.numel()) in id_lengths):
+            shape = (0,)
         out[i] = sampler.sample(info, a, shape, sizes, rows)
     return tuple(out)
 

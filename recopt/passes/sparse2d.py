@@ -21,7 +21,12 @@ model inputs that feed it):
 ``EmbeddingBagCollection`` call (one weighted collection for lookups with
 ``per_sample_weights``), fed by a ``KeyedJaggedTensor`` built in the graph from
 the per-table ``(input, offsets)``; each old lookup's users now read
-``collection(kjt).to_dict()[feature]``, the same ``[B, D]`` tensor.
+``take_bags(collection(kjt).to_dict()[feature], ...)``, the same ``[B, D]`` tensor.
+The example's batch sizes only choose which lookups share a call (a cost
+choice); correctness does not depend on them: when lookups of one call get
+different numbers of bags at run time, :func:`recopt.ops.kjt.build_bag_kjt`
+pads the shorter keys with empty bags and ``take_bags`` cuts each output back
+to its own rows (exact, outputs and gradients).
 ``nn.Embedding`` lookups with the same dim become one ``EmbeddingCollection``
 call whose per-feature values are reshaped back to ``indices.shape + (D,)``.
 The collections reuse the original ``Parameter`` objects, so no weight is
@@ -52,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..graph.nodes import fresh_attr_name, get_attr_value, tidy_graph
-from ..ops.kjt import build_bag_kjt, build_sequence_kjt, unflatten_sequence_embedding
+from ..ops.kjt import build_bag_kjt, build_sequence_kjt, take_bags, unflatten_sequence_embedding
 from .base import Pass, PassConfig, PassContext, PassResult, Semantics, Site
 from .registry import register_pass
 
@@ -389,7 +394,10 @@ class Sparse2DPass(Pass):
                     out = gm.graph.call_module(coll_name, (kjt,))
                     as_dict = gm.graph.call_method("to_dict", (out,))
                     for s, key in zip(ordered, keys):
-                        new = gm.graph.call_function(operator.getitem, (as_dict, key))
+                        pooled = gm.graph.call_function(operator.getitem, (as_dict, key))
+                        # the key's own bag count: the call pads keys that got fewer bags than others
+                        new = gm.graph.call_function(take_bags, (pooled, s.input, s.offsets,
+                                                                 s.include_last_offset))
                         new.meta.update({k: v for k, v in s.node.meta.items() if k in ("tensor_meta", "val")})
                         s.node.replace_all_uses_with(new)
                 else:
