@@ -334,26 +334,11 @@ def _build(args: tuple, infos: list, sampler: _Sampler, sizes: dict, rows: str =
     """A copy of ``args`` with dims resized per ``sizes`` ({"batch"|seq size: new}) and fresh values."""
     by_index = {info.index: info for info in infos}
     out = list(args)
-    # An empty batch has no ids. Models with recognised bag offsets get no empty-batch set (see
-    # edge_input_sets); offsets that do not look like offsets (a batch-1 example's [0]) still do:
-    # there the flat 1-D ids that feed a table ([N], N not the batch) are emptied with the batch.
-    # Kept, they are ids of no bag, and nn.EmbeddingBag's backward on such an input kills the
-    # process (segfault, torch 2.13 CPU) in the training-mode gradient check. Per-id weights ([N]
-    # floats as long as such ids) go with them.
-    empty_batch = sizes.get("batch") == 0
-
-    def flat_ids(i) -> bool:
-        return args[i.index].dim() == 1 and i.dims[0] != "batch" and i.kind == IDS
-
-    id_lengths = {int(args[i.index].numel()) for i in infos if flat_ids(i)}
     for i, a in enumerate(args):
         info = by_index.get(i)
         if info is None:
             continue
         shape = tuple(sizes.get(lbl, int(s)) if lbl is not None else int(s) for lbl, s in zip(info.dims, a.shape))
-        if empty_batch and (flat_ids(info) or info.kind == FLOAT and a.dim() == 1 and info.dims[0] != "batch"
-                            and int(a.numel()) in id_lengths):
-            shape = (0,)
         out[i] = sampler.sample(info, a, shape, sizes, rows)
     return tuple(out)
 
@@ -390,11 +375,6 @@ def edge_input_sets(args: tuple, gm: Optional[fx.GraphModule] = None, names: Opt
         if has_rows:
             sets.append(InputSet("batch 1 with every length 0 and every mask row all False (cold start)",
                                  tries({"batch": 1}, rows="empty"), "batch"))
-        # Serving sends empty batches (a shard with no requests); eager returns an empty output.
-        # Not with bag offsets: their ids do not follow the batch, and an empty offsets tensor
-        # beside non-empty ids is no batch a caller sends.
-        if not any(i.kind == OFFSETS for i in infos):
-            sets.append(InputSet("batch 0 (an empty batch)", tries({"batch": 0}), "batch"))
         new_b = 3 if batch != 3 else 5
         sets.append(InputSet(f"batch {new_b}", tries({"batch": new_b}), "batch"))
     small = None if batch is None else min(batch, 2)
