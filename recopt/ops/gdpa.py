@@ -320,7 +320,9 @@ def _broadcast_bh(q: Tensor, k: Tensor, v: Tensor):
     [B,Hkv,..] with H % Hkv == 0. A 1-sized K/V head dim stays 1 (GQA)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return q, k, v
-    B = max(q.shape[0], k.shape[0], v.shape[0])
+    # torch's broadcasting: a size-1 batch takes the other size, 0 (an empty batch) included
+    sizes = {q.shape[0], k.shape[0], v.shape[0]} - {1}
+    B = min(sizes) if sizes else 1
     hk, hv = k.shape[1], v.shape[1]
     if hk != hv:
         hkv = max(hk, hv)
@@ -329,11 +331,11 @@ def _broadcast_bh(q: Tensor, k: Tensor, v: Tensor):
     hkv = k.shape[1]
     if q.shape[1] == 1 and hkv > 1:
         q = q.expand(-1, hkv, -1, -1)
-    if q.shape[0] == 1 and B > 1:
+    if q.shape[0] == 1 and B != 1:
         q = q.expand(B, -1, -1, -1)
-    if k.shape[0] == 1 and B > 1:
+    if k.shape[0] == 1 and B != 1:
         k = k.expand(B, -1, -1, -1)
-    if v.shape[0] == 1 and B > 1:
+    if v.shape[0] == 1 and B != 1:
         v = v.expand(B, -1, -1, -1)
     return q, k, v
 
