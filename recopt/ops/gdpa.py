@@ -320,9 +320,9 @@ def _broadcast_bh(q: Tensor, k: Tensor, v: Tensor):
     [B,Hkv,..] with H % Hkv == 0. A 1-sized K/V head dim stays 1 (GQA)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return q, k, v
-    # torch's broadcasting: a size-1 batch takes the other size, 0 (an empty batch) included
-    sizes = {q.shape[0], k.shape[0], v.shape[0]} - {1}
-    B = min(sizes) if sizes else 1
+    B = max(q.shape[0], k.shape[0], v.shape[0])
+    if any(n == 0 for n in (q.shape[0], k.shape[0], v.shape[0])):
+        B = 0   # torch's broadcasting: a size-1 batch takes the other size, 0 (an empty batch) included
     hk, hv = k.shape[1], v.shape[1]
     if hk != hv:
         hkv = max(hk, hv)
